@@ -1,0 +1,274 @@
+"""Typed run configuration: YAML recipes validated by pydantic, ``--set key.path=value`` overrides.
+
+Every mistake becomes one :class:`~kdforge.errors.ConfigError` line that names the key path, what
+is wrong and what is allowed (with the closest key when a name is misspelt).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdforge.errors import ConfigError, closest
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Strict):
+    crop_padding: int = Field(0, ge=0)
+    horizontal_flip: bool = False
+
+
+class DataConfig(Strict):
+    name: str = "digits"
+    root: str | None = Field(None, description="folder holding the dataset's official files")
+    download: bool = False
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    train_subset: int | None = Field(None, gt=0, description="class-balanced subset of train")
+    seed: int = Field(0, description="seed of the validation split and the subset")
+    augment: bool | AugmentConfig = Field(True, description="true: the dataset's default")
+    options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+
+
+class ModelConfig(Strict):
+    name: str | None = Field(None, description="zoo name; may be omitted when a checkpoint names it")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> "ModelConfig":
+        if self.name is None and self.checkpoint is None:
+            raise ValueError("give the model's 'name' (see `kdforge list models`) or a 'checkpoint'")
+        return self
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class SchedulerConfig(Strict):
+    name: Literal["constant", "multistep", "cosine", "onecycle"] = "multistep"
+    milestones: list[float] = Field(default_factory=list, description="epochs where lr *= gamma")
+    gamma: float = Field(0.1, gt=0.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="onecycle: fraction spent rising")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(240, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    drop_last: bool = False
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    grad_clip: float | None = Field(None, gt=0.0)
+    accelerator: Literal["cpu", "cuda", "mps", "auto"] = "cpu"
+    devices: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    channels_last: bool = False
+    compile: bool = False
+    num_threads: int | None = Field(None, ge=1)
+    progress: Literal["auto", "bar", "none"] = "auto"
+    tensorboard: bool = False
+    eval_every: int = Field(1, ge=1)
+
+
+class MethodConfig(BaseModel):
+    """``name`` plus the method's own hyperparameters, validated by the method's Params model."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "ce"
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: ModelConfig
+    teachers: list[ModelConfig] = Field(default_factory=list)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude_none=False)
+        data["method"] = {"name": self.method.name, **_plain(self.method.params())}
+        return data
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- errors
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The field names of the model found by following ``loc`` through nested models."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside an annotation such as ``list[ModelConfig]`` or ``X | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validation_message(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """Turn pydantic's first error into one line: key path, problem, what is allowed."""
+    first = error.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "config"
+    if first["type"] == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1]) or []
+        hint = closest(str(loc[-1]), allowed)
+        return f"unknown key '{path}'{hint}; allowed here: {', '.join(allowed)}"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"bad value for '{path}': {message}{shown}"
+
+
+# --------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """``train.optimizer.lr=0.1`` -> (["train", "optimizer", "lr"], 0.1); values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value (e.g. train.epochs=10)")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override '{text}' has an empty key; write key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    return path, value
+
+
+def apply_override(data: dict, path: list[str | int], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise ConfigError(f"override path '{_join(path)}': index {part} is out of range")
+            node = node[part]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if isinstance(nxt, int) else {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        if isinstance(last, int) and last == len(node):
+            node.append(value)
+        elif isinstance(last, int) and last < len(node):
+            node[last] = value
+        else:
+            raise ConfigError(f"override path '{_join(path)}': index {last} is out of range")
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override path '{_join(path)}': '{_join(path[:-1])}' is not a mapping")
+
+
+def _join(path: list[str | int]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe, following ``base: other.yaml`` (relative to the file) and deep-merging."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' not found; give the path of a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
+    base = data.pop("base", None)
+    if base:
+        return deep_merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def build_config(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """Validate a recipe mapping (after overrides) into a RunConfig, or raise ConfigError."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, RunConfig)) from None
+    validate_method(config)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    return build_config(read_yaml(path), overrides)
+
+
+def validate_method(config: RunConfig) -> None:
+    """Check the method's name and hyperparameters against its Params model."""
+    from kdforge.methods import METHODS  # the config layer only needs the registry here
+
+    method_cls = METHODS.get(config.method.name) if config.method.name in METHODS else None
+    if method_cls is None:
+        names = METHODS.names()
+        raise ConfigError(
+            f"bad value for 'method.name': unknown method '{config.method.name}'"
+            f"{closest(config.method.name, names)}; available: {', '.join(names)}"
+        )
+    try:
+        method_cls.Params(**config.method.params())
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, method_cls.Params, prefix="method.")) from None

@@ -1,0 +1,16 @@
+"""Distillation methods: one file per method, each registered in ``METHODS`` by name."""
+
+from kdforge.methods import ce, ensemble_kd, kd  # noqa: F401  (registration)
+from kdforge.methods.base import METHODS, Distiller, MethodParams, OptimizerGroup, Output, Step
+from kdforge.methods.losses import kd_loss, soft_kl
+
+__all__ = [
+    "METHODS",
+    "Distiller",
+    "MethodParams",
+    "OptimizerGroup",
+    "Output",
+    "Step",
+    "kd_loss",
+    "soft_kl",
+]

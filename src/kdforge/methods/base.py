@@ -1,0 +1,170 @@
+"""The Distiller contract: every method is an ``nn.Module`` with one ``forward(batch, step)``.
+
+A Distiller owns
+
+* the **student** (or, for online methods, the group of peers; ``inference_model()`` says which
+  network is deployed),
+* frozen **teachers**, always in ``eval()`` mode and without gradients,
+* the method's **extra trainable modules** (adapters, projection heads, memory banks...), which
+  are counted and reported.
+
+``forward`` returns ``Output(logits, losses, metrics)``: the trainer sums ``losses`` (each already
+weighted), logs every term separately, and logs ``metrics`` without backpropagating them.
+Hyperparameters are declared in a nested pydantic ``Params`` model with the paper's defaults, so a
+recipe's ``method:`` section is validated field by field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from kdforge.data.batch import Batch
+from kdforge.registry import Registry
+from kdforge.schedules import Schedule, as_schedule
+
+METHODS: Registry[type["Distiller"]] = Registry("method")
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where training is: schedules read ``progress`` (per step) or ``epoch_progress``."""
+
+    epoch: int = 0
+    epochs: int = 1
+    global_step: int = 0
+    total_steps: int = 1
+
+    @property
+    def progress(self) -> float:
+        return min(self.global_step / max(self.total_steps - 1, 1), 1.0)
+
+    @property
+    def epoch_progress(self) -> float:
+        return min(self.epoch / max(self.epochs - 1, 1), 1.0)
+
+    def value(self, schedule: Schedule) -> float:
+        """Evaluate a schedule at this point of training."""
+        return schedule(self.epoch_progress if schedule.by == "epoch" else self.progress)
+
+
+@dataclass
+class Output:
+    """What a Distiller returns for one batch."""
+
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return sum(self.losses.values())  # type: ignore[return-value]
+
+
+@dataclass
+class OptimizerGroup:
+    """A set of parameters stepped by its own optimizer (e.g. FFSD's Adam-trained decoders).
+
+    ``optimizer`` overrides fields of the run's optimizer settings (``{"name": "adam", "lr": 1e-3}``);
+    ``None`` means the run's optimizer as configured.
+    """
+
+    name: str
+    parameters: list[nn.Parameter]
+    optimizer: dict[str, Any] | None = None
+
+
+class MethodParams(BaseModel):
+    """Base for a method's hyperparameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distiller(nn.Module):
+    """Base class of every method. Subclasses set ``Params`` and implement ``forward``."""
+
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    #: how many teachers the method needs: (minimum, maximum or None for no limit)
+    teachers_required: ClassVar[tuple[int, int | None]] = (0, 0)
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: Sequence[nn.Module] = (),
+        params: MethodParams | dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.params = params if isinstance(params, MethodParams) else self.Params(**(params or {}))
+        low, high = self.teachers_required
+        if len(teachers) < low or (high is not None and len(teachers) > high):
+            wanted = f"{low}" if low == high else f"{low} or more" if high is None else f"{low}-{high}"
+            raise ValueError(
+                f"method '{self.method_name()}' needs {wanted} teacher(s), got {len(teachers)}; "
+                "set 'teachers:' in the recipe"
+            )
+        self.student = student
+        self.teachers = nn.ModuleList(teachers)
+        for teacher in self.teachers:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    # ----------------------------------------------------------------- contract
+    def forward(self, batch: Batch, step: Step) -> Output:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inference_model(self) -> nn.Module:
+        """The network that is evaluated and deployed."""
+        return self.student
+
+    def optimizer_groups(self) -> list[OptimizerGroup]:
+        """Parameter groups and their optimizers; the default is one optimizer for everything."""
+        return [OptimizerGroup("main", [p for p in self.parameters() if p.requires_grad])]
+
+    def on_epoch_start(self, step: Step) -> None:
+        """Called before each training epoch (curricula, growing networks, bank refreshes)."""
+
+    # ----------------------------------------------------------------- helpers
+    @classmethod
+    def method_name(cls) -> str:
+        return getattr(cls, "name", cls.__name__)
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        for teacher in self.teachers:
+            teacher.eval()  # teachers never leave eval mode (BN statistics stay frozen)
+        return self
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that belong neither to the student nor to a teacher."""
+        return [
+            param
+            for name, param in self.named_parameters()
+            if param.requires_grad and not name.startswith(("student.", "teachers."))
+        ]
+
+    def extra_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.extra_parameters())
+
+    def teacher_logits(self, batch: Batch) -> list[torch.Tensor]:
+        """Logits of every teacher on ``batch``.
+
+        A teacher bank may have put pre-computed logits in ``batch.extras["teacher_logits"]``
+        (shape K x B x C); they are used instead of running the teachers.
+        """
+        stored = batch.extras.get("teacher_logits")
+        if stored is not None:
+            return [t.float() for t in stored.unbind(0)]
+        with torch.inference_mode():
+            outputs = [teacher(batch.image) for teacher in self.teachers]
+        # clone: inference tensors cannot be saved for the student's backward pass
+        return [out.float().clone() for out in outputs]
+
+
+def schedule_field(value: float | dict | Schedule) -> Schedule:
+    """Normalise a number-or-mapping hyperparameter into a Schedule (used by validators)."""
+    return as_schedule(value)

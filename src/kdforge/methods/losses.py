@@ -1,0 +1,45 @@
+"""Loss functions shared by several methods."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+KLReduction = Literal["batchmean", "elementmean", "none"]
+
+
+def soft_kl(
+    student_logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    temperature: float,
+    reduction: KLReduction = "batchmean",
+    scale_by_t2: bool = True,
+) -> torch.Tensor:
+    """``T^2 * KL(target || softmax(student / T))``.
+
+    ``target_probs`` are already softened probabilities. ``batchmean`` sums over classes and
+    averages over samples (Hinton / RepDistiller); ``elementmean`` averages over samples *and*
+    classes, as ``nn.KLDivLoss()``'s default does in the ARD and TAKD reference code (the KD weight
+    is then effectively divided by the number of classes); ``none`` returns one value per sample.
+    """
+    log_student = F.log_softmax(student_logits / temperature, dim=-1)
+    # xlogy gives 0 * log 0 = 0 for targets that are exactly zero
+    per_sample = (torch.xlogy(target_probs, target_probs) - target_probs * log_student).sum(-1)
+    scale = temperature**2 if scale_by_t2 else 1.0
+    if reduction == "none":
+        return per_sample * scale
+    if reduction == "batchmean":
+        return per_sample.mean() * scale
+    return per_sample.mean() / student_logits.shape[-1] * scale
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    reduction: KLReduction = "batchmean",
+) -> torch.Tensor:
+    """Hinton's soft-target term ``T^2 KL(softmax(z_t/T) || softmax(z_s/T))``."""
+    return soft_kl(student_logits, F.softmax(teacher_logits / temperature, dim=-1), temperature, reduction)
