@@ -74,24 +74,31 @@ def balanced_quota(counts: torch.Tensor, total: int) -> torch.Tensor:
     return quota
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept positions, held-out positions): ``fraction`` of every class held out, seeded.
-
-    The held-out size is ``round(fraction * N)``, spread over classes in proportion to their size.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {fraction}")
-    total = round(fraction * len(labels))
-    if total == 0 or total == len(labels):
+def stratified_holdout(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept positions, held-out positions): ``count`` samples held out in proportion to class size."""
+    if not 0 < count < len(labels):
         raise ConfigError(
-            f"val_fraction {fraction} of {len(labels)} training samples leaves an empty split; "
-            "choose a fraction that keeps at least one sample on each side"
+            f"a held-out split of {count} from {len(labels)} samples leaves an empty side; "
+            "keep at least one sample on each side"
         )
-    quota = proportional_quota(_class_counts(labels), total)
+    quota = proportional_quota(_class_counts(labels), count)
     held = _take_per_class(labels, quota, derive_seed(seed, _VAL_STREAM))
     keep_mask = torch.ones(len(labels), dtype=torch.bool)
     keep_mask[held] = False
     return torch.nonzero(keep_mask).flatten(), held
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept positions, held-out positions) with ``round(fraction * N)`` held out, class-stratified."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {fraction}")
+    count = round(fraction * len(labels))
+    if not 0 < count < len(labels):
+        raise ConfigError(
+            f"val_fraction {fraction} of {len(labels)} training samples leaves an empty split; "
+            "choose a fraction that keeps at least one sample on each side"
+        )
+    return stratified_holdout(labels, count, seed)
 
 
 def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:

@@ -1,0 +1,8 @@
+"""The dataset registry: every source module registers a loader ``(root, download, **options)``."""
+
+from __future__ import annotations
+
+from kdforge.data.types import DataSplits
+from kdforge.registry import Registry
+
+DATASETS: Registry[DataSplits] = Registry("dataset")

@@ -1,0 +1,116 @@
+"""Helpers shared by the dataset sources: finding files, one-line errors, building DataSplits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdforge.data.types import DataSplits, DatasetInfo, TensorData
+from kdforge.errors import DataError
+
+DEFAULT_ROOT = Path("data")
+MATERIALIZE_HINT = "python ../shared/tools/materialize_datasets.py {root}"
+_STATS_CHUNK = 4096
+
+
+def resolve_root(root: str | Path | None) -> Path:
+    """The data root: ``root`` if given, else ``./data``."""
+    return Path(root).expanduser() if root is not None else DEFAULT_ROOT
+
+
+def find_file(folder: Path, names: Sequence[str]) -> Path | None:
+    """The first of ``names`` (alternatives for one file) that exists in ``folder``."""
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            return path
+    return None
+
+
+def find_folder(candidates: Sequence[Path], required: dict[str, Sequence[str]]) -> dict[str, Path] | None:
+    """In the first candidate folder that holds every required file: key -> path, else None.
+
+    ``required`` maps a key to the accepted file names (e.g. the ``.gz`` and the plain file).
+    """
+    for folder in candidates:
+        found = {key: find_file(folder, names) for key, names in required.items()}
+        if all(path is not None for path in found.values()):
+            return found  # type: ignore[return-value]
+    return None
+
+
+def missing_files_error(dataset: str, searched: Sequence[Path], expected: str, how: str) -> DataError:
+    """One line: which folders were searched, which files were expected, how to get them."""
+    folders = ", ".join(str(folder) for folder in searched)
+    return DataError(f"{dataset}: dataset files not found (searched {folders}; expected {expected}); {how}")
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images N x C x H x W, on the [0, 1] scale (exact sums)."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.int64)
+    total_squares = torch.zeros(channels, dtype=torch.int64)
+    for start in range(0, images.shape[0], _STATS_CHUNK):
+        chunk = images[start : start + _STATS_CHUNK].to(torch.int64)
+        total += chunk.sum(dim=(0, 2, 3))
+        total_squares += (chunk * chunk).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total.double() / count
+    variance = (total_squares.double() / count - mean * mean).clamp_min(0.0)
+    return (
+        tuple(float(m) / 255.0 for m in mean),
+        tuple(math.sqrt(float(v)) / 255.0 for v in variance),
+    )
+
+
+def _as_images(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.contiguous()
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, order="C")
+    return torch.from_numpy(array)
+
+
+def _check_labels(dataset: str, split: str, labels: torch.Tensor, num_classes: int) -> None:
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(
+            f"{dataset}: {split} labels must lie in 0..{num_classes - 1} "
+            f"(found {int(labels.min())}..{int(labels.max())})"
+        )
+
+
+def build_splits(
+    dataset: str,
+    train: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor],
+    test: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor],
+    class_names: Sequence[str],
+    stats: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> DataSplits:
+    """DataSplits from (images N x C x H x W uint8, labels) pairs; stats computed from train if None."""
+    splits = {}
+    for split, (images, labels) in (("train", train), ("test", test)):
+        data = TensorData(_as_images(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64),
+                          name=f"{dataset}/{split}")
+        _check_labels(dataset, split, data.labels, len(class_names))
+        splits[split] = data
+    if splits["train"].images.shape[1:] != splits["test"].images.shape[1:]:
+        raise DataError(
+            f"{dataset}: train images are {tuple(splits['train'].images.shape[1:])} but test images are "
+            f"{tuple(splits['test'].images.shape[1:])}; both splits must share one C x H x W"
+        )
+    mean, std = stats if stats is not None else channel_stats(splits["train"].images)
+    _, channels, height, width = splits["train"].images.shape
+    info = DatasetInfo(
+        name=dataset,
+        num_classes=len(class_names),
+        in_channels=channels,
+        image_size=(height, width),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        class_names=[str(name) for name in class_names],
+    )
+    return DataSplits(train=splits["train"], val=None, test=splits["test"], info=info)

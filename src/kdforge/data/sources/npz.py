@@ -1,0 +1,126 @@
+"""Any image classification set stored as one ``.npz`` with ``x_train y_train x_test y_test``.
+
+Image layouts: N x H x W (one channel), N x H x W x C (channels-last) or N x C x H x W, with C in
+{1, 3, 4}. When both the second and the last axis could be channels, pass ``layout="nhwc"`` or
+``layout="nchw"``. Pixel values: integer arrays must lie in 0..255; float arrays with maximum <= 1
+are scaled by 255 (and rounded), float arrays holding whole numbers in 0..255 are used as they are;
+anything else is an error. ``class_names`` (optional array of strings) names the classes; otherwise
+the classes are ``0..max label``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdforge.data.catalog import DATASETS
+from kdforge.data.sources.common import build_splits
+from kdforge.data.types import DataSplits
+from kdforge.errors import ConfigError, DataError
+
+REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+CHANNEL_COUNTS = (1, 3, 4)
+LAYOUTS = ("nhwc", "nchw")
+
+
+def _channel_layout(shape: tuple[int, ...], layout: str | None, where: str) -> str:
+    """'nhwc' or 'nchw' for a 4-D image array, detected from which axis can hold channels."""
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ConfigError(f"npz layout must be one of {', '.join(LAYOUTS)}, got '{layout}'")
+        return layout
+    last, second = shape[3] in CHANNEL_COUNTS, shape[1] in CHANNEL_COUNTS
+    if last and not second:
+        return "nhwc"
+    if second and not last:
+        return "nchw"
+    problem = "is ambiguous" if last else "has no channel axis (1, 3 or 4 on axis 1 or 3)"
+    raise DataError(f"{where}: image shape {shape} {problem}; pass layout='nhwc' or layout='nchw'")
+
+
+def to_nchw(images: np.ndarray, layout: str | None, where: str) -> np.ndarray:
+    """Images in N x C x H x W from any supported layout."""
+    if images.ndim == 3:
+        return images[:, None, :, :]
+    if images.ndim != 4:
+        raise DataError(f"{where}: images must be N x H x W or 4-D, got shape {images.shape}")
+    if _channel_layout(images.shape, layout, where) == "nhwc":
+        return images.transpose(0, 3, 1, 2)
+    return images
+
+
+def to_uint8(images: np.ndarray, where: str) -> np.ndarray:
+    """uint8 pixels, converting only when the conversion is unambiguous (see the module docstring)."""
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype == np.bool_:
+        return images.astype(np.uint8) * 255
+    if np.issubdtype(images.dtype, np.integer):
+        if images.size and (images.min() < 0 or images.max() > 255):
+            raise DataError(f"{where}: integer pixels must lie in 0..255, found {images.min()}..{images.max()}")
+        return images.astype(np.uint8)
+    if np.issubdtype(images.dtype, np.floating):
+        return _float_to_uint8(images, where)
+    raise DataError(f"{where}: cannot use pixels of type {images.dtype}; store uint8 images")
+
+
+def _float_to_uint8(images: np.ndarray, where: str) -> np.ndarray:
+    if images.size == 0:
+        return images.astype(np.uint8)
+    low, high = float(images.min()), float(images.max())
+    if not np.isfinite(images).all() or low < 0:
+        raise DataError(f"{where}: float pixels must be finite and non-negative, found {low}..{high}")
+    if high <= 1.0:
+        return np.rint(images * 255.0).astype(np.uint8)
+    if high <= 255.0 and np.array_equal(images, np.rint(images)):
+        return images.astype(np.uint8)
+    raise DataError(
+        f"{where}: float pixels in {low}..{high} are neither in [0, 1] nor whole numbers in 0..255; store uint8 images"
+    )
+
+
+def _labels(array: np.ndarray, where: str) -> np.ndarray:
+    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or np.array_equal(array, np.rint(array))):
+        raise DataError(f"{where}: labels must be a vector of whole numbers, got {array.dtype} {array.shape}")
+    return array.astype(np.int64)
+
+
+def _open_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(
+            f"npz: file {path} not found; set data.options.path (or data.root) to a .npz holding "
+            f"{', '.join(REQUIRED_KEYS)}"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as error:
+        raise DataError(f"npz: cannot read {path}: {error}") from None
+
+
+@DATASETS.register("npz")
+def npz(root=None, download: bool = False, path=None, layout: str | None = None) -> DataSplits:
+    """Images and labels from one .npz (x_train y_train x_test y_test, optional class_names)."""
+    source = path if path is not None else root
+    if source is None:
+        raise ConfigError("npz needs the file: set data.options.path (or data.root) to the .npz")
+    source = Path(source).expanduser()
+    arrays = _open_npz(source)
+    missing = [key for key in REQUIRED_KEYS if key not in arrays]
+    if missing:
+        raise DataError(f"npz: {source} lacks {', '.join(missing)} (found {', '.join(sorted(arrays))})")
+    splits = {}
+    for split in ("train", "test"):
+        where = f"{source} x_{split}"
+        images = to_uint8(to_nchw(arrays[f"x_{split}"], layout, where), where)
+        labels = _labels(arrays[f"y_{split}"], f"{source} y_{split}")
+        if len(images) != len(labels):
+            raise DataError(f"npz: {source} has {len(images)} {split} images but {len(labels)} labels")
+        splits[split] = (images, labels)
+    if "class_names" in arrays:
+        class_names = [str(name) for name in arrays["class_names"].tolist()]
+    else:
+        highest = max(int(labels.max()) for _, labels in splits.values() if len(labels))
+        class_names = [str(label) for label in range(highest + 1)]
+    return build_splits("npz", splits["train"], splits["test"], class_names)

@@ -1,0 +1,1 @@
+"""Training engine: the Fabric loop, checkpoints, pipelines."""

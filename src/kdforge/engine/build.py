@@ -1,0 +1,101 @@
+"""Turn a validated RunConfig into data, networks and a Distiller (the wiring, nothing else)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
+from kdforge.data import Augmentation, DataSplits, DatasetInfo, default_augmentation, load_dataset
+from kdforge.engine.checkpoint import load_weights, read_model_file
+from kdforge.errors import CheckpointError
+from kdforge.methods import METHODS, Distiller
+from kdforge.models import create
+
+
+@dataclass
+class ModelSpec:
+    """What rebuilds a network: zoo name and constructor arguments."""
+
+    name: str
+    kwargs: dict[str, Any]
+    num_classes: int
+    in_channels: int
+    input_size: tuple[int, int]
+
+
+def build_data(cfg: DataConfig) -> DataSplits:
+    return load_dataset(
+        cfg.name,
+        root=cfg.root,
+        download=cfg.download,
+        val_fraction=cfg.val_fraction,
+        train_subset=cfg.train_subset,
+        seed=cfg.seed,
+        **cfg.options,
+    )
+
+
+def build_augmentation(cfg: DataConfig, info: DatasetInfo) -> Augmentation:
+    if cfg.augment is True:
+        return default_augmentation(info)
+    settings = cfg.augment if isinstance(cfg.augment, AugmentConfig) else AugmentConfig()
+    return Augmentation(
+        crop_padding=settings.crop_padding,
+        horizontal_flip=settings.horizontal_flip,
+        mean=info.mean,
+        std=info.std,
+    )
+
+
+def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Module, ModelSpec]:
+    """Create a zoo network, loading ``cfg.checkpoint`` when given, with checks that name the fix."""
+    record = read_model_file(cfg.checkpoint) if cfg.checkpoint else None
+    saved = (record or {}).get("model", {})
+    name = cfg.name or saved.get("name")
+    if name is None:
+        raise CheckpointError(
+            f"{role} checkpoint '{cfg.checkpoint}' is a plain state dict; give the architecture as {role}.name"
+        )
+    if saved.get("name") and cfg.name and saved["name"] != cfg.name:
+        raise CheckpointError(
+            f"{role} checkpoint '{cfg.checkpoint}' holds a '{saved['name']}' but the recipe says "
+            f"'{cfg.name}'; fix {role}.name or drop it to use the checkpoint's architecture"
+        )
+    if saved.get("num_classes") not in (None, info.num_classes):
+        raise CheckpointError(
+            f"{role} checkpoint '{cfg.checkpoint}' predicts {saved['num_classes']} classes but dataset "
+            f"'{info.name}' has {info.num_classes}; use a {role} trained on this dataset"
+        )
+    if saved.get("in_channels") not in (None, info.in_channels):
+        raise CheckpointError(
+            f"{role} checkpoint '{cfg.checkpoint}' takes {saved['in_channels']}-channel input but dataset "
+            f"'{info.name}' has {info.in_channels}"
+        )
+    kwargs = {**saved.get("kwargs", {}), **cfg.kwargs}
+    spec = ModelSpec(name, kwargs, info.num_classes, info.in_channels, tuple(info.image_size))
+    model = create(
+        name,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        input_size=tuple(info.image_size),
+        **kwargs,
+    )
+    if record is not None:
+        load_weights(model, record["state_dict"], str(cfg.checkpoint))
+    return model, spec
+
+
+def build_distiller(config: RunConfig, info: DatasetInfo) -> tuple[Distiller, ModelSpec]:
+    student, spec = build_model(config.student, info, "student")
+    teachers = [build_model(t, info, f"teachers.{i}")[0] for i, t in enumerate(config.teachers)]
+    method_cls = METHODS.get(config.method.name)
+    try:
+        distiller = method_cls(student, teachers, config.method.params())
+    except ValueError as exc:
+        from kdforge.errors import ConfigError
+
+        raise ConfigError(f"method '{config.method.name}': {exc}") from None
+    return distiller, spec

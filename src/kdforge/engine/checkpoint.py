@@ -1,0 +1,135 @@
+"""Checkpoint files: written atomically, loaded with ``weights_only=True``.
+
+Two kinds of file:
+
+* a **model file** (``format: kdforge-model``): the inference network's weights plus what is
+  needed to rebuild it (zoo name, constructor arguments, class count, input shape) and the
+  dataset it was trained on. Teachers, ``kdforge eval`` and users load these.
+* a **training state** (``format: kdforge-state``): everything ``--resume`` needs (distiller
+  weights, optimizer states, epoch, RNG state, history).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdforge.errors import CheckpointError
+
+MODEL_FORMAT = "kdforge-model"
+STATE_FORMAT = "kdforge-state"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Save to a temporary file in the same folder, flush it to disk, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found; give the path of a .pt file from a run's checkpoints/")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def model_record(
+    model: nn.Module,
+    *,
+    name: str | None,
+    kwargs: dict[str, Any],
+    num_classes: int,
+    in_channels: int,
+    input_size: tuple[int, int] | None,
+    dataset: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "format": MODEL_FORMAT,
+        "version": 1,
+        "model": {
+            "name": name,
+            "kwargs": kwargs,
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "input_size": list(input_size) if input_size else None,
+        },
+        "dataset": dataset or {},
+        "metrics": metrics or {},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    """Load a model file; a bare state dict is accepted too (``model`` is then empty)."""
+    obj = load_file(path)
+    if obj.get("format") == MODEL_FORMAT:
+        return obj
+    if obj.get("format") == STATE_FORMAT:
+        raise CheckpointError(
+            f"'{path}' is a training state (for --resume); use checkpoints/model_best.pt or model_last.pt"
+        )
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"format": "state_dict", "model": {}, "dataset": {}, "metrics": {}, "state_dict": obj}
+    raise CheckpointError(f"'{path}' is not a kdforge model file nor a plain state dict")
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights strictly, turning shape or key mismatches into one readable line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        detail = (
+            f"shapes differ: {mismatched[0]}" if mismatched
+            else f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
+        )
+        raise CheckpointError(
+            f"checkpoint '{source}' does not fit the model ({detail}); "
+            "check the architecture name, its kwargs and the number of classes"
+        )
+    model.load_state_dict(state_dict)

@@ -1,0 +1,114 @@
+"""Multi-stage work as a pipeline of ordinary runs.
+
+A pipeline recipe has one key, ``pipeline:``, mapping stage names to ordinary recipes (which may
+use ``base:``). Each stage trains into ``OUT/<stage>``; a string in a later stage may name an
+earlier stage's run directory as ``{stage}``::
+
+    pipeline:
+      teacher: {base: teacher.yaml}
+      student:
+        base: student.yaml
+        teachers: [{checkpoint: "{teacher}/checkpoints/model_last.pt"}]
+
+Stages already finished are skipped, so an interrupted pipeline resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kdforge.config import ConfigError, build_config, deep_merge, read_yaml
+
+_REFERENCE = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
+
+
+def is_pipeline(recipe: dict[str, Any]) -> bool:
+    return "pipeline" in recipe
+
+
+def stage_recipes(recipe: dict[str, Any], recipe_dir: Path) -> dict[str, dict[str, Any]]:
+    stages = recipe.get("pipeline")
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError("'pipeline' must map stage names to recipes (e.g. teacher: {base: teacher.yaml})")
+    extra = set(recipe) - {"pipeline"}
+    if extra:
+        raise ConfigError(f"unknown key '{sorted(extra)[0]}' beside 'pipeline'; a pipeline recipe has only 'pipeline'")
+    resolved = {}
+    for name, stage in stages.items():
+        if not isinstance(stage, dict):
+            raise ConfigError(f"pipeline stage '{name}' must be a recipe mapping")
+        stage = dict(stage)
+        base = stage.pop("base", None)
+        resolved[name] = deep_merge(read_yaml(recipe_dir / base), stage) if base else stage
+        resolved[name].setdefault("name", name)
+    return resolved
+
+
+def _substitute(value: Any, run_dirs: dict[str, Path], stage: str) -> Any:
+    if isinstance(value, str):
+        def replace(match: re.Match) -> str:
+            ref = match.group(1)
+            if ref not in run_dirs:
+                raise ConfigError(
+                    f"pipeline stage '{stage}' refers to '{{{ref}}}', which is not an earlier stage "
+                    f"(earlier: {', '.join(run_dirs) or 'none'})"
+                )
+            return str(run_dirs[ref])
+
+        return _REFERENCE.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, run_dirs, stage) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, run_dirs, stage) for v in value]
+    return value
+
+
+def run_pipeline(
+    recipe: dict[str, Any],
+    recipe_dir: Path,
+    out_dir: Path,
+    overrides: list[str],
+    train: Callable[..., dict[str, Any]],
+    only: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the stages in order with ``train(config, out_dir, resume)``; returns their summaries.
+
+    ``overrides`` apply to every stage; write ``stage:key.path=value`` to target one stage.
+    """
+    stages = stage_recipes(recipe, recipe_dir)
+    run_dirs: dict[str, Path] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for name, stage in stages.items():
+        stage_dir = out_dir / name
+        stage_overrides = [_strip_stage(o) for o in overrides if _targets(o, name, stages)]
+        config = build_config(_substitute(stage, run_dirs, name), stage_overrides)
+        run_dirs[name] = stage_dir
+        summary_path = stage_dir / "summary.json"
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            if summary.get("status") == "finished":
+                summaries[name] = summary
+                continue
+        if only is not None and name not in only:
+            continue
+        summaries[name] = train(config, stage_dir, resume=(stage_dir / "checkpoints" / "state.pt").exists())
+    return summaries
+
+
+def _targets(override: str, stage: str, stages: dict) -> bool:
+    head = override.split("=", 1)[0]
+    if ":" in head:
+        target = head.split(":", 1)[0]
+        if target not in stages:
+            raise ConfigError(f"override '{override}' names stage '{target}'; stages: {', '.join(stages)}")
+        return target == stage
+    return True
+
+
+def _strip_stage(override: str) -> str:
+    head, _, value = override.partition("=")
+    return (head.split(":", 1)[1] if ":" in head else head) + "=" + value

@@ -1,0 +1,492 @@
+"""The training loop: short, ours, on top of Lightning Fabric (devices, DDP, precision).
+
+A run directory holds::
+
+    config.yaml          the resolved recipe (every default written out)
+    metrics.jsonl        one JSON line per epoch: train loss terms, lr, images/s, test (and val) metrics
+    summary.json         status (running / interrupted / finished), final and best metrics, cost
+    curves.png           loss and accuracy against epoch
+    checkpoints/
+      state.pt           everything --resume needs (written atomically after every epoch)
+      model_last.pt      the deployable network after the last finished epoch
+      model_best.pt      the deployable network at the best epoch on the selection split
+
+The best epoch is chosen on the validation split when there is one, otherwise on the test set;
+``summary.json`` says which (``selection_split``), so a number chosen on the test set is never passed
+off as a clean one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from kdforge.config import RunConfig, build_config
+from kdforge.data import BatchLoader, DataSplits
+from kdforge.engine.build import ModelSpec, build_augmentation, build_data, build_distiller
+from kdforge.engine.checkpoint import (
+    STATE_FORMAT,
+    atomic_save,
+    atomic_write_text,
+    load_file,
+    model_record,
+)
+from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
+from kdforge.errors import ConfigError, KDForgeError
+from kdforge.methods import Distiller, Step
+
+Callback = Callable[["Trainer", int, dict[str, Any]], None]
+
+
+class RunInterrupted(KDForgeError):
+    """Training stopped early (Ctrl-C); the run directory is consistent and can be resumed."""
+
+
+def _make_fabric(config: RunConfig):
+    from lightning.fabric import Fabric
+
+    strategy = config.train.strategy
+    if config.train.devices > 1 and strategy == "auto":
+        strategy = "ddp"
+    return Fabric(
+        accelerator=config.train.accelerator,
+        devices=config.train.devices,
+        strategy=strategy,
+        precision=config.train.precision,
+    )
+
+
+class Trainer:
+    """Train one run described by a RunConfig into ``out_dir``.
+
+    ``callbacks`` are called after every epoch as ``callback(trainer, epoch, record)``; a callback
+    may raise ``KeyboardInterrupt`` (tests use this to interrupt a run at a known point).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        callbacks: Sequence[Callback] = (),
+        fabric: Any = None,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.callbacks = list(callbacks)
+        self.fabric = fabric or _make_fabric(config)
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "state.pt"
+
+    def _check_run_directory(self) -> None:
+        """Refuse to overwrite an existing run, and refuse to resume one with another recipe."""
+        saved = self.out_dir / "config.yaml"
+        if self.resume:
+            if saved.is_file():
+                previous = build_config(yaml.safe_load(saved.read_text()))
+                differences = _differences(previous.to_dict(), self.config.to_dict())
+                if differences:
+                    raise ConfigError(
+                        f"run directory '{self.out_dir}' was started with a different recipe "
+                        f"({differences[0]}); resume with the same recipe or choose another --out"
+                    )
+            return
+        if self.state_path.exists() or (self.out_dir / "summary.json").exists():
+            raise ConfigError(
+                f"run directory '{self.out_dir}' already holds a run; pass --resume to continue it "
+                "or choose another --out"
+            )
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        config = self.config
+        fabric = self.fabric
+        if config.train.num_threads:
+            torch.set_num_threads(config.train.num_threads)
+        fabric.launch()
+        if fabric.is_global_zero:
+            self._check_run_directory()
+        fabric.barrier()
+        fabric.seed_everything(config.seed, verbose=False)
+
+        self.data: DataSplits = build_data(config.data)
+        self.info = self.data.info
+        torch.manual_seed(config.seed)  # model initialisation depends on the seed only
+        distiller, self.spec = build_distiller(config, self.info)
+        self.distiller: Distiller = distiller
+        if config.train.channels_last:
+            distiller.to(memory_format=torch.channels_last)
+        if config.train.compile:
+            distiller.student.compile()
+
+        augmentation = build_augmentation(config.data, self.info)
+        self.train_loader = BatchLoader(
+            self.data.train,
+            config.train.batch_size,
+            shuffle=True,
+            drop_last=config.train.drop_last,
+            seed=config.seed,
+            augmentation=augmentation,
+            train=True,
+            rank=fabric.global_rank,
+            world_size=fabric.world_size,
+        )
+        self.eval_augmentation = augmentation
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"train.batch_size={config.train.batch_size} with drop_last leaves no batch for "
+                f"{len(self.data.train)} training images; lower the batch size"
+            )
+        self.total_steps = self.steps_per_epoch * config.train.epochs
+
+        groups = distiller.optimizer_groups()
+        optimizers = [build_optimizer(g, config.train.optimizer) for g in groups]
+        self.base_lrs = [
+            {**config.train.optimizer.model_dump(), **(g.optimizer or {})}["lr"] for g in groups
+        ]
+        self.lr_at = [
+            lr_function(config.train.scheduler, lr, config.train.epochs, self.steps_per_epoch)
+            for lr in self.base_lrs
+        ]
+        self.group_names = [g.name for g in groups]
+        self.model, *self.optimizers = fabric.setup(distiller, *optimizers)
+
+        self.start_epoch = 0
+        self.global_step = 0
+        self.train_seconds = 0.0
+        self.best: dict[str, Any] = {}
+        if self.resume and self.state_path.exists():
+            self._load_state()
+        if fabric.is_global_zero:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), self.out_dir / "config.yaml")
+            self._rewrite_metrics()
+        self.writer = self._tensorboard() if fabric.is_global_zero else None
+
+    def _tensorboard(self):
+        if not self.config.train.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ state
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """Distiller weights without the frozen teachers (they come from their own files)."""
+        return {k: v for k, v in self.distiller.state_dict().items() if not k.startswith("teachers.")}
+
+    def _save_state(self, next_epoch: int) -> None:
+        state = {
+            "format": STATE_FORMAT,
+            "version": 1,
+            "epoch": next_epoch,
+            "global_step": self.global_step,
+            "train_seconds": self.train_seconds,
+            "distiller": self._trainable_state(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "rng": torch.get_rng_state(),
+            "history": json.dumps(self.history),
+            "best": json.dumps(self.best),
+        }
+        atomic_save(state, self.state_path)
+
+    def _load_state(self) -> None:
+        state = load_file(self.state_path)
+        if state.get("format") != STATE_FORMAT:
+            raise ConfigError(f"'{self.state_path}' is not a kdforge training state; choose another --out")
+        missing, unexpected = self.distiller.load_state_dict(state["distiller"], strict=False)
+        missing = [k for k in missing if not k.startswith("teachers.")]
+        if missing or unexpected:
+            raise ConfigError(
+                f"'{self.state_path}' does not fit this recipe's networks (e.g. {(missing or unexpected)[0]}); "
+                "resume with the recipe the run was started with"
+            )
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        torch.set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.train_seconds = float(state["train_seconds"])
+        self.history = json.loads(state["history"])
+        self.best = json.loads(state["best"])
+
+    def _rewrite_metrics(self) -> None:
+        """metrics.jsonl always matches the saved state (an epoch logged after the last state is dropped)."""
+        lines = "".join(json.dumps(record) + "\n" for record in self.history)
+        atomic_write_text(lines, self.out_dir / "metrics.jsonl")
+
+    def _save_model(self, path: Path, metrics: dict[str, Any]) -> None:
+        spec: ModelSpec = self.spec
+        record = model_record(
+            self.distiller.inference_model(),
+            name=spec.name,
+            kwargs=spec.kwargs,
+            num_classes=spec.num_classes,
+            in_channels=spec.in_channels,
+            input_size=spec.input_size,
+            dataset=dataclasses.asdict(self.info),
+            metrics=metrics,
+        )
+        atomic_save(record, path)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        self.setup()
+        epochs = self.config.train.epochs
+        if self.start_epoch >= epochs and self.fabric.is_global_zero:
+            return self._finish(status="finished")
+        try:
+            for epoch in range(self.start_epoch, epochs):
+                record = self._run_epoch(epoch)
+                self.history.append(record)
+                if self.fabric.is_global_zero:
+                    self._end_of_epoch(epoch, record)
+                self.fabric.barrier()
+                for callback in self.callbacks:
+                    callback(self, epoch, record)
+        except KeyboardInterrupt:
+            if self.fabric.is_global_zero:
+                self._finish(status="interrupted")
+            raise RunInterrupted(
+                f"interrupted; the run directory '{self.out_dir}' is intact: resume with --resume"
+            ) from None
+        return self._finish(status="finished") if self.fabric.is_global_zero else {}
+
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        config = self.config
+        self.train_loader.set_epoch(epoch)
+        self.model.train()
+        self.distiller.on_epoch_start(self._step(epoch))
+        sums: dict[str, torch.Tensor] = {}
+        metric_sums: dict[str, float] = {}
+        images = 0
+        bar = self._progress_bar(epoch)
+        memory_format = torch.channels_last if config.train.channels_last else None
+        started = time.perf_counter()
+        for batch in self.train_loader:
+            step = self._step(epoch)
+            lrs = [lr_at(self.global_step) for lr_at in self.lr_at]
+            for optimizer, lr in zip(self.optimizers, lrs):
+                set_learning_rate(optimizer, lr)
+            if memory_format is not None:
+                batch.inputs = {k: v.contiguous(memory_format=memory_format) if v.ndim == 4 else v for k, v in batch.inputs.items()}
+            output = self.model(batch, step)
+            loss = output.loss
+            self.fabric.backward(loss)
+            for optimizer in self.optimizers:
+                if config.train.grad_clip:
+                    self.fabric.clip_gradients(self.model, optimizer, max_norm=config.train.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in output.losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach() * len(batch)
+            for name, value in output.metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(value) * len(batch)
+            images += len(batch)
+            self.global_step += 1
+            if bar is not None:
+                bar.update(1)
+                if self.global_step % 10 == 0:
+                    seconds = time.perf_counter() - started
+                    bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
+            if not math.isfinite(float(loss)):
+                raise KDForgeError(
+                    f"loss became {float(loss)} at epoch {epoch}, step {self.global_step}; "
+                    "lower train.optimizer.lr or set train.grad_clip"
+                )
+        seconds = time.perf_counter() - started
+        if bar is not None:
+            bar.close()
+        self.train_seconds += seconds
+        total_images = self.fabric.all_reduce(torch.tensor(float(images)), reduce_op="sum")
+        losses = {k: float(self.fabric.all_reduce(v, reduce_op="sum") / total_images) for k, v in sums.items()}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train": {
+                "loss": sum(losses.values()),
+                **{f"loss_{k}": v for k, v in losses.items()},
+                **{k: v / max(images, 1) for k, v in metric_sums.items()},
+                "images_per_second": float(total_images) / max(seconds, 1e-9),
+                "seconds": seconds,
+            },
+            "lr": {name: lr_at(max(self.global_step - 1, 0)) for name, lr_at in zip(self.group_names, self.lr_at)},
+        }
+        last_epoch = epoch == self.config.train.epochs - 1
+        if (epoch + 1) % self.config.train.eval_every == 0 or last_epoch:
+            record["test"] = self.evaluate(self.data.test)
+            if self.data.val is not None:
+                record["val"] = self.evaluate(self.data.val)
+        return record
+
+    def _step(self, epoch: int) -> Step:
+        return Step(epoch, self.config.train.epochs, self.global_step, self.total_steps)
+
+    def _progress_bar(self, epoch: int):
+        mode = self.config.train.progress
+        if mode == "none" or not self.fabric.is_global_zero:
+            return None
+        if mode == "auto" and not sys.stderr.isatty():
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.train.epochs}", leave=False)
+
+    @torch.no_grad()
+    def evaluate(self, split) -> dict[str, float]:
+        """Top-1, top-5 and mean CE of the deployed network, each rank on its own shard."""
+        return evaluate_model(
+            self.distiller.inference_model(),
+            split,
+            self.eval_augmentation,
+            self.config.train.eval_batch_size,
+            rank=self.fabric.global_rank,
+            world_size=self.fabric.world_size,
+            reduce=lambda t: self.fabric.all_reduce(t, reduce_op="sum"),
+            autocast=self.fabric.autocast,
+            channels_last=self.config.train.channels_last,
+        )
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _selection_split(self) -> str:
+        return "val" if self.data.val is not None else "test"
+
+    def _end_of_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        checkpoints = self.out_dir / "checkpoints"
+        split = self._selection_split()
+        if split in record:
+            top1 = record[split]["top1"]
+            if not self.best or top1 > self.best["top1"]:
+                self.best = {"epoch": epoch, "top1": top1, "split": split, "test": record.get("test")}
+                self._save_model(checkpoints / "model_best.pt", {"epoch": epoch, **record.get("test", {})})
+        self._save_model(checkpoints / "model_last.pt", {"epoch": epoch, **record.get("test", {})})
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self._save_state(epoch + 1)
+        self._write_summary("running")
+        if self.writer is not None:
+            for section in ("train", "test", "val"):
+                for key, value in record.get(section, {}).items():
+                    self.writer.add_scalar(f"{section}/{key}", value, epoch)
+        if self.config.train.progress != "none":
+            test = record.get("test", {})
+            shown = f" test top-1 {test['top1']:.2f}%" if test else ""
+            self.fabric.print(
+                f"[{self.config.name}] epoch {epoch + 1}/{self.config.train.epochs} "
+                f"loss {record['train']['loss']:.4f}{shown} "
+                f"({record['train']['images_per_second']:.0f} img/s)"
+            )
+
+    def _write_summary(self, status: str) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        student = self.distiller.inference_model()
+        summary = {
+            "name": self.config.name,
+            "status": status,
+            "method": self.config.method.name,
+            "dataset": self.info.name,
+            "student": self.spec.name,
+            "teachers": [t.name or "" for t in self.config.teachers],
+            "seed": self.config.seed,
+            "epochs_done": len(self.history),
+            "epochs": self.config.train.epochs,
+            "final": {"epoch": last.get("epoch"), "test": last.get("test"), "val": last.get("val")},
+            "best": self.best,
+            "selection_split": self._selection_split(),
+            "student_parameters": sum(p.numel() for p in student.parameters()),
+            "extra_parameters": self.distiller.extra_parameter_count(),
+            "train_seconds": self.train_seconds,
+            "seconds_per_batch": self.train_seconds / max(self.global_step, 1),
+            "global_step": self.global_step,
+            "world_size": self.fabric.world_size,
+        }
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", self.out_dir / "summary.json")
+        return summary
+
+    def _finish(self, status: str) -> dict[str, Any]:
+        summary = self._write_summary(status)
+        if self.history:
+            from kdforge.engine.plots import plot_curves
+
+            plot_curves(self.history, self.out_dir / "curves.png", title=self.config.name)
+        if self.writer is not None:
+            self.writer.close()
+        return summary
+
+
+def evaluate_model(
+    model: nn.Module,
+    split,
+    augmentation,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: Callable[[], Any] | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Evaluate a classifier on a TensorData split: top-1, top-5 (%), mean cross-entropy."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count
+    if world_size > 1:  # a strided shard per rank, without the padding a training sampler adds
+        split = split.select(torch.arange(rank, len(split), world_size))
+    loader = BatchLoader(split, batch_size, shuffle=False, augmentation=augmentation, train=False)
+    with torch.inference_mode():
+        for batch in loader:
+            image = batch.image.contiguous(memory_format=torch.channels_last) if channels_last else batch.image
+            with autocast() if autocast else nullcontext():
+                logits = model(image)
+            logits = logits.float()
+            k = min(5, logits.shape[-1])
+            top = logits.topk(k, dim=-1).indices
+            hits = top == batch.targets.unsqueeze(1)
+            totals += torch.tensor([
+                float(F.cross_entropy(logits, batch.targets, reduction="sum")),
+                float(hits[:, 0].sum()),
+                float(hits.any(1).sum()),
+                float(len(batch)),
+            ], dtype=torch.float64)
+    model.train(was_training)
+    if reduce is not None:
+        totals = reduce(totals)
+    count = max(float(totals[3]), 1.0)
+    return {
+        "top1": 100.0 * float(totals[1]) / count,
+        "top5": 100.0 * float(totals[2]) / count,
+        "loss": float(totals[0]) / count,
+    }
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, path + ".")
+        elif a != b:
+            found.append(f"{path}: {a!r} then, {b!r} now")
+    return found
