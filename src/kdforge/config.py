@@ -186,6 +186,8 @@ def apply_override(data: dict, path: list[str | int], value: Any) -> None:
     for i, part in enumerate(path[:-1]):
         nxt = path[i + 1]
         if isinstance(node, list):
+            if isinstance(part, int) and part == len(node):  # teachers.0.name on an empty list
+                node.append([] if isinstance(nxt, int) else {})
             if not isinstance(part, int) or part >= len(node):
                 raise ConfigError(f"override path '{_join(path)}': index {part} is out of range")
             node = node[part]

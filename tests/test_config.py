@@ -1,0 +1,75 @@
+"""Recipe validation: every mistake is one line naming the key path and what is allowed."""
+
+import pytest
+
+from kdforge.config import apply_override, build_config, load_config, parse_override
+from kdforge.errors import ConfigError
+
+MINIMAL = {"student": {"name": "mlp"}}
+
+
+def error_of(data, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        build_config(data, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_and_overrides():
+    c = build_config(MINIMAL, ["train.epochs=3", "train.optimizer.lr=0.1", "method.name=kd",
+                                "method.temperature=2", "teachers.0.name=lenet"])
+    assert c.train.epochs == 3 and c.train.optimizer.lr == 0.1
+    assert c.method.name == "kd" and c.method.params() == {"temperature": 2}
+    assert c.teachers[0].name == "lenet"
+    assert c.train.optimizer.momentum == 0.9 and c.train.scheduler.name == "multistep"
+
+
+def test_unknown_key_suggests_the_closest():
+    msg = error_of(MINIMAL, ["train.optimzer.lr=0.1"])
+    assert "train.optimzer" in msg and "did you mean 'optimizer'" in msg and "allowed here" in msg
+
+
+def test_unknown_top_level_and_method_keys():
+    assert "did you mean 'student'" in error_of({"studnet": {"name": "mlp"}, **MINIMAL})
+    msg = error_of({**MINIMAL, "method": {"name": "kd", "temprature": 2}})
+    assert "method.temprature" in msg and "did you mean 'temperature'" in msg
+
+
+def test_bad_values_name_the_path_and_the_value():
+    msg = error_of(MINIMAL, ["train.optimizer.lr=fast"])
+    assert "train.optimizer.lr" in msg and "'fast'" in msg
+    msg = error_of(MINIMAL, ["train.optimizer.name=rmsprop"])
+    assert "train.optimizer.name" in msg and "sgd" in msg
+    assert "train.epochs" in error_of(MINIMAL, ["train.epochs=0"])
+    assert "method.temperature" in error_of({**MINIMAL, "method": {"name": "kd", "temperature": {"kind": "linear", "start": 4}}})
+
+
+def test_unknown_method_lists_the_available_ones():
+    msg = error_of({**MINIMAL, "method": {"name": "kdd"}})
+    assert "did you mean 'kd'" in msg and "ensemble_kd" in msg
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("train.epochs")
+    with pytest.raises(ConfigError, match="out of range"):
+        apply_override({"teachers": []}, ["teachers", 3, "name"], "x")
+
+
+def test_recipe_files(tmp_path):
+    (tmp_path / "base.yaml").write_text("student: {name: mlp}\ntrain: {epochs: 7, batch_size: 32}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {epochs: 9}\n")
+    c = load_config(tmp_path / "child.yaml")
+    assert c.train.epochs == 9 and c.train.batch_size == 32
+    (tmp_path / "broken.yaml").write_text("student: {name: mlp\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips():
+    c = build_config({**MINIMAL, "method": {"name": "kd", "temperature": {"kind": "cosine", "start": 8, "end": 1}}})
+    again = build_config(c.to_dict())
+    assert again.to_dict() == c.to_dict()
