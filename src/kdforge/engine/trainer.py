@@ -295,6 +295,7 @@ class Trainer:
             output = self.model(batch, step)
             loss = output.loss
             self.fabric.backward(loss)
+            loss_value = float(loss.detach())
             for optimizer in self.optimizers:
                 if config.train.grad_clip:
                     self.fabric.clip_gradients(self.model, optimizer, max_norm=config.train.grad_clip)
@@ -310,10 +311,10 @@ class Trainer:
                 bar.update(1)
                 if self.global_step % 10 == 0:
                     seconds = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
-            if not math.isfinite(float(loss)):
+                    bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
+            if not math.isfinite(loss_value):
                 raise KDForgeError(
-                    f"loss became {float(loss)} at epoch {epoch}, step {self.global_step}; "
+                    f"loss became {loss_value} at epoch {epoch}, step {self.global_step}; "
                     "lower train.optimizer.lr or set train.grad_clip"
                 )
         seconds = time.perf_counter() - started

@@ -1,0 +1,40 @@
+"""Model zoo, feature taps and profiling.
+
+``create(name, num_classes=10, in_channels=3, input_size=None, **kwargs)`` builds a registered
+model; ``list_models()`` names them. Every model's ``forward(x)`` returns logits; read inner
+features with ``FeatureTap(model, ["stage3", "pool"])`` using the logical names in
+``model.feature_points``. See docs/models.md.
+
+Layering: this package imports nothing from kdforge except ``registry`` and ``errors``.
+"""
+
+from kdforge.models import cifar_resnet, mobilenetv2, shufflenet, small, vgg, wide_resnet
+from kdforge.models.factory import MODELS, accepted_arguments, create, list_models
+from kdforge.models.profile import (
+    count_flops,
+    count_macs,
+    count_parameters,
+    measure_latency,
+    profile_model,
+)
+from kdforge.models.taps import FeatureTap, module_names
+
+__all__ = [
+    "MODELS",
+    "FeatureTap",
+    "accepted_arguments",
+    "cifar_resnet",
+    "count_flops",
+    "count_macs",
+    "count_parameters",
+    "create",
+    "list_models",
+    "measure_latency",
+    "mobilenetv2",
+    "module_names",
+    "profile_model",
+    "shufflenet",
+    "small",
+    "vgg",
+    "wide_resnet",
+]

@@ -1,0 +1,194 @@
+"""The training engine end to end on the bundled digits: run directory, resume, checkpoints, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdforge.config import build_config
+from kdforge.engine.checkpoint import read_model_file
+from kdforge.engine.trainer import RunInterrupted, Trainer
+from kdforge.errors import CheckpointError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe(**overrides):
+    data = {
+        "name": "t",
+        "data": {"name": "digits", "augment": False, "train_subset": 200},
+        "student": {"name": "mlp", "kwargs": {"hidden": [32]}},
+        "method": {"name": "ce"},
+        "train": {
+            "epochs": 4,
+            "batch_size": 32,
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+            "scheduler": {"name": "cosine", "warmup_epochs": 1},
+            "progress": "none",
+        },
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    return build_config(data)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    config = recipe(student={"name": "lenet"}, data={"name": "digits", "augment": False})
+    Trainer(config, out).fit()
+    return out
+
+
+def test_run_directory_contents(tmp_path):
+    summary = Trainer(recipe(), tmp_path).fit()
+    assert summary["status"] == "finished" and summary["epochs_done"] == 4
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png",
+                 "checkpoints/state.pt", "checkpoints/model_last.pt", "checkpoints/model_best.pt"):
+        assert (tmp_path / name).is_file(), name
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2, 3]
+    assert {"top1", "top5", "loss"} <= set(lines[-1]["test"])
+    assert lines[-1]["train"]["images_per_second"] > 0
+    resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert resolved["train"]["optimizer"]["momentum"] == 0.9  # defaults written out
+    assert summary["selection_split"] == "test"
+    assert summary["final"]["test"]["top1"] > 50  # an MLP learns digits in 4 epochs
+
+
+def test_loss_decreases_and_checkpoints_load_with_weights_only(tmp_path):
+    Trainer(recipe(), tmp_path).fit()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["train"]["loss"] < lines[0]["train"]["loss"]
+    record = torch.load(tmp_path / "checkpoints/model_last.pt", weights_only=True)
+    assert record["model"]["name"] == "mlp" and record["model"]["num_classes"] == 10
+
+
+def test_resume_after_interrupt_gives_the_same_weights(tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(recipe(), straight).fit()
+
+    def interrupt_after_second_epoch(trainer, epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    broken = tmp_path / "broken"
+    with pytest.raises(RunInterrupted):
+        Trainer(recipe(), broken, callbacks=[interrupt_after_second_epoch]).fit()
+    assert json.loads((broken / "summary.json").read_text())["status"] == "interrupted"
+    # a line logged after the last saved state must not survive the resume
+    with open(broken / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"epoch": 2, "train": {"loss": 0.0}}) + "\n")
+    Trainer(recipe(), broken, resume=True).fit()
+
+    a = read_model_file(straight / "checkpoints/model_last.pt")["state_dict"]
+    b = read_model_file(broken / "checkpoints/model_last.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    epochs = [json.loads(line)["epoch"] for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+    Trainer(recipe(), tmp_path / "a").fit()
+    Trainer(recipe(), tmp_path / "b").fit()
+    Trainer(recipe(seed=1), tmp_path / "c").fit()
+    sd = lambda d: read_model_file(d / "checkpoints/model_last.pt")["state_dict"]  # noqa: E731
+    a, b, c = sd(tmp_path / "a"), sd(tmp_path / "b"), sd(tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_existing_run_is_not_overwritten_and_resume_checks_the_recipe(tmp_path):
+    Trainer(recipe(), tmp_path).fit()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(recipe(), tmp_path).fit()
+    changed = recipe(train={**recipe().train.model_dump(), "epochs": 6})
+    with pytest.raises(ConfigError, match="different recipe"):
+        Trainer(changed, tmp_path, resume=True).fit()
+
+
+def test_kd_with_teacher_checkpoint(tmp_path, teacher_dir):
+    config = recipe(teachers=[{"checkpoint": str(teacher_dir / "checkpoints/model_last.pt")}],
+                    method={"name": "kd", "temperature": 2, "kd_weight": 0.7, "ce_weight": 0.3})
+    summary = Trainer(config, tmp_path).fit()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_kd", "loss_ce", "temperature"} <= set(lines[0]["train"])
+    assert summary["final"]["test"]["top1"] > 50
+
+
+def test_teacher_of_the_wrong_architecture_or_classes_is_a_clear_error(tmp_path, teacher_dir):
+    ckpt = str(teacher_dir / "checkpoints/model_last.pt")
+    wrong_name = recipe(teachers=[{"name": "resnet8", "checkpoint": ckpt}], method={"name": "kd"})
+    with pytest.raises(CheckpointError, match="holds a 'lenet' but the recipe says 'resnet8'"):
+        Trainer(wrong_name, tmp_path / "a").fit()
+    wrong_kwargs = recipe(teachers=[{"checkpoint": ckpt, "kwargs": {"width": 3}}], method={"name": "kd"})
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        Trainer(wrong_kwargs, tmp_path / "b").fit()
+    record = torch.load(ckpt, weights_only=True)
+    record["model"]["num_classes"] = 100
+    torch.save(record, tmp_path / "hundred.pt")
+    wrong_classes = recipe(teachers=[{"checkpoint": str(tmp_path / "hundred.pt")}], method={"name": "kd"})
+    with pytest.raises(CheckpointError, match="predicts 100 classes"):
+        Trainer(wrong_classes, tmp_path / "c").fit()
+
+
+def test_val_split_selects_the_best_epoch(tmp_path):
+    config = recipe(data={"name": "digits", "augment": False, "val_fraction": 0.2})
+    summary = Trainer(config, tmp_path).fit()
+    assert summary["selection_split"] == "val" and summary["best"]["split"] == "val"
+    assert "val" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def run_cli(*args, cwd=None, timeout=240):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, "-m", "kdforge", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def test_cli_train_eval_and_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe().to_dict()))
+    result = run_cli("train", str(path), "--out", str(tmp_path / "run"), "--set", "train.epochs=2")
+    assert result.returncode == 0, result.stderr
+    assert "top-1" in result.stdout and "run directories" in result.stdout
+    result = run_cli("eval", str(tmp_path / "run/checkpoints/model_last.pt"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["images"] == 500
+
+    bad = run_cli("train", str(path), "--out", str(tmp_path / "bad"), "--set", "train.optimzer.lr=1")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "did you mean 'optimizer'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    listing = run_cli("list", "methods")
+    assert listing.returncode == 0 and "ensemble_kd" in listing.stdout
+
+
+def test_ddp_two_cpu_processes_match_one_process(tmp_path):
+    """Fabric DDP with gloo: 2 processes x batch 16 train the same MLP as 1 process x batch 32.
+
+    The loader shards each epoch's permutation by stride, so step i of the two ranks together
+    covers exactly the single process's batch i; gradients are averaged, so the weights agree.
+    """
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe().to_dict()))
+    single = run_cli("train", str(path), "--out", str(tmp_path / "one"), "--set", "train.epochs=2")
+    assert single.returncode == 0, single.stderr[-2000:]
+    result = run_cli("train", str(path), "--out", str(tmp_path / "ddp"),
+                     "--set", "train.devices=2", "train.strategy=ddp", "train.epochs=2",
+                     "train.batch_size=16", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "finished"
+    a = read_model_file(tmp_path / "one/checkpoints/model_last.pt")["state_dict"]
+    b = read_model_file(tmp_path / "ddp/checkpoints/model_last.pt")["state_dict"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    one = json.loads((tmp_path / "one/summary.json").read_text())
+    assert summary["final"]["test"]["top1"] == pytest.approx(one["final"]["test"]["top1"], abs=0.5)
