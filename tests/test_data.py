@@ -31,7 +31,13 @@ from kdforge.data import (
 )
 from kdforge.data.augment import crop_pixel_index
 from kdforge.data.download import DatasetDownload, RemoteFile, fetch_file
-from kdforge.data.hashing import mix64, mix64_int, random_below, sample_keys, to_signed64
+from kdforge.data.hashing import (
+    mix64,
+    mix64_int,
+    random_below,
+    sample_keys,
+    to_signed64,
+)
 from kdforge.data.sources.common import channel_stats
 from kdforge.data.splits import balanced_quota, balanced_subset, stratified_split
 from kdforge.errors import ConfigError, DataError
@@ -477,10 +483,8 @@ def test_fetch_file_network_failure_and_mirror_fallback(tmp_path):
 
 def test_mnist_download_end_to_end(tmp_path, monkeypatch):
     arrays = write_mnist_files(tmp_path / "server")
-    files = tuple(
-        RemoteFile(f"{name}.gz", md5_of(tmp_path / "server" / f"{name}.gz"), ((tmp_path / "server" / f"{name}.gz").as_uri(),))
-        for name in arrays
-    )
+    served = [tmp_path / "server" / f"{name}.gz" for name in arrays]
+    files = tuple(RemoteFile(path.name, md5_of(path), (path.as_uri(),)) for path in served)
     monkeypatch.setitem(DOWNLOADS, "mnist", DatasetDownload(files=files, folder="MNIST/raw"))
     splits = load_dataset("mnist", tmp_path / "root", download=True)
     assert len(splits.train) == 30 and (tmp_path / "root" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file()
@@ -592,7 +596,7 @@ def test_normalization_and_eval_mode():
     mean = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
     std = torch.tensor([0.5, 0.25, 0.2]).view(1, 3, 1, 1)
     assert result.dtype == torch.float32
-    torch.testing.assert_close(result, (images.float() / 255 - mean) / std)
+    assert torch.allclose(result, (images.float() / 255 - mean) / std, atol=1e-5)
     with pytest.raises(ConfigError):
         Augmentation(mean=(0.1, 0.2), std=(0.5,))
 
@@ -629,7 +633,7 @@ def test_loader_drop_last_and_unshuffled_order():
     assert len(loader) == 2
     assert torch.cat([b.index for b in loader]).tolist() == list(range(8))
     batch = next(iter(BatchLoader(_tensor_data(10), 10, shuffle=False)))
-    torch.testing.assert_close(batch.image, _tensor_data(10).images.float() / 255)
+    assert torch.allclose(batch.image, _tensor_data(10).images.float() / 255, atol=1e-5)
 
 
 @pytest.mark.parametrize("count, world_size", [(10, 3), (12, 4), (2, 3)])
@@ -656,7 +660,7 @@ def test_loader_augments_with_its_seed_and_epoch_and_moves_to_device():
         assert torch.equal(batch.image, expected) and batch.image.device.type == "cpu"
     evaluation = BatchLoader(data, 5, shuffle=False, augmentation=augment, train=False)
     first = next(iter(evaluation))
-    torch.testing.assert_close(first.image, (data.images[:5].float() / 255 - 0.5) / 0.5)
+    assert torch.allclose(first.image, (data.images[:5].float() / 255 - 0.5) / 0.5, atol=1e-5)
 
 
 def test_loader_validates_arguments():
@@ -669,17 +673,39 @@ def test_loader_validates_arguments():
 # --------------------------------------------------------------------------- real data (../shared/data)
 
 
-@pytest.fixture(scope="module")
-def materialized(tmp_path_factory):
-    """MNIST and CIFAR-10 in the official formats, written by the shared script (both in parallel)."""
-    if not (SHARED_DATA / "mnist.npz").is_file() or not MATERIALIZE.is_file():
-        pytest.skip("../shared/data is absent")
+def _shared_data_present() -> bool:
+    needed = [SHARED_DATA / "mnist.npz", SHARED_DATA / "cifar10_jpeg_bytes.npz", MATERIALIZE]
+    return all(path.is_file() for path in needed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def materialize_jobs(request, tmp_path_factory):
+    """Starts writing MNIST and CIFAR-10 in the official formats (the shared script, two processes)
+    when the first test of this file runs, so the unit tests overlap with it. Only when a selected
+    test needs ``materialized`` and ../shared/data exists; unfinished jobs are stopped at the end."""
+    wanted = any("materialized" in getattr(item, "fixturenames", ()) for item in request.session.items)
+    if not wanted or not _shared_data_present():
+        yield None
+        return
     root = tmp_path_factory.mktemp("official")
     jobs = [
         subprocess.Popen([sys.executable, str(MATERIALIZE), str(root), "--only", only],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for only in ("mnist", "cifar10")
     ]
+    yield root, jobs
+    for job in jobs:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+@pytest.fixture(scope="module")
+def materialized(materialize_jobs):
+    """The root holding MNIST/raw and cifar-10-batches-py, once the shared script has finished."""
+    if materialize_jobs is None:
+        pytest.skip("../shared/data is absent")
+    root, jobs = materialize_jobs
     for job in jobs:
         output, _ = job.communicate(timeout=300)
         assert job.returncode == 0, output.decode()

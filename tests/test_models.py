@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -57,7 +59,9 @@ SUBSET = ["resnet20", "resnet8x4", "wrn_16_2", "vgg8", "mobilenetv2_half", "shuf
 def build(name: str, num_classes: int = 10, in_channels: int = 3, size: int = 32, **kwargs):
     torch.manual_seed(0)
     input_size = (size, size) if name == "mlp" else None
-    return create(name, num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs)
+    return create(
+        name, num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs
+    )
 
 
 def test_every_model_is_registered_with_a_description():
@@ -96,9 +100,11 @@ def test_output_shape(name, channels, size):
 
 @pytest.mark.parametrize("name", ZOO + SMALL)
 def test_feature_points_resolve_with_consistent_shapes(name):
-    model = build(name, num_classes=5, in_channels=1, size=8).eval()
+    """Every feature point resolves; stage/preact/pool shapes agree with the model's attributes;
+    a stage's output is the ReLU of its pre-activation (except MobileNetV2's linear bottlenecks)."""
+    model = build(name, num_classes=5, in_channels=1, size=8)
     points = model.feature_points
-    stages = [key for key in points if key.startswith("stage") and not key.endswith("_preact")]
+    stages = [key for key in points if re.fullmatch(r"stage\d+", key)]
     assert stages == [f"stage{i}" for i in range(1, len(stages) + 1)]
     assert len(stages) == len(model.stage_channels)
     assert {"pool", "logits"} <= set(points)
@@ -106,34 +112,31 @@ def test_feature_points_resolve_with_consistent_shapes(name):
         logits, features = tap(torch.randn(2, 1, 8, 8))
     assert set(features) == set(points)
     for index, stage in enumerate(stages):
-        out = features[stage]
-        assert out.shape[:2] == (2, model.stage_channels[index]), stage
-        assert features[f"{stage}_preact"].shape == out.shape
+        post, preact = features[stage], features[f"{stage}_preact"]
+        assert post.shape[:2] == (2, model.stage_channels[index]), stage
+        assert preact.shape == post.shape
+        if not name.startswith("mobilenetv2"):
+            assert (preact < 0).any(), f"{stage}_preact has no negative values"
+            torch.testing.assert_close(torch.relu(preact), post)
     assert features["pool"].shape == (2, model.feature_dim)
     assert torch.equal(features["logits"], logits)
-
-
-@pytest.mark.parametrize(
-    "name", [n for n in ZOO + SMALL if not n.startswith("mobilenetv2")]
-)
-def test_stage_output_is_relu_of_its_preactivation(name):
-    model = build(name, in_channels=3, size=16)
-    names = [k for k in model.feature_points if k.startswith("stage")]
-    with FeatureTap(model, names) as tap, torch.no_grad():
-        _, features = tap(torch.randn(2, 3, 16, 16))
-    for key in names:
-        if key.endswith("_preact"):
-            continue
-        preact, post = features[f"{key}_preact"], features[key]
-        assert (preact < 0).any(), f"{name}.{key}_preact has no negative values"
-        assert (post >= 0).all()
-        torch.testing.assert_close(torch.relu(preact), post)
 
 
 def test_mobilenetv2_stages_are_linear_bottlenecks():
     model = build("mobilenetv2_half")
     assert model.feature_points["stage1_preact"] == model.feature_points["stage1"]
     assert model.stage_channels == [12, 16, 48, 160]
+
+
+def test_wrn_residual_points_are_the_stream_before_the_stage_bn():
+    model = build("wrn_16_2").eval()
+    names = ["stage2", "stage2_preact", "stage2_residual"]
+    with FeatureTap(model, names) as tap, torch.no_grad():
+        _, features = tap(torch.randn(2, 3, 16, 16))
+    assert features["stage2_residual"].shape == features["stage2"].shape == (2, 64, 8, 8)
+    with torch.no_grad():
+        recomputed = model.stage2.bn(features["stage2_residual"])
+    torch.testing.assert_close(recomputed, features["stage2_preact"])
 
 
 def test_resnet20_stage_shapes_on_32x32():
@@ -224,7 +227,8 @@ def test_mlp_options_and_input_check():
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
     with pytest.raises(ConfigError, match="input_size"):
         model(torch.randn(3, 1, 28, 28))
-    assert create("mlp", input_size=4, in_channels=1, hidden=[])(torch.randn(2, 1, 4, 4)).shape == (2, 10)
+    linear = create("mlp", input_size=4, in_channels=1, hidden=[])
+    assert linear(torch.randn(2, 1, 4, 4)).shape == (2, 10)
 
 
 def test_lenet_width():
@@ -252,7 +256,11 @@ def test_resnet20_flops_match_published_macs():
 def test_latency_and_profile():
     model = build("resnet8")
     assert measure_latency(model, (3, 16, 16), batch_size=2, warmup=1, repeats=2) > 0
-    report = profile_model(model, (3, 16, 16), batch_sizes=(1, 4), warmup=1, repeats=2)
+    threads = torch.get_num_threads()
+    report = profile_model(
+        model, (3, 16, 16), batch_sizes=(1, 4), warmup=1, repeats=2, num_threads=1
+    )
+    assert torch.get_num_threads() == threads and report["threads"] == 1
     assert report["parameters"] == count_parameters(model) > 0
     assert report["flops"] > 0 and report["macs"] == report["flops"] // 2
     assert [row["batch_size"] for row in report["latency"]] == [1, 4]

@@ -10,7 +10,7 @@ from kdforge.data.catalog import DATASETS
 from kdforge.data.datasets import carve_splits, dataset_options, load_dataset
 from kdforge.data.download import DOWNLOADS, download_dataset
 from kdforge.data.loader import BatchLoader
-from kdforge.data.types import DataSplits, DatasetInfo, TensorData
+from kdforge.data.types import DatasetInfo, DataSplits, TensorData
 
 __all__ = [
     "DATASETS",

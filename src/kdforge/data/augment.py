@@ -3,7 +3,8 @@
 Randomness is a pure function of (seed, epoch, sample index): every sample's crop offsets and flip
 bit come from a counter-based hash (``kdforge.data.hashing``), never from a global RNG. The same
 (seed, epoch, index) therefore yields the same augmented image whatever batch it lands in, in
-whatever order, on whatever rank or device.
+whatever order and on whatever rank; only integer arithmetic is involved, so CPU and GPU agree
+(tested on CPU).
 
 The whole batch is processed with tensor operations: pad once, then one ``gather`` with a flat
 pixel index per sample that already encodes the crop offset and (through ``torch.where`` on the
@@ -49,7 +50,7 @@ class Augmentation:
             raise ConfigError(f"std values must be positive, got {self.std}")
 
     @classmethod
-    def for_dataset(cls, info: DatasetInfo, *, crop_padding: int = 0, horizontal_flip: bool = False) -> "Augmentation":
+    def for_dataset(cls, info: DatasetInfo, *, crop_padding: int = 0, horizontal_flip: bool = False) -> Augmentation:
         """An augmentation that normalizes with the dataset's statistics."""
         return cls(crop_padding=crop_padding, horizontal_flip=horizontal_flip, mean=info.mean, std=info.std)
 
@@ -79,7 +80,10 @@ class Augmentation:
         keys = sample_keys(index.to(images.device), seed, epoch)
         top = random_below(keys, _ROW_STREAM, 2 * padding + 1)
         left = random_below(keys, _COLUMN_STREAM, 2 * padding + 1)
-        flip = random_below(keys, _FLIP_STREAM, 2).bool() if self.horizontal_flip else torch.zeros_like(keys, dtype=torch.bool)
+        if self.horizontal_flip:
+            flip = random_below(keys, _FLIP_STREAM, 2).bool()
+        else:
+            flip = torch.zeros_like(keys, dtype=torch.bool)
         padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
         pixel_index = crop_pixel_index(top, left, flip, (height, width), padded.shape[-1])
         flat = padded.reshape(batch, channels, -1)

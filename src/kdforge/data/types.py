@@ -48,7 +48,7 @@ class TensorData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def select(self, positions: torch.Tensor, name: str | None = None) -> "TensorData":
+    def select(self, positions: torch.Tensor, name: str | None = None) -> TensorData:
         """The samples at ``positions`` (in that order), keeping their source indices."""
         positions = torch.as_tensor(positions, dtype=torch.int64)
         return TensorData(

@@ -296,6 +296,11 @@ class Trainer:
             loss = output.loss
             self.fabric.backward(loss)
             loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise KDForgeError(
+                    f"loss became {loss_value} at epoch {epoch}, step {self.global_step}; "
+                    "lower train.optimizer.lr or set train.grad_clip"
+                )
             for optimizer in self.optimizers:
                 if config.train.grad_clip:
                     self.fabric.clip_gradients(self.model, optimizer, max_norm=config.train.grad_clip)
@@ -312,11 +317,6 @@ class Trainer:
                 if self.global_step % 10 == 0:
                     seconds = time.perf_counter() - started
                     bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
-            if not math.isfinite(loss_value):
-                raise KDForgeError(
-                    f"loss became {loss_value} at epoch {epoch}, step {self.global_step}; "
-                    "lower train.optimizer.lr or set train.grad_clip"
-                )
         seconds = time.perf_counter() - started
         if bar is not None:
             bar.close()

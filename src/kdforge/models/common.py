@@ -6,6 +6,8 @@ Conventions every kdforge model follows (see docs/models.md):
 * ``model.feature_points``: logical name -> module name. ``stem``, ``stage1`` .. ``stageN``
   (post-activation stage outputs), ``stage1_preact`` .. ``stageN_preact`` (the same tensors
   before their last ReLU), ``pool`` (the B x D classifier input) and ``logits``.
+* Some families add extra points: ``head`` (the last 1x1 conv of MobileNetV2/ShuffleNetV2),
+  ``stageK_residual`` (WRN's raw residual stream).
 * ``model.stage_channels``: channels of ``stage1`` .. ``stageN``; ``model.feature_dim``: D.
 * ReLUs are never in-place, so a hooked tensor is never overwritten afterwards.
 """

@@ -43,7 +43,9 @@ BLOCK_GROUPS = (
 STAGE_GROUPS = ((0, 1), (2,), (3, 4), (5, 6))
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1
+) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
             conv=nn.Conv2d(
@@ -89,7 +91,9 @@ class CifarMobileNetV2(nn.Module):
         super().__init__()
         width = check_multiplier("mobilenetv2", "width_multiplier", width_multiplier)
         if isinstance(expand_ratio, bool) or not isinstance(expand_ratio, int) or expand_ratio < 1:
-            raise ConfigError(f"mobilenetv2: expand_ratio must be a positive integer, got {expand_ratio!r}")
+            raise ConfigError(
+                f"mobilenetv2: expand_ratio must be a positive integer, got {expand_ratio!r}"
+            )
         if int(16 * width) < 1:
             raise ConfigError(f"mobilenetv2: width_multiplier {width_multiplier} leaves no channels")
         self.width_multiplier, self.expand_ratio = width, expand_ratio

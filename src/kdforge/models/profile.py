@@ -82,28 +82,39 @@ def measure_latency(
     batch_size: int = 1,
     warmup: int = 3,
     repeats: int = 10,
+    num_threads: int | None = None,
 ) -> float:
     """Median seconds per forward of a batch, in eval mode under `torch.inference_mode`.
 
     Runs on the model's device (CPU for the numbers kdforge reports); CUDA is synchronised
-    around each timed call. The model's train/eval state is restored afterwards.
+    around each timed call. `num_threads` sets torch's CPU threads for the measurement only
+    (None keeps the current setting; 1 gives the steadiest numbers on a busy machine). The
+    model's train/eval state is restored afterwards.
     """
     shape = _sample_shape(input_shape)
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("batch_size and repeats must be >= 1 and warmup >= 0")
+    if num_threads is not None and num_threads < 1:
+        raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
     device = _model_device(model)
     batch = torch.randn((batch_size, *shape), device=device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     timings = []
-    with _EvalMode(model), torch.inference_mode():
-        for _ in range(warmup):
-            model(batch)
-        synchronize()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(batch)
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        with _EvalMode(model), torch.inference_mode():
+            for _ in range(warmup):
+                model(batch)
             synchronize()
-            timings.append(time.perf_counter() - start)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(batch)
+                synchronize()
+                timings.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous_threads)
     return statistics.median(timings)
 
 
@@ -113,6 +124,7 @@ def profile_model(
     batch_sizes: Sequence[int] = (1, 64),
     warmup: int = 3,
     repeats: int = 10,
+    num_threads: int | None = None,
 ) -> dict[str, Any]:
     """Parameters, FLOPs/MACs and latency in one JSON-ready dict::
 
@@ -125,7 +137,7 @@ def profile_model(
     flops = count_flops(model, shape)
     latency = []
     for batch_size in batch_sizes:
-        seconds = measure_latency(model, shape, batch_size, warmup, repeats)
+        seconds = measure_latency(model, shape, batch_size, warmup, repeats, num_threads)
         latency.append(
             {
                 "batch_size": int(batch_size),
@@ -140,7 +152,7 @@ def profile_model(
         "flops": flops,
         "macs": flops // 2,
         "device": str(_model_device(model)),
-        "threads": torch.get_num_threads(),
+        "threads": num_threads or torch.get_num_threads(),
         "latency": latency,
     }
 

@@ -70,7 +70,9 @@ def conv_bn(
     relu: bool = True,
 ) -> nn.Sequential:
     layers: OrderedDict[str, nn.Module] = OrderedDict(
-        conv=nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
+        conv=nn.Conv2d(
+            in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False
+        ),
         bn=nn.BatchNorm2d(out_channels),
     )
     if relu:
@@ -202,7 +204,9 @@ class ShuffleV2Unit(nn.Module):
 class CifarShuffleNetV2(nn.Module):
     """ShuffleNetV2 for CIFAR (RepDistiller's ShuffleV2, size 1.0 by default)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width_multiplier: float = 1.0) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, width_multiplier: float = 1.0
+    ) -> None:
         super().__init__()
         size = width_multiplier if isinstance(width_multiplier, (int, float)) else None
         if isinstance(width_multiplier, bool) or size not in SHUFFLENETV2_WIDTHS:

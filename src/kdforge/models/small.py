@@ -137,7 +137,7 @@ def mlp(
     input_size: tuple[int, int] | None = None,
     hidden: int | Sequence[int] = (64,),
 ) -> MLP:
-    """Multi-layer perceptron: flatten -> Linear-ReLU per hidden size (64,) -> Linear; needs input_size."""
+    """Multi-layer perceptron: flatten -> Linear-ReLU per hidden size -> Linear; needs input_size."""
     size = normalize_input_size(input_size, "mlp")
     if size is None:
         raise ConfigError(

@@ -99,8 +99,8 @@ class FeatureTap:
         modules = dict(model.named_modules())
         self._handles.append(model.register_forward_pre_hook(self._start_forward))
         for module_name, keys in keys_by_module.items():
-            hook = self._make_hook(tuple(keys))
-            self._handles.append(modules[module_name].register_forward_hook(hook))
+            target = modules[module_name]
+            self._handles.append(target.register_forward_hook(self._make_hook(target, tuple(keys))))
 
     @property
     def names(self) -> list[str]:
@@ -112,11 +112,16 @@ class FeatureTap:
         """True until `remove()` is called."""
         return bool(self._handles)
 
+    # Hooks check the module they fire for: a deep copy of the model (an EMA teacher, say)
+    # copies the hook functions too, and its forwards must not touch this tap.
     def _start_forward(self, module: nn.Module, args: Any) -> None:
-        self.features = {}
+        if module is self.model:
+            self.features = {}
 
-    def _make_hook(self, keys: tuple[str, ...]):
+    def _make_hook(self, target: nn.Module, keys: tuple[str, ...]):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if module is not target:
+                return
             value = _detach(output) if self.detach else output
             for key in keys:
                 self.features[key] = value

@@ -35,7 +35,9 @@ CONVS_PER_GROUP = {
 }
 
 
-def conv_group(in_channels: int, out_channels: int, num_convs: int, batch_norm: bool) -> nn.Sequential:
+def conv_group(
+    in_channels: int, out_channels: int, num_convs: int, batch_norm: bool
+) -> nn.Sequential:
     """``num_convs`` x (conv3x3 [+BN] + ReLU); the last ReLU is preceded by a ``preact`` identity."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for index in range(1, num_convs + 1):
@@ -143,7 +145,7 @@ def _register_variant(depth: int) -> None:
         return CifarVGG(depth, num_classes, in_channels, batch_norm)
 
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"CIFAR VGG{depth} with BN, convs per group {convs}, linear 512->C (RepDistiller)."
+    factory.__doc__ = f"CIFAR VGG{depth} with BN, {convs} convs per group, linear 512->C (RepDistiller)."
     MODELS.register(name)(factory)
 
 

@@ -13,7 +13,9 @@ uses only the activated tensor (conv path and projection shortcut); this module 
 places that BN-ReLU at the end of the stage that produces the tensor (for the last stage it
 is the network's final BN-ReLU). The function and the parameter count are those of the
 paper; the gain is that ``stageK`` is the stage's post-activation output and
-``stageK.preact`` the BN output just before that ReLU.
+``stageK.preact`` the BN output just before that ReLU (RepDistiller's pre-activation
+features). ``stageK_residual`` is the raw residual stream leaving the stage's last block,
+which is what RepDistiller returns as WRN features with ``is_feat=True``.
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class WideResNet(nn.Module):
             stem="stem",
             stages=["stage1", "stage2", "stage3"],
             preacts=["stage1.preact", "stage2.preact", "stage3.preact"],
+            stage1_residual="stage1.blocks",
+            stage2_residual="stage2.blocks",
+            stage3_residual="stage3.blocks",
         )
         init_weights(self)
         nn.init.zeros_(self.classifier.bias)

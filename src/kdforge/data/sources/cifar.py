@@ -91,7 +91,10 @@ def _read_batches(paths: list[Path], label_key: str) -> tuple[np.ndarray, np.nda
     return np.concatenate([images for images, _ in parts]), np.concatenate([labels for _, labels in parts])
 
 
-def _locate(name: str, candidates: list[Path], files: list[str], download: bool, root: Path, how: str) -> dict[str, Path]:
+def _locate(
+    name: str, candidates: list[Path], files: list[str], download: bool, root: Path, how: str
+) -> dict[str, Path]:
+    """The dataset's files (fetched first when missing and ``download``), else a one-line DataError."""
     required = {file: (file,) for file in files}
     found = find_folder(candidates, required)
     if found is None and download:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdforge.data.types import DataSplits, DatasetInfo, TensorData
+from kdforge.data.types import DatasetInfo, DataSplits, TensorData
 from kdforge.errors import DataError
 
 DEFAULT_ROOT = Path("data")
@@ -89,12 +89,17 @@ def build_splits(
     test: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor],
     class_names: Sequence[str],
     stats: tuple[Sequence[float], Sequence[float]] | None = None,
+    source_indices: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DataSplits:
-    """DataSplits from (images N x C x H x W uint8, labels) pairs; stats computed from train if None."""
+    """DataSplits from (images N x C x H x W uint8, labels) pairs; stats computed from train if None.
+
+    ``source_indices`` (train, test) overrides the default ``0..N-1`` sample identities.
+    """
     splits = {}
-    for split, (images, labels) in (("train", train), ("test", test)):
+    indices = source_indices or (None, None)
+    for (split, (images, labels)), index in zip((("train", train), ("test", test)), indices, strict=True):
         data = TensorData(_as_images(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64),
-                          name=f"{dataset}/{split}")
+                          name=f"{dataset}/{split}", indices=index)
         _check_labels(dataset, split, data.labels, len(class_names))
         splits[split] = data
     if splits["train"].images.shape[1:] != splits["test"].images.shape[1:]:

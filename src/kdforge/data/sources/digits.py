@@ -1,7 +1,8 @@
 """scikit-learn's bundled 8x8 handwritten digits (1,797 images; no download, no root).
 
 Pixel values 0..16 are scaled to 0..255 (``round(v * 255 / 16)``). The train/test split is fixed:
-500 test images chosen class-stratified with seed 0, 1,297 for training, both in source order.
+500 test images chosen class-stratified with seed 0, 1,297 for training, both in source order;
+``TensorData.indices`` are positions in scikit-learn's 1,797-sample array.
 """
 
 from __future__ import annotations
@@ -33,4 +34,5 @@ def digits(root=None, download: bool = False) -> DataSplits:
         (images[train.numpy()], labels[train]),
         (images[test.numpy()], labels[test]),
         [str(name) for name in bunch.target_names],
+        source_indices=(train, test),
     )

@@ -66,7 +66,9 @@ def read_idx(path: Path) -> np.ndarray:
 def _read_images(path: Path) -> np.ndarray:
     array = read_idx(path)
     if array.dtype != np.uint8 or array.ndim != 3:
-        raise DataError(f"{path}: expected uint8 images N x H x W (magic {IMAGES_MAGIC}), got {array.dtype} {array.shape}")
+        raise DataError(
+            f"{path}: expected uint8 images N x H x W (magic {IMAGES_MAGIC}), got {array.dtype} {array.shape}"
+        )
     return array[:, None, :, :]
 
 

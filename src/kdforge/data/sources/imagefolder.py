@@ -79,7 +79,9 @@ def _decode(path: Path, grayscale: bool) -> np.ndarray:
     return pixels[None, :, :] if grayscale else pixels.transpose(2, 0, 1)
 
 
-def load_images(samples: list[tuple[Path, int]], grayscale: bool, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+def load_images(
+    samples: list[tuple[Path, int]], grayscale: bool, size: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Decoded images (uint8 N x C x H x W) and labels; every image must be ``size`` (H, W)."""
     first = _decode(samples[0][0], grayscale)
     size = size or first.shape[1:]
