@@ -76,8 +76,9 @@ class FeatureTap:
             tensors keep their autograd graph so losses on them train the model.
 
     ``tap.features`` maps each requested name (as given) to the output of its module in the
-    latest forward of ``model``; it is a fresh dict at every forward. A module called
-    several times in one forward keeps its last output. Use as a context manager, or call
+    latest forward of ``model``, in the order the modules ran; it is a fresh dict at every
+    forward. A module called several times in one forward keeps its last output. A deep
+    copy of the tapped model does not feed this tap. Use as a context manager, or call
     ``remove()``: hooks go away and stored tensors are released.
     """
 
@@ -97,7 +98,7 @@ class FeatureTap:
         for name, module_name in self.module_for.items():
             keys_by_module.setdefault(module_name, []).append(name)
         modules = dict(model.named_modules())
-        self._handles.append(model.register_forward_pre_hook(self._start_forward))
+        self._handles.append(model.register_forward_pre_hook(self._make_pre_hook()))
         for module_name, keys in keys_by_module.items():
             target = modules[module_name]
             self._handles.append(target.register_forward_hook(self._make_hook(target, tuple(keys))))
@@ -112,11 +113,15 @@ class FeatureTap:
         """True until `remove()` is called."""
         return bool(self._handles)
 
-    # Hooks check the module they fire for: a deep copy of the model (an EMA teacher, say)
-    # copies the hook functions too, and its forwards must not touch this tap.
-    def _start_forward(self, module: nn.Module, args: Any) -> None:
-        if module is self.model:
-            self.features = {}
+    # Hooks are plain closures (a deep copy of the model shares them instead of copying this
+    # tap) and check the module they fire for, so the forwards of a copy (an EMA teacher made
+    # from a tapped student, say) leave this tap alone.
+    def _make_pre_hook(self):
+        def start_forward(module: nn.Module, args: Any) -> None:
+            if module is self.model:
+                self.features = {}
+
+        return start_forward
 
     def _make_hook(self, target: nn.Module, keys: tuple[str, ...]):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
