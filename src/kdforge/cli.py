@@ -138,26 +138,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     channels, height, width = _parse_shape(args.input)
     model = create(args.model, num_classes=args.classes, in_channels=channels, input_size=(height, width))
-    report = profile_model(model, (channels, height, width), batch_sizes=tuple(args.batch_sizes))
+    report = profile_model(model, (channels, height, width), batch_sizes=tuple(args.batch_sizes),
+                           num_threads=args.threads)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{args.model} ({args.classes} classes, input {args.input})")
-    for key, value in report.items():
-        if isinstance(value, dict):
-            for inner, v in value.items():
-                print(f"  {key}[{inner}]: {_fmt(v)}")
-        else:
-            print(f"  {key}: {_fmt(value)}")
+    print(f"{args.model}: {args.classes} classes, input {channels}x{height}x{width}, "
+          f"{report['device']}, {report['threads']} threads")
+    print(f"  parameters  {report['parameters']:,} ({report['parameters'] / 1e6:.2f}M)")
+    print(f"  FLOPs       {report['flops']:,} per image ({report['macs'] / 1e6:.1f}M MACs)")
+    for row in report["latency"]:
+        print(f"  latency     batch {row['batch_size']:>4}: {row['seconds'] * 1000:8.2f} ms "
+              f"({row['samples_per_second']:,.0f} images/s)")
     return 0
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -206,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--input", default="3x32x32", help="CxHxW (default 3x32x32)")
     profile.add_argument("--classes", type=int, default=100)
     profile.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    profile.add_argument("--threads", type=int, help="torch threads for the latency measurement")
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(func=cmd_profile)
 

@@ -390,7 +390,9 @@ class Trainer:
             for section in ("train", "test", "val"):
                 for key, value in record.get(section, {}).items():
                     self.writer.add_scalar(f"{section}/{key}", value, epoch)
-        if self.config.train.progress != "none":
+        epochs = self.config.train.epochs
+        every = max(1, math.ceil(epochs / 10))  # about ten lines per run, whatever its length
+        if self.config.train.progress != "none" and ((epoch + 1) % every == 0 or epoch == 0):
             test = record.get("test", {})
             shown = f" test top-1 {test['top1']:.2f}%" if test else ""
             self.fabric.print(
