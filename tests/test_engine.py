@@ -192,3 +192,42 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     one = json.loads((tmp_path / "one/summary.json").read_text())
     assert summary["final"]["test"]["top1"] == pytest.approx(one["final"]["test"]["top1"], abs=0.5)
+
+
+def test_channels_last_and_bf16_mixed_precision_run(tmp_path):
+    config = recipe(student={"name": "resnet8"}, data={"name": "digits", "augment": False, "train_subset": 64},
+                    train={**recipe().train.model_dump(), "epochs": 1, "channels_last": True,
+                           "precision": "bf16-mixed"})
+    summary = Trainer(config, tmp_path).fit()
+    assert summary["status"] == "finished"
+    assert 0.0 <= summary["final"]["test"]["top1"] <= 100.0
+
+
+def test_pipeline_runs_stages_in_order_and_skips_finished_ones(tmp_path):
+    from kdforge.engine.pipeline import run_pipeline
+
+    teacher = recipe(student={"name": "lenet"}).to_dict()
+    student = recipe(teachers=[{"checkpoint": "{teacher}/checkpoints/model_last.pt"}],
+                     method={"name": "kd", "temperature": 2}).to_dict()
+    calls = []
+
+    def train(config, out, resume=False):
+        calls.append(out.name)
+        return Trainer(config, out, resume=resume).fit()
+
+    pipeline = {"pipeline": {"teacher": teacher, "student": student}}
+    summaries = run_pipeline(pipeline, tmp_path, tmp_path / "p", ["train.epochs=1"], train)
+    assert calls == ["teacher", "student"] and summaries["student"]["method"] == "kd"
+    run_pipeline(pipeline, tmp_path, tmp_path / "p", ["train.epochs=1"], train)
+    assert calls == ["teacher", "student"]  # nothing re-run
+    with pytest.raises(ConfigError, match="not an earlier stage"):
+        run_pipeline({"pipeline": {"student": student}}, tmp_path, tmp_path / "q", [], train)
+
+
+def test_demo_command_end_to_end(tmp_path):
+    """`kdforge demo` as the README promises: three runs and a table (about 20 s on 2 idle cores)."""
+    result = run_cli("demo", "--out", str(tmp_path / "demo"), timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for stage in ("teacher", "student_alone", "student_kd"):
+        assert json.loads((tmp_path / "demo" / stage / "summary.json").read_text())["status"] == "finished"
+    assert "student_kd" in result.stdout and "top-1" in result.stdout

@@ -31,9 +31,12 @@ from kdforge.schedules import Schedule, as_schedule
 METHODS: Registry[type["Distiller"]] = Registry("method")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Step:
-    """Where training is: schedules read ``progress`` (per step) or ``epoch_progress``."""
+    """Where training is: schedules read ``progress`` (per step) or ``epoch_progress``.
+
+    (Not frozen: Fabric's precision plugins rebuild dataclass arguments field by field.)
+    """
 
     epoch: int = 0
     epochs: int = 1
