@@ -149,6 +149,7 @@ class Trainer:
             train=True,
             rank=fabric.global_rank,
             world_size=fabric.world_size,
+            device=fabric.device,  # uint8 images travel to the device, augmentation runs there
         )
         self.eval_augmentation = augmentation
         self.steps_per_epoch = len(self.train_loader)
@@ -321,7 +322,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.train_seconds += seconds
-        total_images = self.fabric.all_reduce(torch.tensor(float(images)), reduce_op="sum")
+        total_images = self.fabric.all_reduce(torch.tensor(float(images), device=self.fabric.device), reduce_op="sum")
         losses = {k: float(self.fabric.all_reduce(v, reduce_op="sum") / total_images) for k, v in sums.items()}
         record: dict[str, Any] = {
             "epoch": epoch,
@@ -364,9 +365,10 @@ class Trainer:
             self.config.train.eval_batch_size,
             rank=self.fabric.global_rank,
             world_size=self.fabric.world_size,
-            reduce=lambda t: self.fabric.all_reduce(t, reduce_op="sum"),
+            reduce=lambda t: self.fabric.all_reduce(t.to(self.fabric.device), reduce_op="sum").cpu(),
             autocast=self.fabric.autocast,
             channels_last=self.config.train.channels_last,
+            device=self.fabric.device,
         )
 
     # ------------------------------------------------------------------ bookkeeping
@@ -449,6 +451,7 @@ def evaluate_model(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: Callable[[], Any] | None = None,
     channels_last: bool = False,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """Evaluate a classifier on a TensorData split: top-1, top-5 (%), mean cross-entropy."""
     was_training = model.training
@@ -456,7 +459,7 @@ def evaluate_model(
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count
     if world_size > 1:  # a strided shard per rank, without the padding a training sampler adds
         split = split.select(torch.arange(rank, len(split), world_size))
-    loader = BatchLoader(split, batch_size, shuffle=False, augmentation=augmentation, train=False)
+    loader = BatchLoader(split, batch_size, shuffle=False, augmentation=augmentation, train=False, device=device)
     with torch.inference_mode():
         for batch in loader:
             image = batch.image.contiguous(memory_format=torch.channels_last) if channels_last else batch.image
@@ -466,7 +469,7 @@ def evaluate_model(
             k = min(5, logits.shape[-1])
             top = logits.topk(k, dim=-1).indices
             hits = top == batch.targets.unsqueeze(1)
-            totals += torch.tensor([
+            totals += torch.tensor([  # .item()-style reads: the totals stay on the CPU
                 float(F.cross_entropy(logits, batch.targets, reduction="sum")),
                 float(hits[:, 0].sum()),
                 float(hits.any(1).sum()),
