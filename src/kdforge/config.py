@@ -86,6 +86,14 @@ class TrainConfig(Strict):
     eval_every: int = Field(1, ge=1)
 
 
+class TeacherBankConfig(Strict):
+    """Replay stored teacher outputs instead of running the teachers (see kdforge.engine.bank)."""
+
+    enabled: bool = False
+    directory: str | None = Field(None, description="default: $KDFORGE_BANK or ~/.cache/kdforge/teacher-bank")
+    top_k: int | None = Field(None, ge=1, description="keep only the k largest logits per sample")
+
+
 class MethodConfig(BaseModel):
     """``name`` plus the method's own hyperparameters, validated by the method's Params model."""
 
@@ -104,6 +112,7 @@ class RunConfig(Strict):
     teachers: list[ModelConfig] = Field(default_factory=list)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    teacher_bank: TeacherBankConfig = Field(default_factory=TeacherBankConfig)
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude_none=False)

@@ -45,6 +45,7 @@ from kdforge.engine.checkpoint import (
     model_record,
 )
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
+from kdforge.engine.record import run_record
 from kdforge.errors import ConfigError, KDForgeError
 from kdforge.methods import Distiller, Step
 
@@ -175,6 +176,7 @@ class Trainer:
         self.start_epoch = 0
         self.global_step = 0
         self.train_seconds = 0.0
+        self.wall_seconds_before = 0.0  # wall time of earlier sessions of a resumed run
         self.best: dict[str, Any] = {}
         if self.resume and self.state_path.exists():
             self._load_state()
@@ -205,6 +207,7 @@ class Trainer:
             "epoch": next_epoch,
             "global_step": self.global_step,
             "train_seconds": self.train_seconds,
+            "wall_seconds": self._wall_seconds(),
             "distiller": self._trainable_state(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "rng": torch.get_rng_state(),
@@ -230,8 +233,12 @@ class Trainer:
         self.start_epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.train_seconds = float(state["train_seconds"])
+        self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         self.history = json.loads(state["history"])
         self.best = json.loads(state["best"])
+
+    def _wall_seconds(self) -> float:
+        return self.wall_seconds_before + time.perf_counter() - self.session_started
 
     def _rewrite_metrics(self) -> None:
         """metrics.jsonl always matches the saved state (an epoch logged after the last state is dropped)."""
@@ -254,6 +261,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
+        self.session_started = time.perf_counter()
         self.setup()
         epochs = self.config.train.epochs
         if self.start_epoch >= epochs and self.fabric.is_global_zero:
@@ -422,9 +430,11 @@ class Trainer:
             "student_parameters": sum(p.numel() for p in student.parameters()),
             "extra_parameters": self.distiller.extra_parameter_count(),
             "train_seconds": self.train_seconds,
+            "wall_seconds": self._wall_seconds(),
             "seconds_per_batch": self.train_seconds / max(self.global_step, 1),
             "global_step": self.global_step,
             "world_size": self.fabric.world_size,
+            "record": run_record(self.fabric.device, self.config.seed),
         }
         atomic_write_text(json.dumps(summary, indent=2) + "\n", self.out_dir / "summary.json")
         return summary
