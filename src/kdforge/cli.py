@@ -168,6 +168,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kdforge.suite import run_suite
+
+    result = run_suite(args.suite, args.out, jobs=args.jobs)
+    if not args.no_report:
+        try:
+            from kdforge.report import write_report
+        except ImportError:  # the report package is optional at this layer
+            write_report = None
+        if write_report is not None and result["finished"]:
+            written = write_report([result["out"]], result["out"])
+            print(f"report: {written.get('markdown', result['out'])}")
+    return 1 if result["failed"] else 0
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdforge", description="Knowledge distillation for PyTorch")
@@ -202,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--threads", type=int, help="torch threads for the latency measurement")
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(func=cmd_profile)
+
+    bench = sub.add_parser("bench", help="run a suite: methods x pairs x seeds, then a report")
+    bench.add_argument("suite", help="suite YAML (see configs/suites/)")
+    bench.add_argument("--out", help="suite folder (default runs/suites/<name>)")
+    bench.add_argument("--jobs", type=int, default=1, help="runs at once, as separate processes")
+    bench.add_argument("--no-report", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="teacher, student alone and KD student on the bundled digits (<3 min)")
     demo.add_argument("--out", default="runs/demo")

@@ -235,8 +235,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
-    base = data.pop("base", None)
-    if base:
+    if isinstance(data.get("base"), str):  # a recipe may extend another file
+        base = data.pop("base")
         return deep_merge(read_yaml(path.parent / base), data)
     return data
 

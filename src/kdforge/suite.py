@@ -1,0 +1,239 @@
+"""Suites: a grid of runs (methods x teacher/student pairs x seeds) described once, run reproducibly.
+
+A suite file::
+
+    name: digits-smoke
+    seeds: [0, 1, 2]
+    base:                       # the recipe every run starts from (may use `base: file.yaml`)
+      data: {name: digits, augment: false, train_subset: 300}
+      train: {epochs: 100, batch_size: 64, optimizer: {name: sgd, lr: 0.05}}
+    teachers:                   # trained once by the suite, or an existing model file
+      lenet4: {recipe: {data: {name: digits}, student: {name: lenet}, method: {name: ce}, train: {...}}}
+      resnet20: {checkpoint: benchmarks/teachers/cifar10_resnet20.pt}
+    pairs:
+      - {teacher: lenet4, student: {name: mlp, kwargs: {hidden: [64]}}}
+    methods:                    # label -> partial recipe merged onto base + pair
+      student_alone: {method: {name: ce}}
+      kd: {method: {name: kd, temperature: 4}}
+      ensemble: {method: {name: ensemble_kd}, teachers: [lenet4, lenet4_b]}
+    teacher_bank: true          # replay stored teacher outputs in every run that has teachers
+
+Each run is an ordinary run directory, ``OUT/<pair>/<method>/seed<k>``; teachers train into
+``OUT/teachers/<label>``. Finished runs are skipped and interrupted ones resumed, so running a
+suite again continues it. ``jobs`` runs several at once as separate processes, splitting the cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdforge.config import build_config, deep_merge, read_yaml, validation_message
+from kdforge.errors import ConfigError, closest
+
+
+class TeacherSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    recipe: dict[str, Any] | None = None
+    checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        if (self.recipe is None) == (self.checkpoint is None):
+            raise ValueError("a teacher needs exactly one of 'recipe' (train it) or 'checkpoint' (a model file)")
+        return self
+
+
+class PairSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    teacher: str | None = None
+    student: dict[str, Any]
+    label: str | None = None
+
+
+class SuiteSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    base: dict[str, Any] = Field(default_factory=dict)
+    teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
+    pairs: list[PairSpec]
+    methods: dict[str, dict[str, Any]]
+    teacher_bank: bool = False
+
+    @model_validator(mode="after")
+    def _teachers_exist(self) -> "SuiteSpec":
+        for pair in self.pairs:
+            if pair.teacher is not None and pair.teacher not in self.teachers:
+                raise ValueError(
+                    f"pair teacher '{pair.teacher}' is not defined under 'teachers'{closest(pair.teacher, self.teachers)}"
+                )
+        return self
+
+
+@dataclass
+class PlannedRun:
+    """One run of the suite: where it goes and the recipe it trains."""
+
+    label: str
+    out: Path
+    recipe: dict[str, Any]
+    is_teacher: bool = False
+    depends_on: list[str] = field(default_factory=list)
+
+    def status(self) -> str:
+        summary = self.out / "summary.json"
+        if summary.is_file():
+            try:
+                return json.loads(summary.read_text()).get("status", "unknown")
+            except json.JSONDecodeError:
+                return "unknown"
+        return "interrupted" if (self.out / "checkpoints" / "state.pt").exists() else "pending"
+
+
+def load_suite(path: str | Path) -> tuple[SuiteSpec, Path]:
+    path = Path(path)
+    data = read_yaml(path)
+    try:
+        return SuiteSpec.model_validate(data), path.parent
+    except ValidationError as exc:
+        raise ConfigError(f"suite '{path}': {validation_message(exc, SuiteSpec)}") from None
+
+
+def _resolve_base(recipe: dict[str, Any], folder: Path) -> dict[str, Any]:
+    recipe = dict(recipe)
+    base = recipe.pop("base", None)
+    return deep_merge(read_yaml(folder / base), recipe) if base else recipe
+
+
+def _student_label(student: dict[str, Any]) -> str:
+    name = student.get("name", "student")
+    hidden = student.get("kwargs", {}).get("hidden")
+    return f"{name}{'-'.join(map(str, hidden))}" if hidden else name
+
+
+def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
+    """Expand the suite into runs: teachers first, then pairs x methods x seeds."""
+    from kdforge.methods import METHODS
+
+    runs: list[PlannedRun] = []
+    teacher_files: dict[str, str] = {}
+    for label, teacher in spec.teachers.items():
+        if teacher.checkpoint is not None:
+            file = Path(teacher.checkpoint)
+            teacher_files[label] = str(file if file.is_absolute() else (folder / file).resolve())
+            continue
+        recipe = _resolve_base(teacher.recipe or {}, folder)
+        recipe.setdefault("name", f"teacher {label}")
+        run = PlannedRun(f"teachers/{label}", out / "teachers" / label, recipe, is_teacher=True)
+        teacher_files[label] = str((run.out / "checkpoints" / "model_last.pt").resolve())
+        runs.append(run)
+
+    base = _resolve_base(spec.base, folder)
+    for pair in spec.pairs:
+        pair_label = pair.label or f"{pair.teacher or 'none'}-{_student_label(pair.student)}"
+        for method_label, partial in spec.methods.items():
+            partial = copy.deepcopy(partial)
+            method = partial.get("method", {}).get("name", "ce")
+            needs_teacher = METHODS.get(method).teachers_required[0] > 0
+            teacher_labels = partial.pop("teachers", None)
+            if teacher_labels is None:
+                teacher_labels = [pair.teacher] if needs_teacher and pair.teacher else []
+            for teacher_label in teacher_labels:
+                if teacher_label not in teacher_files:
+                    raise ConfigError(
+                        f"method '{method_label}' names teacher '{teacher_label}', which the suite does not define"
+                    )
+            if needs_teacher and not teacher_labels:
+                raise ConfigError(f"method '{method_label}' needs a teacher but pair '{pair_label}' has none")
+            for seed in spec.seeds:
+                recipe = deep_merge(base, partial)
+                recipe["student"] = copy.deepcopy(pair.student)
+                recipe["teachers"] = [{"checkpoint": teacher_files[t]} for t in teacher_labels]
+                recipe["seed"] = seed
+                recipe["name"] = f"{method_label} ({pair_label})"
+                if spec.teacher_bank and teacher_labels:
+                    recipe.setdefault("teacher_bank", {})["enabled"] = True
+                runs.append(PlannedRun(
+                    f"{pair_label}/{method_label}/seed{seed}",
+                    out / pair_label / method_label / f"seed{seed}",
+                    recipe,
+                    depends_on=[f"teachers/{t}" for t in teacher_labels if spec.teachers[t].recipe is not None],
+                ))
+    for run in runs:  # validate every recipe before anything trains
+        try:
+            build_config(run.recipe)
+        except ConfigError as exc:
+            raise ConfigError(f"suite run '{run.label}': {exc}") from None
+    return runs
+
+
+def _launch(run: PlannedRun, threads: int, log_dir: Path) -> tuple[PlannedRun, int, float]:
+    """Train one run in its own process; returns its exit code and wall time."""
+    recipe_file = log_dir / (run.label.replace("/", "__") + ".yaml")
+    recipe = copy.deepcopy(run.recipe)
+    recipe.setdefault("train", {})["num_threads"] = threads
+    recipe["train"]["progress"] = "none"
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    command = [sys.executable, "-m", "kdforge", "train", str(recipe_file), "--out", str(run.out)]
+    if run.status() in ("interrupted", "running", "unknown"):
+        command.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    started = time.perf_counter()
+    with open(log_dir / (run.label.replace("/", "__") + ".log"), "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    return run, code, time.perf_counter() - started
+
+
+def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, echo=print) -> dict[str, Any]:
+    """Run (or continue) a suite; returns counts and the failed runs."""
+    spec, folder = load_suite(path)
+    out = Path(out or Path("runs") / "suites" / spec.name)
+    runs = plan(spec, folder, out)
+    log_dir = out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs, cores))
+    threads = max(1, cores // jobs)
+
+    pending = [r for r in runs if r.status() != "finished"]
+    echo(f"suite {spec.name}: {len(runs)} runs ({len(runs) - len(pending)} already finished), "
+         f"{jobs} at a time x {threads} threads, into {out}")
+    failed: dict[str, int] = {}
+    done: set[str] = {r.label for r in runs if r.status() == "finished"}
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending:
+            ready = [r for r in pending if all(d in done for d in r.depends_on)]
+            blocked = [r for r in pending if any(d in failed for d in r.depends_on)]
+            for run in blocked:
+                failed[run.label] = -1
+                pending.remove(run)
+                echo(f"  skipped {run.label}: its teacher failed")
+            if not ready:
+                if pending and not blocked:
+                    raise ConfigError("suite runs wait on each other in a cycle")
+                continue
+            # teachers first: everything else may depend on them
+            wave = [r for r in ready if r.is_teacher] or ready
+            for run, code, seconds in pool.map(lambda r: _launch(r, threads, log_dir), wave):
+                pending.remove(run)
+                if code == 0:
+                    done.add(run.label)
+                    echo(f"  done {run.label} ({seconds:.0f} s)")
+                else:
+                    failed[run.label] = code
+                    echo(f"  FAILED {run.label} (exit {code}); log: {log_dir / (run.label.replace('/', '__') + '.log')}")
+    echo(f"suite {spec.name}: {len(done)} finished, {len(failed)} failed, {time.perf_counter() - started:.0f} s")
+    return {"out": str(out), "runs": len(runs), "finished": len(done), "failed": failed}

@@ -1,0 +1,60 @@
+"""Suites: expansion into runs, validation, and the digits-smoke suite end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdforge.errors import ConfigError
+from kdforge.suite import load_suite, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "suites" / "digits-smoke.yaml"
+
+
+def write_suite(tmp_path, **changes):
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(changes)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_plan_expands_pairs_methods_and_seeds(tmp_path):
+    spec, folder = load_suite(SMOKE)
+    runs = plan(spec, folder, tmp_path)
+    labels = [r.label for r in runs]
+    assert labels[0] == "teachers/lenet4"
+    assert len(runs) == 1 + len(spec.methods) * len(spec.seeds)
+    kd = next(r for r in runs if r.label == "lenet4-mlp64/kd/seed1")
+    assert kd.recipe["seed"] == 1 and kd.recipe["teachers"][0]["checkpoint"].endswith("teachers/lenet4/checkpoints/model_last.pt")
+    assert kd.depends_on == ["teachers/lenet4"] and kd.recipe["teacher_bank"]["enabled"] is True
+    alone = next(r for r in runs if r.label == "lenet4-mlp64/student_alone/seed0")
+    assert alone.recipe["teachers"] == [] and alone.depends_on == []
+    assert kd.recipe["name"] == "kd (lenet4-mlp64)"
+
+
+def test_suite_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="not defined under 'teachers'"):
+        load_suite(write_suite(tmp_path, pairs=[{"teacher": "lenet5", "student": {"name": "mlp"}}]))
+    with pytest.raises(ConfigError, match="suite run .*unknown key"):
+        spec, folder = load_suite(write_suite(tmp_path, methods={"kd": {"method": {"name": "kd", "temprature": 2}}}))
+        plan(spec, folder, tmp_path)
+    with pytest.raises(ConfigError, match="unknown key 'sedes'"):
+        load_suite(write_suite(tmp_path, sedes=[0]))
+
+
+def test_digits_smoke_suite_end_to_end(tmp_path):
+    """`kdforge bench` runs every run, a second call skips them all, and the report is written."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "kdforge", "bench", str(SMOKE), "--out", str(tmp_path / "s"), "--jobs", "2"]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "s").rglob("summary.json")]
+    assert len(summaries) == 7 and all(s["status"] == "finished" for s in summaries)
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0 and "7 already finished" in second.stdout
