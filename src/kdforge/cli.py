@@ -174,14 +174,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_suite(args.suite, args.out, jobs=args.jobs)
     if not args.no_report:
-        try:
-            from kdforge.report import write_report
-        except ImportError:  # the report package is optional at this layer
-            write_report = None
-        if write_report is not None and result["finished"]:
+        from kdforge.report import write_report
+
+        if result["finished"]:
             written = write_report([result["out"]], result["out"])
             print(f"report: {written.get('markdown', result['out'])}")
     return 1 if result["failed"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdforge.report import main as report_main
+
+    return report_main(args.dirs, args.out)
 
 
 # ----------------------------------------------------------------------------- main
@@ -225,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jobs", type=int, default=1, help="runs at once, as separate processes")
     bench.add_argument("--no-report", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser("report", help="aggregate run directories into report.md, results.csv, report.html")
+    report.add_argument("dirs", nargs="+", help="run directories or folders holding them")
+    report.add_argument("--out", help="folder for the report files (default: the first DIR)")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="teacher, student alone and KD student on the bundled digits (<3 min)")
     demo.add_argument("--out", default="runs/demo")

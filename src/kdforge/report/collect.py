@@ -55,7 +55,7 @@ class RunResult:
     method: str
     dataset: str
     student: str
-    teachers: tuple[str, ...]
+    teachers: tuple[str, ...]  # architectures, like student_arch ("?" where unknown)
     seed: int | None
     epochs: int | None
     final_epoch: int | None
@@ -294,7 +294,7 @@ def setting_of(
         saved = resolver.model_of(entry["checkpoint"], run_dir) if entry.get("checkpoint") else {}
         name = entry.get("name") or saved.get("name") or UNKNOWN
         kwargs = {**(saved.get("kwargs") or {}), **(entry.get("kwargs") or {})}
-        teachers.append(str(name))
+        teachers.append(architecture(str(name), kwargs))
         teacher_ids.append({
             "name": name,
             "kwargs": kwargs,

@@ -1,0 +1,134 @@
+"""Shared pieces of the feature-based methods (``at``, ``fitnet``, ``rkd``, ``pkt``, ``sp``).
+
+A `FeatureDistiller` taps named layers of the student (with their autograd graph) and of the
+teacher (detached, computed under ``torch.no_grad()``), runs both networks on the batch and hands
+the method paired lists of features. Layers are named as `kdforge.models.FeatureTap` names them:
+logical points of kdforge models (``stage1``, ``stage2_preact``, ``pool``...) or module names of
+any ``nn.Module`` (``"features.3"``). One more name is understood here:
+
+* ``last_stage``: the highest ``stageK`` of ``model.feature_points`` (``stage3`` for the CIFAR
+  ResNets and WRNs, ``stage4`` for VGG and MobileNetV2), so one recipe works across families.
+
+``student_layers`` and ``teacher_layers`` are paired in order; ``teacher_layers`` defaults to the
+student's names, and differs when the teacher's stages are named or numbered differently.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from kdforge.data.batch import Batch
+from kdforge.errors import ConfigError
+from kdforge.methods.base import Distiller, MethodParams
+from kdforge.models.taps import FeatureTap
+
+LAST_STAGE = "last_stage"
+_STAGE = re.compile(r"stage(\d+)$")
+
+
+def resolve_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """Replace ``last_stage`` by the model's highest ``stageK`` feature point."""
+    resolved = []
+    for name in names:
+        if name == LAST_STAGE:
+            points = getattr(model, "feature_points", None) or {}
+            stages = [(int(m.group(1)), key) for key in points if (m := _STAGE.match(key))]
+            if not stages:
+                raise ConfigError(
+                    f"{type(model).__name__} has no 'stageK' feature points, so '{LAST_STAGE}' "
+                    "means nothing; name its layers explicitly (student_layers / teacher_layers)"
+                )
+            name = max(stages)[1]
+        resolved.append(name)
+    return resolved
+
+
+class FeatureParams(MethodParams):
+    """Fields shared by the feature methods; each method sets its own defaults."""
+
+    ce_weight: float = Field(1.0, ge=0)
+    student_layers: list[str] = Field(default_factory=lambda: [LAST_STAGE], min_length=1)
+    teacher_layers: list[str] | None = Field(None, min_length=1)
+
+
+def pool_to_common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive-average-pool the larger of two B x C x H x W maps to the smaller spatial size."""
+    if a.dim() != 4 or b.dim() != 4:
+        raise ConfigError(
+            f"this method needs B x C x H x W feature maps, got shapes {tuple(a.shape)} and "
+            f"{tuple(b.shape)}; tap convolutional layers (e.g. stage1..stage3)"
+        )
+    size = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
+    if tuple(a.shape[2:]) != size:
+        a = F.adaptive_avg_pool2d(a, size)
+    if tuple(b.shape[2:]) != size:
+        b = F.adaptive_avg_pool2d(b, size)
+    return a, b
+
+
+def full_precision(tensor: Tensor) -> AbstractContextManager:
+    """Switch autocast off (on ``tensor``'s device) so that losses on features run in float32."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+class FeatureDistiller(Distiller):
+    """Base of the methods that compare intermediate features of one teacher and the student."""
+
+    Params = FeatureParams
+    teachers_required = (1, 1)
+
+    def __init__(self, student: nn.Module, teachers=(), params=None) -> None:
+        super().__init__(student, teachers, params)
+        p: FeatureParams = self.params  # type: ignore[assignment]
+        teacher = self.teachers[0]
+        self.student_layers = resolve_layers(self.student, list(p.student_layers))
+        self.teacher_layers = resolve_layers(teacher, list(p.teacher_layers or p.student_layers))
+        if len(self.student_layers) != len(self.teacher_layers):
+            raise ConfigError(
+                f"student_layers has {len(self.student_layers)} names but teacher_layers has "
+                f"{len(self.teacher_layers)}; they are paired in order"
+            )
+        self.student_tap = FeatureTap(self.student, self.student_layers)
+        self.teacher_tap = FeatureTap(teacher, self.teacher_layers, detach=True)
+
+    @staticmethod
+    def _collect(tap: FeatureTap, names: list[str], role: str) -> list[Tensor]:
+        missing = [n for n in names if n not in tap.features]
+        if missing:
+            raise ConfigError(
+                f"{role} layer(s) {missing} of {type(tap.model).__name__} did not run in its "
+                "forward; choose layers that the forward pass calls"
+            )
+        return [tap.features[n] for n in names]
+
+    def run(self, batch: Batch) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Student logits, student features (with graph) and teacher features (no graph)."""
+        logits, _ = self.student_tap(batch.image)
+        student_feats = self._collect(self.student_tap, self.student_layers, "student")
+        with torch.no_grad():
+            self.teacher_tap(batch.image)
+        teacher_feats = self._collect(self.teacher_tap, self.teacher_layers, "teacher")
+        # release the stored tensors now: the loss keeps what backward needs
+        self.student_tap.clear()
+        self.teacher_tap.clear()
+        return logits, student_feats, teacher_feats
+
+    def ce_losses(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
+        weight = self.params.ce_weight  # type: ignore[attr-defined]
+        return {"ce": weight * F.cross_entropy(logits, batch.targets)} if weight else {}
+
+
+__all__ = [
+    "LAST_STAGE",
+    "FeatureDistiller",
+    "FeatureParams",
+    "full_precision",
+    "pool_to_common_size",
+    "resolve_layers",
+]
