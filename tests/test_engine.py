@@ -1,6 +1,7 @@
 """The training engine end to end on the bundled digits: run directory, resume, checkpoints, errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -231,3 +232,43 @@ def test_demo_command_end_to_end(tmp_path):
     for stage in ("teacher", "student_alone", "student_kd"):
         assert json.loads((tmp_path / "demo" / stage / "summary.json").read_text())["status"] == "finished"
     assert "student_kd" in result.stdout and "top-1" in result.stdout
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "dkd", "warmup_epochs": 0.5},
+    {"name": "at", "student_layers": ["stage1", "stage2"], "teacher_layers": ["stage1", "stage2"]},
+    {"name": "fitnet"},
+    {"name": "rkd"},
+    {"name": "pkt"},
+    {"name": "sp"},
+])
+def test_every_method_trains_through_the_engine(tmp_path, teacher_dir, method):
+    config = recipe(student={"name": "lenet", "kwargs": {"width": 0.5}},
+                    teachers=[{"checkpoint": str(teacher_dir / "checkpoints/model_last.pt")}],
+                    method=method, train={**recipe().train.model_dump(), "epochs": 1})
+    summary = Trainer(config, tmp_path).fit()
+    assert summary["status"] == "finished" and summary["method"] == method["name"]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(record["train"]["loss"]) and len([k for k in record["train"] if k.startswith("loss_")]) >= 2
+    if method["name"] == "fitnet":
+        assert summary["extra_parameters"] > 0
+
+
+def test_teacher_bank_run_matches_a_live_teacher_run(tmp_path, teacher_dir):
+    """Replaying stored teacher logits (float16) trains the same student as running the teacher."""
+    teachers = [{"checkpoint": str(teacher_dir / "checkpoints/model_last.pt")}]
+    method = {"name": "kd", "temperature": 4}
+    data = {"name": "digits", "augment": {"crop_padding": 1, "horizontal_flip": False}, "train_subset": 200}
+    live = Trainer(recipe(teachers=teachers, method=method, data=data), tmp_path / "live").fit()
+    banked_config = recipe(teachers=teachers, method=method, data=data,
+                           teacher_bank={"enabled": True, "directory": str(tmp_path / "bank")})
+    banked = Trainer(banked_config, tmp_path / "banked").fit()
+    assert any((tmp_path / "bank").rglob("*.pt"))
+    assert banked["final"]["test"]["top1"] == pytest.approx(live["final"]["test"]["top1"], abs=1.0)
+    a = [json.loads(x)["train"]["loss"] for x in (tmp_path / "live/metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["train"]["loss"] for x in (tmp_path / "banked/metrics.jsonl").read_text().splitlines()]
+    assert b == pytest.approx(a, rel=2e-2)
+    # a second run with the same teacher and seed reuses the stored epochs
+    files = sorted((tmp_path / "bank").rglob("*.pt"))
+    Trainer(banked_config, tmp_path / "again").fit()
+    assert sorted((tmp_path / "bank").rglob("*.pt")) == files

@@ -182,6 +182,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if result["failed"] else 0
 
 
+def cmd_teacher_bank(args: argparse.Namespace) -> int:
+    from kdforge.config import build_config, read_yaml
+    from kdforge.engine.bank import TeacherBank
+    from kdforge.engine.build import build_augmentation, build_data, build_distiller
+
+    overrides = [item for group in args.set for item in group]
+    config = build_config(read_yaml(args.config), overrides)
+    data = build_data(config.data)
+    distiller, _ = build_distiller(config, data.info)
+    if not len(distiller.teachers):
+        raise KDForgeError(f"recipe '{args.config}' has no teachers; a teacher bank stores teachers' outputs")
+    bank = TeacherBank(
+        args.directory or config.teacher_bank.directory,
+        list(distiller.teachers),
+        [t.checkpoint for t in config.teachers],
+        data.train,
+        data.info.name,
+        build_augmentation(config.data, data.info),
+        config.seed,
+        top_k=config.teacher_bank.top_k,
+    )
+    epochs = args.epochs or config.train.epochs
+    started = time.perf_counter()
+    bank.precompute(epochs, progress=True)
+    print(f"teacher bank {bank.key[:12]}: {epochs} epochs for {len(data.train)} images, "
+          f"{bank.bytes_per_epoch() / 1e6:.1f} MB per stored epoch, in {bank.path} "
+          f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from kdforge.report import main as report_main
 
@@ -229,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jobs", type=int, default=1, help="runs at once, as separate processes")
     bench.add_argument("--no-report", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    bank = sub.add_parser("teacher-bank", help="store a recipe's teacher outputs for every epoch, once")
+    bank.add_argument("config", help="a recipe with teachers (its seed and augmentation key the bank)")
+    bank.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE")
+    bank.add_argument("--epochs", type=int, help="epochs to store (default: the recipe's)")
+    bank.add_argument("--directory", help="bank folder (default $KDFORGE_BANK or ~/.cache/kdforge/teacher-bank)")
+    bank.set_defaults(func=cmd_teacher_bank)
 
     report = sub.add_parser("report", help="aggregate run directories into report.md, results.csv, report.html")
     report.add_argument("dirs", nargs="+", help="run directories or folders holding them")

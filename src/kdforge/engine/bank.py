@@ -374,7 +374,7 @@ class TeacherBank:
                 table["tail"].index_select(0, rows),
                 int(self.num_classes),  # type: ignore[arg-type]
             )
-        return picked.transpose(0, 1).to(index.device)
+        return picked.transpose(0, 1).contiguous().to(index.device)
 
     def raw(self, epoch: int) -> dict[str, torch.Tensor]:
         """The stored tensors of ``epoch`` as saved: ``logits`` (N x K x C float16), or ``values``,

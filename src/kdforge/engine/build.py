@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import nn
 from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
 from kdforge.data import Augmentation, DataSplits, DatasetInfo, default_augmentation, load_dataset
 from kdforge.engine.checkpoint import load_weights, read_model_file
-from kdforge.errors import CheckpointError
+from kdforge.errors import CheckpointError, ConfigError
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import create
 
@@ -92,10 +93,12 @@ def build_distiller(config: RunConfig, info: DatasetInfo) -> tuple[Distiller, Mo
     student, spec = build_model(config.student, info, "student")
     teachers = [build_model(t, info, f"teachers.{i}")[0] for i, t in enumerate(config.teachers)]
     method_cls = METHODS.get(config.method.name)
+    extra: dict[str, Any] = {}
+    if "input_shape" in inspect.signature(method_cls.__init__).parameters:
+        # methods that size their modules from feature shapes (e.g. FitNet's regressor)
+        extra["input_shape"] = (info.in_channels, *info.image_size)
     try:
-        distiller = method_cls(student, teachers, config.method.params())
-    except ValueError as exc:
-        from kdforge.errors import ConfigError
-
-        raise ConfigError(f"method '{config.method.name}': {exc}") from None
+        distiller = method_cls(student, teachers, config.method.params(), **extra)
+    except ValueError as exc:  # the method's own checks already name it and the fix
+        raise ConfigError(str(exc)) from None
     return distiller, spec

@@ -172,6 +172,7 @@ class Trainer:
         ]
         self.group_names = [g.name for g in groups]
         self.model, *self.optimizers = fabric.setup(distiller, *optimizers)
+        self.bank = self._teacher_bank(augmentation)
 
         self.start_epoch = 0
         self.global_step = 0
@@ -185,6 +186,31 @@ class Trainer:
             atomic_write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), self.out_dir / "config.yaml")
             self._rewrite_metrics()
         self.writer = self._tensorboard() if fabric.is_global_zero else None
+
+    def _teacher_bank(self, augmentation):
+        """The stored teacher outputs to replay, when the recipe asks for them and the method can use them."""
+        settings = self.config.teacher_bank
+        if not settings.enabled or not len(self.distiller.teachers):
+            return None
+        if not self.distiller.replays_teacher_logits:
+            self.fabric.print(
+                f"[{self.config.name}] teacher_bank ignored: method '{self.config.method.name}' "
+                "uses teacher features, so its teachers run live"
+            )
+            return None
+        from kdforge.engine.bank import TeacherBank
+
+        return TeacherBank(
+            settings.directory,
+            list(self.distiller.teachers),
+            [t.checkpoint for t in self.config.teachers],
+            self.data.train,
+            self.info.name,
+            augmentation,
+            self.config.seed,
+            top_k=settings.top_k,
+            device=self.fabric.device,
+        )
 
     def _tensorboard(self):
         if not self.config.train.tensorboard:
@@ -288,6 +314,13 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         self.model.train()
         self.distiller.on_epoch_start(self._step(epoch))
+        bank_seconds = 0.0
+        if self.bank is not None:
+            started = time.perf_counter()
+            if self.fabric.is_global_zero:  # one rank fills the epoch; the others read it
+                self.bank.ensure_epoch(epoch)
+            self.fabric.barrier()
+            bank_seconds = time.perf_counter() - started
         sums: dict[str, torch.Tensor] = {}
         metric_sums: dict[str, float] = {}
         images = 0
@@ -301,6 +334,8 @@ class Trainer:
                 set_learning_rate(optimizer, lr)
             if memory_format is not None:
                 batch.inputs = {k: v.contiguous(memory_format=memory_format) if v.ndim == 4 else v for k, v in batch.inputs.items()}
+            if self.bank is not None:
+                batch.extras["teacher_logits"] = self.bank.lookup(epoch, batch.index)
             output = self.model(batch, step)
             loss = output.loss
             self.fabric.backward(loss)
@@ -340,6 +375,7 @@ class Trainer:
                 **{k: v / max(images, 1) for k, v in metric_sums.items()},
                 "images_per_second": float(total_images) / max(seconds, 1e-9),
                 "seconds": seconds,
+                **({"teacher_bank_seconds": bank_seconds} if self.bank is not None else {}),
             },
             "lr": {name: lr_at(max(self.global_step - 1, 0)) for name, lr_at in zip(self.group_names, self.lr_at)},
         }

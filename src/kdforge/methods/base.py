@@ -94,6 +94,9 @@ class Distiller(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: how many teachers the method needs: (minimum, maximum or None for no limit)
     teachers_required: ClassVar[tuple[int, int | None]] = (0, 0)
+    #: True when the method reads its teachers only through ``teacher_logits`` (so a teacher bank
+    #: can replace them entirely); methods that tap teacher features leave it False
+    replays_teacher_logits: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -106,9 +109,9 @@ class Distiller(nn.Module):
         low, high = self.teachers_required
         if len(teachers) < low or (high is not None and len(teachers) > high):
             wanted = f"{low}" if low == high else f"{low} or more" if high is None else f"{low}-{high}"
+            fix = "add them under 'teachers:'" if len(teachers) < low else "remove the extra 'teachers:' entries"
             raise ValueError(
-                f"method '{self.method_name()}' needs {wanted} teacher(s), got {len(teachers)}; "
-                "set 'teachers:' in the recipe"
+                f"method '{self.method_name()}' needs {wanted} teacher(s), got {len(teachers)}; {fix} in the recipe"
             )
         self.student = student
         self.teachers = nn.ModuleList(teachers)

@@ -89,6 +89,7 @@ class DecoupledKD(Distiller):
     name = "dkd"
     Params = DKDParams
     teachers_required = (1, 1)
+    replays_teacher_logits = True
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: DKDParams = self.params  # type: ignore[assignment]

@@ -57,6 +57,7 @@ class EnsembleKD(SoftTargetDistiller):
     name = "ensemble_kd"
     Params = EnsembleKDParams
     teachers_required = (1, None)
+    replays_teacher_logits = True
 
     def __init__(self, student, teachers=(), params=None) -> None:
         super().__init__(student, teachers, params)

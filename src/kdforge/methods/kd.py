@@ -103,6 +103,7 @@ class KnowledgeDistillation(SoftTargetDistiller):
 
     name = "kd"
     teachers_required = (1, 1)
+    replays_teacher_logits = True
 
     def target_probs(self, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         (teacher_logits,) = self.teacher_logits(batch)
