@@ -89,14 +89,18 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
     return model, spec
 
 
-def build_distiller(config: RunConfig, info: DatasetInfo) -> tuple[Distiller, ModelSpec]:
+def build_distiller(
+    config: RunConfig, info: DatasetInfo, num_samples: int | None = None
+) -> tuple[Distiller, ModelSpec]:
+    """The method with its networks. Methods that size modules from the data declare keywords:
+    ``input_shape`` (C, H, W) for feature adapters, ``num_samples`` (training-set size) for memory banks.
+    """
     student, spec = build_model(config.student, info, "student")
     teachers = [build_model(t, info, f"teachers.{i}")[0] for i, t in enumerate(config.teachers)]
     method_cls = METHODS.get(config.method.name)
-    extra: dict[str, Any] = {}
-    if "input_shape" in inspect.signature(method_cls.__init__).parameters:
-        # methods that size their modules from feature shapes (e.g. FitNet's regressor)
-        extra["input_shape"] = (info.in_channels, *info.image_size)
+    accepted = inspect.signature(method_cls.__init__).parameters
+    offered: dict[str, Any] = {"input_shape": (info.in_channels, *info.image_size), "num_samples": num_samples}
+    extra = {k: v for k, v in offered.items() if k in accepted and v is not None}
     try:
         distiller = method_cls(student, teachers, config.method.params(), **extra)
     except ValueError as exc:  # the method's own checks already name it and the fix
