@@ -241,6 +241,8 @@ def test_demo_command_end_to_end(tmp_path):
     {"name": "rkd"},
     {"name": "pkt"},
     {"name": "sp"},
+    {"name": "crd", "num_negatives": 64},
+    {"name": "hkd", "num_negatives": 64},
 ])
 def test_every_method_trains_through_the_engine(tmp_path, teacher_dir, method):
     config = recipe(student={"name": "lenet", "kwargs": {"width": 0.5}},

@@ -190,7 +190,7 @@ def cmd_teacher_bank(args: argparse.Namespace) -> int:
     overrides = [item for group in args.set for item in group]
     config = build_config(read_yaml(args.config), overrides)
     data = build_data(config.data)
-    distiller, _ = build_distiller(config, data.info, num_samples=len(data.train))
+    distiller, _ = build_distiller(config, data.info, data.train)
     if not len(distiller.teachers):
         raise KDForgeError(f"recipe '{args.config}' has no teachers; a teacher bank stores teachers' outputs")
     bank = TeacherBank(

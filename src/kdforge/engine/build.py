@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
-from kdforge.data import Augmentation, DataSplits, DatasetInfo, default_augmentation, load_dataset
+from kdforge.data import Augmentation, DataSplits, DatasetInfo, TensorData, default_augmentation, load_dataset
 from kdforge.engine.checkpoint import load_weights, read_model_file
 from kdforge.errors import CheckpointError, ConfigError
 from kdforge.methods import METHODS, Distiller
@@ -90,16 +90,21 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
 
 
 def build_distiller(
-    config: RunConfig, info: DatasetInfo, num_samples: int | None = None
+    config: RunConfig, info: DatasetInfo, train: TensorData | None = None
 ) -> tuple[Distiller, ModelSpec]:
     """The method with its networks. Methods that size modules from the data declare keywords:
-    ``input_shape`` (C, H, W) for feature adapters, ``num_samples`` (training-set size) for memory banks.
+    ``input_shape`` (C, H, W) for feature adapters, ``num_samples`` (training-set size) and
+    ``train_labels`` for memory banks.
     """
     student, spec = build_model(config.student, info, "student")
     teachers = [build_model(t, info, f"teachers.{i}")[0] for i, t in enumerate(config.teachers)]
     method_cls = METHODS.get(config.method.name)
     accepted = inspect.signature(method_cls.__init__).parameters
-    offered: dict[str, Any] = {"input_shape": (info.in_channels, *info.image_size), "num_samples": num_samples}
+    offered: dict[str, Any] = {
+        "input_shape": (info.in_channels, *info.image_size),
+        "num_samples": len(train) if train is not None else None,
+        "train_labels": train.labels if train is not None else None,
+    }
     extra = {k: v for k, v in offered.items() if k in accepted and v is not None}
     try:
         distiller = method_cls(student, teachers, config.method.params(), **extra)

@@ -23,6 +23,8 @@ from torch import nn
 from kdforge.errors import CheckpointError
 
 MODEL_FORMAT = "kdforge-model"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 STATE_FORMAT = "kdforge-state"
 
 
@@ -35,6 +37,7 @@ def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()

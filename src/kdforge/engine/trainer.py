@@ -132,7 +132,7 @@ class Trainer:
         self.data: DataSplits = build_data(config.data)
         self.info = self.data.info
         torch.manual_seed(config.seed)  # model initialisation depends on the seed only
-        distiller, self.spec = build_distiller(config, self.info, num_samples=len(self.data.train))
+        distiller, self.spec = build_distiller(config, self.info, self.data.train)
         self.distiller: Distiller = distiller
         if config.train.channels_last:
             distiller.to(memory_format=torch.channels_last)
