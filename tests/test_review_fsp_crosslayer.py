@@ -312,6 +312,15 @@ def test_review_kd_value_by_hand_from_the_fused_maps():
     assert out.losses["review"].item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_review_kd_trains_on_a_batch_of_one():
+    """The pooled level is 1 x 1: a last batch of one sample must not break its BatchNorm."""
+    d = build("review_kd", create("resnet8"), create("resnet20"))
+    d.train()
+    out = d(batch_of(torch.randn(1, 3, 16, 16)), Step())
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
 def test_review_kd_explicit_layers_and_mismatched_input_shape():
     student, teacher = create("resnet8"), create("resnet20")
     with pytest.raises(ConfigError, match="both"):

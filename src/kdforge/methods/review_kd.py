@@ -155,6 +155,15 @@ def nearest_resize(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=size, mode="nearest")
 
 
+def batch_norm(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``bn(x)``, except that a training batch with one value per channel (one sample at 1 x 1,
+    e.g. the pooled level on a last batch of one) is normalised with the running statistics
+    instead of failing."""
+    if bn.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    return bn(x)
+
+
 class ABF(nn.Module):
     """Attention-based fusion of one level with the residual of the deeper level."""
 
@@ -178,7 +187,7 @@ class ABF(nn.Module):
         residual halves (the residual half at the residual's own resolution: nearest upsampling
         commutes with per-pixel linear maps), and no concatenation.
         """
-        x = self.reduce[1](pointwise_conv(x, self.reduce[0].weight))
+        x = batch_norm(self.reduce[1], pointwise_conv(x, self.reduce[0].weight))
         attention = None
         if self.attention is not None:
             if residual is None:
@@ -189,7 +198,7 @@ class ABF(nn.Module):
             attention = torch.sigmoid(logits + self.attention.bias.view(1, 2, 1, 1))
             x = torch.addcmul(nearest_resize(residual, size) * attention[:, 1:2], x, attention[:, 0:1])
         x = nearest_resize(x, out_size)
-        return self.output(x), x, attention
+        return batch_norm(self.output[1], self.output[0](x)), x, attention
 
     def reference_forward(
         self, x: Tensor, residual: Tensor | None, out_size: Sequence[int]
