@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import kdforge.methods.crosslayer  # noqa: F401  (registration)
 import kdforge.methods.fsp  # noqa: F401
@@ -100,7 +99,8 @@ def test_fsp_loss_by_hand_and_zero_for_identical_networks():
         ((fsp_by_loops(feats["s"][i], feats["s"][i + 1]) - fsp_by_loops(feats["t"][i], feats["t"][i + 1])) ** 2).mean()
         for i in range(2)
     )
-    d2 = build("fsp", student, teacher, {"student_layers": ["stem", "stage1", "stage2"], "weight": 2.0, "ce_weight": 0.5})
+    params = {"student_layers": ["stem", "stage1", "stage2"], "weight": 2.0, "ce_weight": 0.5}
+    d2 = build("fsp", student, teacher, params)
     d2.eval()
     out = d2(batch_of(x), Step())
     assert out.losses["fsp"].item() == pytest.approx(2.0 * expected, rel=1e-4)
@@ -171,8 +171,9 @@ def test_crosslayer_loss_by_hand_with_adapters_and_gradient_routing():
         np.einsum("ts,bshw->bthw", a.weight.detach().flatten(1).numpy(), f.numpy())
         for a, f in zip(d.adapters, feats["s"])
     ]
+    teacher_np = [f.numpy() for f in feats["t"]]
     expected = sum(
-        ((fsp_by_loops(adapted[i], adapted[j]) - fsp_by_loops(feats["t"][i].numpy(), feats["t"][j].numpy())) ** 2).mean()
+        ((fsp_by_loops(adapted[i], adapted[j]) - fsp_by_loops(teacher_np[i], teacher_np[j])) ** 2).mean()
         for i, j in [(0, 1), (0, 2)]
     )
     assert out.loss.item() == pytest.approx(expected, rel=1e-4)

@@ -108,7 +108,7 @@ def default_layers(student: nn.Module, teacher: nn.Module) -> tuple[list[str], l
 
 def as_map(feature: Tensor) -> Tensor:
     """B x C vectors become B x C x 1 x 1 maps; maps pass through."""
-    return feature.view(*feature.shape, 1, 1) if feature.dim() == 2 else feature
+    return feature.reshape(*feature.shape, 1, 1) if feature.dim() == 2 else feature
 
 
 def _map_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -136,7 +136,7 @@ class _NearestUpsample(torch.autograd.Function):
     def forward(ctx, x: Tensor, fh: int, fw: int) -> Tensor:  # type: ignore[override]
         n, c, h, w = x.shape
         ctx.input_size = (n, c, h, w)
-        return x.view(n, c, h, 1, w, 1).expand(n, c, h, fh, w, fw).reshape(n, c, h * fh, w * fw)
+        return x.reshape(n, c, h, 1, w, 1).expand(n, c, h, fh, w, fw).reshape(n, c, h * fh, w * fw)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
