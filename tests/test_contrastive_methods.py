@@ -28,15 +28,6 @@ from kdforge.methods.memory import (
 from kdforge.models import create
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Tiny(nn.Module):
     """flatten -> linear -> tanh ("body", the tapped feature) -> fc; no BN, so fully deterministic."""
 

@@ -34,15 +34,6 @@ FEATURE_METHODS = ["at", "fitnet", "rkd", "pkt", "sp"]
 ALL_METHODS = ["dkd", *FEATURE_METHODS]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch_of(x, y):
     return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 

@@ -24,14 +24,6 @@ from kdforge.models import (
 from kdforge.models.shufflenet import ShuffleV2Unit
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and steadily on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 ZOO = [
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
     "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",

@@ -28,15 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch_of(x, n_classes=10):
     return Batch({"image": x}, torch.arange(len(x)) % n_classes, torch.arange(len(x)))
 

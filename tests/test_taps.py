@@ -15,14 +15,6 @@ from kdforge.models import FeatureTap, create, module_names
 
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and steadily on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 class UserNet(nn.Module):
     """A model kdforge knows nothing about (no feature_points)."""
 

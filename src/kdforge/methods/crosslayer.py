@@ -47,7 +47,8 @@ from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
 from kdforge.methods.features import FeatureDistiller, FeatureParams, full_precision
-from kdforge.methods.fsp import fsp_matrix, guess_input_shape, probe_feature_shapes
+from kdforge.methods.features import guess_input_shape, probe_feature_shapes
+from kdforge.methods.fsp import fsp_matrix
 
 
 class CrossLayerParams(FeatureParams):

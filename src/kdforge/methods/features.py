@@ -16,6 +16,7 @@ student's names, and differs when the teacher's stages are named or numbered dif
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 import torch
@@ -47,6 +48,70 @@ def resolve_layers(model: nn.Module, names: list[str]) -> list[str]:
             name = max(stages)[1]
         resolved.append(name)
     return resolved
+
+
+def guess_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The model's ``input_shape`` attribute, else (first conv's in_channels, 32, 32), else None.
+
+    Only a fallback for methods built by hand: the trainer passes the data's real shape.
+    """
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return (module.in_channels, 32, 32)
+    return None
+
+
+def input_shape_for(method: str, model: nn.Module, given: Sequence[int] | None) -> tuple[int, ...]:
+    """``given`` (what the trainer passes), else a guess from the model, else a clear error."""
+    if given is not None:
+        return tuple(given)
+    guess = guess_input_shape(model)
+    if guess is None:
+        raise ConfigError(
+            f"{method}: cannot guess the input shape of {type(model).__name__}; pass input_shape=(C, H, W)"
+        )
+    return guess
+
+
+def probe_feature_shapes(
+    method: str,
+    input_shape: Sequence[int],
+    taps: Sequence[tuple[nn.Module, FeatureTap, list[str]]],
+) -> list[list[tuple[int, ...]]]:
+    """Per-sample shapes of the tapped features, from one no-grad forward of every network.
+
+    Each network runs in eval mode (BN statistics untouched) on zeros of shape ``(2, *input_shape)``
+    and is put back in its previous mode. ``taps`` holds ``(model, tap, names)`` triples.
+    """
+    shapes = []
+    for model, tap, names in taps:
+        param = next(model.parameters(), None)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                tap(torch.zeros(2, *input_shape, device=param.device if param is not None else None))
+            missing = [n for n in names if n not in tap.features]
+            if missing:
+                raise ConfigError(
+                    f"{method}: layer(s) {missing} of {type(model).__name__} did not run in its "
+                    "forward; choose layers that the forward pass calls"
+                )
+            shapes.append([tuple(tap.features[n].shape[1:]) for n in names])
+        except ConfigError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(
+                f"{method}: a forward on inputs of shape {tuple(input_shape)} failed ({exc}); "
+                "pass input_shape=(C, H, W) matching the data"
+            ) from None
+        finally:
+            model.train(was_training)
+            tap.clear()
+    return shapes
 
 
 class FeatureParams(MethodParams):

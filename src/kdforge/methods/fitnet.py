@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
-from kdforge.methods.features import FeatureDistiller, FeatureParams
+from kdforge.methods.features import FeatureDistiller, FeatureParams, input_shape_for, probe_feature_shapes
 
 
 class FitNetParams(FeatureParams):
@@ -95,19 +95,6 @@ class HintRegressor(nn.Module):
         return self.relu(self.bn(self.map(x)))
 
 
-def default_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """The model's ``input_shape`` attribute, else (first conv's in_channels, 32, 32)."""
-    shape = getattr(model, "input_shape", None)
-    if shape is not None:
-        return tuple(shape)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return (module.in_channels, 32, 32)
-    raise ConfigError(
-        f"fitnet: cannot guess the input shape of {type(model).__name__}; pass input_shape=(C, H, W)"
-    )
-
-
 @METHODS.register("fitnet")
 class FitNet(FeatureDistiller):
     """FitNets hint (Romero et al. 2015), single stage: CE + 100 * MSE(regressor(F_s), F_t) at stage2."""
@@ -120,41 +107,15 @@ class FitNet(FeatureDistiller):
     ) -> None:
         super().__init__(student, teachers, params)
         p: FitNetParams = self.params  # type: ignore[assignment]
-        self.input_shape = (
-            tuple(input_shape) if input_shape is not None else default_input_shape(self.student)
-        )
-        student_shapes, teacher_shapes = self._probe_shapes()
+        self.input_shape = input_shape_for("fitnet", self.student, input_shape)
+        student_shapes, teacher_shapes = probe_feature_shapes("fitnet", self.input_shape, [
+            (self.student, self.student_tap, self.student_layers),
+            (self.teachers[0], self.teacher_tap, self.teacher_layers),
+        ])
         self.regressors = nn.ModuleList(
             HintRegressor(s, t, p.same_size_kernel, p.regressor_relu)
             for s, t in zip(student_shapes, teacher_shapes)
         )
-
-    def _probe_shapes(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-        """One no-grad forward of both networks in eval mode on zeros of ``input_shape``."""
-        def zeros_for(model: nn.Module) -> Tensor:
-            param = next(model.parameters(), None)
-            return torch.zeros(2, *self.input_shape, device=param.device if param is not None else None)
-
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            with torch.no_grad():
-                self.student_tap(zeros_for(self.student))
-                self.teacher_tap(zeros_for(self.teachers[0]))
-            student = self._collect(self.student_tap, self.student_layers, "student")
-            teacher = self._collect(self.teacher_tap, self.teacher_layers, "teacher")
-        except (RuntimeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(
-                f"fitnet: a forward on inputs of shape {self.input_shape} failed ({exc}); "
-                "pass input_shape=(C, H, W) matching the data"
-            ) from None
-        finally:
-            self.student.train(was_training)
-            self.student_tap.clear()
-            self.teacher_tap.clear()
-        return [tuple(f.shape[1:]) for f in student], [tuple(f.shape[1:]) for f in teacher]
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: FitNetParams = self.params  # type: ignore[assignment]

@@ -44,7 +44,14 @@ from torch import Tensor, nn
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
-from kdforge.methods.features import FeatureDistiller, FeatureParams, full_precision, pool_to_common_size
+from kdforge.methods.features import (
+    FeatureDistiller,
+    FeatureParams,
+    full_precision,
+    guess_input_shape,
+    pool_to_common_size,
+    probe_feature_shapes,
+)
 from kdforge.models.taps import FeatureTap
 
 
@@ -55,55 +62,6 @@ def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     a = first.float().reshape(batch, c1, h * w)
     b = second.float().reshape(batch, second.shape[1], h * w)
     return torch.bmm(a, b.transpose(1, 2)) / (h * w)
-
-
-def guess_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """The model's ``input_shape`` attribute, else (first conv's in_channels, 32, 32), else None."""
-    shape = getattr(model, "input_shape", None)
-    if shape is not None:
-        return tuple(shape)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return (module.in_channels, 32, 32)
-    return None
-
-
-def probe_feature_shapes(
-    method: str,
-    input_shape: Sequence[int],
-    taps: Sequence[tuple[nn.Module, FeatureTap, list[str]]],
-) -> list[list[tuple[int, ...]]]:
-    """Per-sample shapes of the tapped features, from one no-grad forward of every network.
-
-    Each network runs in eval mode (BN statistics untouched) on zeros of shape ``(2, *input_shape)``
-    and is put back in its previous mode. ``taps`` holds ``(model, tap, names)`` triples.
-    """
-    shapes = []
-    for model, tap, names in taps:
-        param = next(model.parameters(), None)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                tap(torch.zeros(2, *input_shape, device=param.device if param is not None else None))
-            missing = [n for n in names if n not in tap.features]
-            if missing:
-                raise ConfigError(
-                    f"{method}: layer(s) {missing} of {type(model).__name__} did not run in its "
-                    "forward; choose layers that the forward pass calls"
-                )
-            shapes.append([tuple(tap.features[n].shape[1:]) for n in names])
-        except ConfigError:
-            raise
-        except (RuntimeError, ValueError) as exc:
-            raise ConfigError(
-                f"{method}: a forward on inputs of shape {tuple(input_shape)} failed ({exc}); "
-                "pass input_shape=(C, H, W) matching the data"
-            ) from None
-        finally:
-            model.train(was_training)
-            tap.clear()
-    return shapes
 
 
 class FSPParams(FeatureParams):
@@ -165,4 +123,4 @@ class FSP(FeatureDistiller):
         return Output(logits, {**self.ce_losses(logits, batch), "fsp": loss})
 
 
-__all__ = ["FSP", "FSPParams", "fsp_matrix", "guess_input_shape", "probe_feature_shapes"]
+__all__ = ["FSP", "FSPParams", "fsp_matrix"]

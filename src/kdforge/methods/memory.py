@@ -38,8 +38,13 @@ from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
-from kdforge.methods.features import FeatureDistiller, FeatureParams, full_precision
-from kdforge.methods.fitnet import default_input_shape
+from kdforge.methods.features import (
+    FeatureDistiller,
+    FeatureParams,
+    full_precision,
+    input_shape_for,
+    probe_feature_shapes,
+)
 from kdforge.methods.losses import kd_loss
 
 #: key of ``Batch.extras`` holding explicit negative indices (B x K)
@@ -237,8 +242,12 @@ class ContrastiveDistiller(FeatureDistiller):
                 f"training samples; using {self.num_negatives}",
                 stacklevel=2,
             )
-        self.input_shape = tuple(input_shape) if input_shape is not None else default_input_shape(self.student)
-        student_dim, teacher_dim = self._probe_dims()
+        self.input_shape = input_shape_for(name, self.student, input_shape)
+        (student_shape,), (teacher_shape,) = probe_feature_shapes(name, self.input_shape, [
+            (self.student, self.student_tap, self.student_layers),
+            (self.teachers[0], self.teacher_tap, self.teacher_layers),
+        ])
+        student_dim, teacher_dim = math.prod(student_shape), math.prod(teacher_shape)
         self.embed_student = EmbedHead(student_dim, p.feature_dim)
         self.embed_teacher = EmbedHead(teacher_dim, p.feature_dim)
         normalise = p.bank_init == "normalised"
@@ -257,33 +266,6 @@ class ContrastiveDistiller(FeatureDistiller):
         self.generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ construction
-    def _probe_dims(self) -> tuple[int, int]:
-        """Flattened sizes of the tapped features: one no-grad eval forward on zeros."""
-        def zeros_for(model: nn.Module) -> Tensor:
-            param = next(model.parameters(), None)
-            return torch.zeros(2, *self.input_shape, device=param.device if param is not None else None)
-
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            with torch.no_grad():
-                self.student_tap(zeros_for(self.student))
-                self.teacher_tap(zeros_for(self.teachers[0]))
-            (student,) = self._collect(self.student_tap, self.student_layers, "student")
-            (teacher,) = self._collect(self.teacher_tap, self.teacher_layers, "teacher")
-        except (RuntimeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(
-                f"{self.method_name()}: a forward on inputs of shape {self.input_shape} failed ({exc}); "
-                "pass input_shape=(C, H, W) matching the data"
-            ) from None
-        finally:
-            self.student.train(was_training)
-            self.student_tap.clear()
-            self.teacher_tap.clear()
-        return student[0].numel(), teacher[0].numel()
-
     # ------------------------------------------------------------------ per batch
     def run_pair(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Student logits and feature (with graph); teacher logits and feature (no graph)."""

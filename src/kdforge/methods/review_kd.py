@@ -61,7 +61,7 @@ from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.dkd import warmup_factor
 from kdforge.methods.features import full_precision, resolve_layers
-from kdforge.methods.fsp import guess_input_shape, probe_feature_shapes
+from kdforge.methods.features import guess_input_shape, probe_feature_shapes
 from kdforge.methods.losses import kd_loss
 from kdforge.models.taps import FeatureTap
 
