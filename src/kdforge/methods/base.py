@@ -26,7 +26,7 @@ from torch import nn
 
 from kdforge.data.batch import Batch
 from kdforge.registry import Registry
-from kdforge.schedules import Schedule, as_schedule
+from kdforge.schedules import Schedule
 
 METHODS: Registry[type["Distiller"]] = Registry("method")
 
@@ -170,7 +170,3 @@ class Distiller(nn.Module):
         # clone: inference tensors cannot be saved for the student's backward pass
         return [out.float().clone() for out in outputs]
 
-
-def schedule_field(value: float | dict | Schedule) -> Schedule:
-    """Normalise a number-or-mapping hyperparameter into a Schedule (used by validators)."""
-    return as_schedule(value)
