@@ -387,3 +387,38 @@ def test_crosslayer_digits_pipeline_runs_end_to_end(tmp_path):
     fresh = create("resnet", num_classes=10, in_channels=1, depth=8, width_multiplier=0.5)
     assert set(hint["state_dict"]) == set(fresh.state_dict())  # the student only: adapters dropped
     assert summaries["distil"]["method"] == "ensemble_kd"
+
+
+# ----------------------------------------------------------------------------- in-run second stage
+@pytest.mark.parametrize("method", ["fsp", "crosslayer"])
+def test_hint_epochs_switch_to_the_second_stage(method):
+    torch.manual_seed(0)
+    student, teachers = create("resnet8", 10), [create("resnet20", 10), create("resnet20", 10)]
+    if method == "fsp":
+        teachers = teachers[:1]
+    params = {"hint_epochs": 2, "kd_weight": 0.9 if method == "crosslayer" else 0.0, "temperature": 4.0}
+    d = METHODS.get(method)(student, teachers, params, input_shape=(3, 16, 16))
+    x = torch.randn(6, 3, 16, 16)
+    batch = batch_of(x)
+    hint = d(batch, Step(epoch=1, epochs=5))
+    assert set(hint.losses) == {method}  # ce_weight 0: the hint loss alone
+    second = d(batch, Step(epoch=2, epochs=5))
+    ce = F.cross_entropy(student(x), batch.targets)
+    assert second.losses["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    if method == "crosslayer":
+        with torch.no_grad():
+            mean = torch.stack([t(x) for t in teachers]).mean(0)
+        kl = F.kl_div(F.log_softmax(student(x) / 4, 1), F.softmax(mean / 4, 1), reduction="batchmean") * 16
+        assert second.losses["kd"].item() == pytest.approx(0.9 * kl.item(), rel=1e-4)
+        # the adapters get no gradient in the second stage; the student does
+        second.loss.backward()
+        assert all(a.weight.grad is None for a in d.adapters)
+        assert student.classifier.weight.grad is not None
+    else:
+        assert set(second.losses) == {"ce"}
+
+
+def test_fsp_takes_one_teacher_and_crosslayer_several():
+    student = create("resnet8", 10)
+    with pytest.raises(ValueError, match="needs 1 teacher"):
+        METHODS.get("fsp")(student, [create("resnet20", 10)] * 2, {}, input_shape=(3, 16, 16))

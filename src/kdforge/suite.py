@@ -124,7 +124,7 @@ def _student_label(student: dict[str, Any]) -> str:
 
 
 def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
-    """Expand the suite into runs: teachers first, then pairs x methods x seeds."""
+    """Expand the suite into runs: teachers first, then seeds x pairs x methods."""
     from kdforge.methods import METHODS
 
     runs: list[PlannedRun] = []
@@ -171,6 +171,9 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
                     recipe,
                     depends_on=[f"teachers/{t}" for t in teacher_labels if spec.teachers[t].recipe is not None],
                 ))
+    # seed-major order: a suite stopped part-way has every method at the first seeds
+    order = {seed: i for i, seed in enumerate(spec.seeds)}
+    runs.sort(key=lambda r: -1 if r.is_teacher else order[r.recipe["seed"]])
     for run in runs:  # validate every recipe before anything trains
         try:
             build_config(run.recipe)

@@ -46,12 +46,12 @@ from torch import Tensor, nn
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
-from kdforge.methods.features import FeatureDistiller, FeatureParams, full_precision
+from kdforge.methods.features import FeatureDistiller, HintStageParams, full_precision
 from kdforge.methods.features import guess_input_shape, probe_feature_shapes
 from kdforge.methods.fsp import fsp_matrix
 
 
-class CrossLayerParams(FeatureParams):
+class CrossLayerParams(HintStageParams):
     weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0)
     student_layers: list[str] = Field(
@@ -106,6 +106,9 @@ class CrossLayer(FeatureDistiller):
 
     name = "crosslayer"
     Params = CrossLayerParams
+    #: the Gram matrices use the first teacher; an in-run second stage (``hint_epochs``) distils
+    #: from the mean logits of all of them (the paper's offline ensemble)
+    teachers_required = (1, None)
 
     def __init__(self, student, teachers=(), params=None, input_shape: Sequence[int] | None = None) -> None:
         super().__init__(student, teachers, params)
@@ -144,6 +147,9 @@ class CrossLayer(FeatureDistiller):
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: CrossLayerParams = self.params  # type: ignore[assignment]
+        second = self.second_stage(batch, step)
+        if second is not None:
+            return second
         logits, student_feats, teacher_feats = self.run(batch)
         for name, feat, conv, t_feat in zip(self.student_layers, student_feats, self.adapters, teacher_feats):
             if feat.dim() != 4 or feat.shape[1] != conv.in_channels or t_feat.shape[1] != conv.out_channels:

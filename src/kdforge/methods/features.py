@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
-from kdforge.methods.base import Distiller, MethodParams
+from kdforge.methods.base import Distiller, MethodParams, Output, Step
+from kdforge.methods.losses import kd_loss
 from kdforge.models.taps import FeatureTap
 
 LAST_STAGE = "last_stage"
@@ -122,6 +123,17 @@ class FeatureParams(MethodParams):
     teacher_layers: list[str] | None = Field(None, min_length=1)
 
 
+class HintStageParams(FeatureParams):
+    """Two-stage methods (FSP, cross-layer): the hint stage, optionally followed in the same run by
+    the second stage. With ``hint_epochs: N > 0`` epochs ``0..N-1`` train on the hint loss (plus
+    ``ce_weight`` CE) and every later epoch on ``CE + kd_weight T^2 KL(mean teacher logits)``; with
+    0 (default) the run is the hint stage alone and the second stage is a separate run (a pipeline)."""
+
+    hint_epochs: int = Field(0, ge=0)
+    kd_weight: float = Field(0.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+
+
 def pool_to_common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Adaptive-average-pool the larger of two B x C x H x W maps to the smaller spatial size."""
     if a.dim() != 4 or b.dim() != 4:
@@ -184,6 +196,21 @@ class FeatureDistiller(Distiller):
         self.teacher_tap.clear()
         return logits, student_feats, teacher_feats
 
+    def second_stage(self, batch: Batch, step: Step) -> Output | None:
+        """For ``HintStageParams`` methods: the second stage's output once ``hint_epochs`` have passed,
+        else None (still in the hint stage, or no in-run second stage)."""
+        p = self.params
+        if not getattr(p, "hint_epochs", 0) or step.epoch < p.hint_epochs:  # type: ignore[attr-defined]
+            return None
+        logits, _ = self.student_tap(batch.image)
+        self.student_tap.clear()
+        losses = {"ce": F.cross_entropy(logits, batch.targets)}
+        if p.kd_weight:  # type: ignore[attr-defined]
+            teacher = torch.stack(self.teacher_logits(batch)).mean(0)
+            self.teacher_tap.clear()
+            losses["kd"] = p.kd_weight * kd_loss(logits, teacher, p.temperature)  # type: ignore[attr-defined]
+        return Output(logits, losses)
+
     def ce_losses(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
         weight = self.params.ce_weight  # type: ignore[attr-defined]
         return {"ce": weight * F.cross_entropy(logits, batch.targets)} if weight else {}
@@ -193,6 +220,7 @@ __all__ = [
     "LAST_STAGE",
     "FeatureDistiller",
     "FeatureParams",
+    "HintStageParams",
     "full_precision",
     "pool_to_common_size",
     "resolve_layers",

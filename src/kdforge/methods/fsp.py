@@ -46,7 +46,7 @@ from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
 from kdforge.methods.features import (
     FeatureDistiller,
-    FeatureParams,
+    HintStageParams,
     full_precision,
     guess_input_shape,
     pool_to_common_size,
@@ -64,7 +64,7 @@ def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     return torch.bmm(a, b.transpose(1, 2)) / (h * w)
 
 
-class FSPParams(FeatureParams):
+class FSPParams(HintStageParams):
     weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0)
     student_layers: list[str] = Field(
@@ -112,6 +112,9 @@ class FSP(FeatureDistiller):
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: FSPParams = self.params  # type: ignore[assignment]
+        second = self.second_stage(batch, step)
+        if second is not None:
+            return second
         logits, student_feats, teacher_feats = self.run(batch)
         self._check_channels([f.shape[1] for f in student_feats], [f.shape[1] for f in teacher_feats])
         with full_precision(logits):
