@@ -384,6 +384,11 @@ class Trainer:
             record["test"] = self.evaluate(self.data.test)
             if self.data.val is not None:
                 record["val"] = self.evaluate(self.data.val)
+            members = self.distiller.evaluation_models()
+            if members:
+                record["members"] = {
+                    name: self.evaluate(self.data.test, model)["top1"] for name, model in members.items()
+                }
         return record
 
     def _step(self, epoch: int) -> Step:
@@ -400,10 +405,10 @@ class Trainer:
         return tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.train.epochs}", leave=False)
 
     @torch.no_grad()
-    def evaluate(self, split) -> dict[str, float]:
-        """Top-1, top-5 and mean CE of the deployed network, each rank on its own shard."""
+    def evaluate(self, split, model: nn.Module | None = None) -> dict[str, float]:
+        """Top-1, top-5 and mean CE of the deployed network (or ``model``), each rank on its own shard."""
         return evaluate_model(
-            self.distiller.inference_model(),
+            model if model is not None else self.distiller.inference_model(),
             split,
             self.eval_augmentation,
             self.config.train.eval_batch_size,

@@ -146,12 +146,19 @@ class Distiller(nn.Module):
         return self
 
     def extra_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters that belong neither to the student nor to a teacher."""
+        """Trainable parameters outside the deployed network and the teachers (adapters, heads,
+        memory banks, and for online methods the peers that are not deployed)."""
+        deployed = {id(p) for p in self.inference_model().parameters()}
         return [
             param
             for name, param in self.named_parameters()
-            if param.requires_grad and not name.startswith(("student.", "teachers."))
+            if param.requires_grad and id(param) not in deployed and not name.startswith("teachers.")
         ]
+
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        """Further networks to evaluate each epoch beside ``inference_model()`` (an online group's
+        peers, branches and ensemble); their test top-1 is logged under ``members``."""
+        return {}
 
     def extra_parameter_count(self) -> int:
         return sum(p.numel() for p in self.extra_parameters())
