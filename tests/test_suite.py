@@ -58,3 +58,28 @@ def test_digits_smoke_suite_end_to_end(tmp_path):
     assert len(summaries) == 7 and all(s["status"] == "finished" for s in summaries)
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0 and "7 already finished" in second.stdout
+
+
+def test_runs_are_seed_major_and_assistants_name_earlier_teachers(tmp_path):
+    data = yaml.safe_load(SMOKE.read_text())
+    lenet = data["teachers"]["lenet4"]["recipe"]
+    data["teachers"]["assistant"] = {
+        "recipe": {**lenet, "method": {"name": "kd"}, "teachers": ["lenet4"], "student": {"name": "mlp"}}
+    }
+    data["methods"]["via_assistant"] = {"method": {"name": "kd"}, "teachers": ["assistant"]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec, folder = load_suite(path)
+    runs = plan(spec, folder, tmp_path / "out")
+    assert {r.label for r in runs[:2]} == {"teachers/lenet4", "teachers/assistant"}
+    assistant = next(r for r in runs if r.label == "teachers/assistant")
+    assert assistant.depends_on == ["teachers/lenet4"]
+    assert assistant.recipe["teachers"][0]["checkpoint"].endswith("teachers/lenet4/checkpoints/model_last.pt")
+    seeds = [r.recipe["seed"] for r in runs[2:]]
+    assert seeds == sorted(seeds)  # every method at seed 0 before any at seed 1
+    via = next(r for r in runs if r.label.endswith("via_assistant/seed0"))
+    assert via.depends_on == ["teachers/assistant"]
+    data["teachers"]["assistant"]["recipe"]["teachers"] = ["nobody"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="'nobody', which is not another teacher of this suite"):
+        plan(*load_suite(path), tmp_path / "out")

@@ -10,6 +10,7 @@ A suite file::
     teachers:                   # trained once by the suite, or an existing model file
       lenet4: {recipe: {data: {name: digits}, student: {name: lenet}, method: {name: ce}, train: {...}}}
       resnet20: {checkpoint: benchmarks/teachers/cifar10_resnet20.pt}
+      assistant: {recipe: {..., method: {name: kd}, teachers: [resnet20]}}   # names earlier teachers
     pairs:
       - {teacher: lenet4, student: {name: mlp, kwargs: {hidden: [64]}}}
     methods:                    # label -> partial recipe merged onto base + pair
@@ -133,12 +134,32 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
         if teacher.checkpoint is not None:
             file = Path(teacher.checkpoint)
             teacher_files[label] = str(file if file.is_absolute() else (folder / file).resolve())
+        else:
+            teacher_files[label] = str((out / "teachers" / label / "checkpoints" / "model_last.pt").resolve())
+    for label, teacher in spec.teachers.items():
+        if teacher.recipe is None:
             continue
-        recipe = _resolve_base(teacher.recipe or {}, folder)
+        recipe = _resolve_base(teacher.recipe, folder)
         recipe.setdefault("name", f"teacher {label}")
-        run = PlannedRun(f"teachers/{label}", out / "teachers" / label, recipe, is_teacher=True)
-        teacher_files[label] = str((run.out / "checkpoints" / "model_last.pt").resolve())
-        runs.append(run)
+        # a teacher distilled from other suite teachers (a teacher assistant) names them by label
+        depends_on = []
+        resolved_teachers = []
+        for entry in recipe.get("teachers") or []:
+            if isinstance(entry, str):
+                if entry not in teacher_files or entry == label:
+                    raise ConfigError(
+                        f"teacher '{label}' is distilled from '{entry}', which is not another teacher of "
+                        f"this suite{closest(entry, teacher_files)}"
+                    )
+                if spec.teachers[entry].recipe is not None:
+                    depends_on.append(f"teachers/{entry}")
+                entry = {"checkpoint": teacher_files[entry]}
+            resolved_teachers.append(entry)
+        if resolved_teachers:
+            recipe["teachers"] = resolved_teachers
+        runs.append(
+            PlannedRun(f"teachers/{label}", out / "teachers" / label, recipe, is_teacher=True, depends_on=depends_on)
+        )
 
     base = _resolve_base(spec.base, folder)
     for pair in spec.pairs:
