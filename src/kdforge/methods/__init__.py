@@ -11,6 +11,7 @@ from kdforge.methods import (  # noqa: F401  (registration)
     fsp,
     hkd,
     kd,
+    online,
     pkt,
     review_kd,
     rkd,
