@@ -82,7 +82,12 @@ def test_okddip_losses_match_explicit_formulas():
 def test_okddip_attention_learns_only_through_undetached_targets():
     d = make_okddip(rampup_epochs=0)
     b = tiny_batch()
-    d(b, Step()).loss.backward()
+    out = d(b, Step())
+    # the leader's target (the peer mean) is not detached either: its KL reaches the peers' heads
+    peer_head = list(d.group.heads[0].parameters())
+    grads = torch.autograd.grad(out.losses["kd_leader"], peer_head, allow_unused=True, retain_graph=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    out.loss.backward()
     for proj in (d.query, d.key):
         assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
     detached = make_okddip(rampup_epochs=0, detach_targets=True)

@@ -312,7 +312,8 @@ class FFSD(Distiller):
                     diversity = diversity + diversity_loss(
                         maps[i][-1].float().pow(2).mean(1), previous.float().pow(2).mean(1), p.diversity_fraction
                     )
-                    pseudo = self._decode_targets(self.student_decoders[i - 1], diversity_shift(previous, p.diversity_fraction))
+                    shifted = diversity_shift(previous, p.diversity_fraction)
+                    pseudo = self._decode_targets(self.student_decoders[i - 1], shifted)
                     sd_students = sd_students + self._sd_loss(maps[i], pseudo)
 
             zf, zl = fusion_logits.float(), leader_logits.float()
@@ -341,7 +342,7 @@ class FFSD(Distiller):
         decoder.eval()
         try:
             with torch.no_grad():
-                return [t.detach() for t in decoder(source.detach())]
+                return [t.detach() for t in decoder(source.detach().float())]
         finally:
             decoder.train(was_training)
 
@@ -357,7 +358,7 @@ class FFSD(Distiller):
         pairs.append((self.leader_decoder, self.leader_tap))
         terms = []
         for decoder, tap in pairs:
-            maps = [tap.features[name].detach() for name in self.layers]
+            maps = [tap.features[name].detach().float() for name in self.layers]
             for output, target in zip(decoder(maps[-1]), maps[:-1]):
                 terms.append(feature_distance(output, target) + attention_distance(output, target))
         if not terms:
@@ -398,6 +399,8 @@ class FFSD(Distiller):
         members["leader"] = self.leader
         members["fusion"] = Members(students, self.taps, self.layers[-1], self.fusion)
         members["ensemble"] = Members(students, self.taps, self.layers[-1])
+        for member in members.values():  # evaluation restores each member's own flag afterwards
+            member.training = self.training
         return members
 
 

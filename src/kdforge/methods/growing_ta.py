@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
@@ -80,6 +80,12 @@ class GrowingTAParams(MethodParams):
     ta_kd_weight: float | None = Field(None, ge=0.0)
     ta_ce_weight: float | None = Field(None, ge=0.0)
     reduction: Literal["batchmean", "elementmean"] = "batchmean"
+
+    @model_validator(mode="after")
+    def _student_learns(self) -> "GrowingTAParams":
+        if self.ce_weight + self.kd_weight == 0:
+            raise ValueError("ce_weight and kd_weight are both 0: the student would not train")
+        return self
 
     @field_validator("grow_epochs")
     @classmethod

@@ -75,9 +75,9 @@ def gradcam_similarities(logits: Tensor, features: Tensor, classes: Tensor) -> T
     for slot in range(classes.shape[1]):
         selected = logits.gather(1, classes[:, slot : slot + 1]).sum()
         (grad,) = torch.autograd.grad(selected, features, retain_graph=True)
-        grads.append(grad)
+        grads.append(grad.float().flatten(2).mean(-1))  # w^c: spatial mean of dz_c/dF, B x C
     feats = features.detach().float()
-    weights = torch.stack(grads, 1).float().flatten(3).mean(-1)  # B x J x C
+    weights = torch.stack(grads, 1)  # B x J x C
     maps = F.relu(torch.einsum("bjc,bc...->bj...", weights, feats)).flatten(2)  # B x J x HW
     return F.cosine_similarity(maps, maps[:, :1], dim=-1, eps=1e-12)
 

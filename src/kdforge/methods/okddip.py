@@ -57,7 +57,7 @@ from kdforge.models.branches import BranchedNetwork
 
 class OKDDipParams(MethodParams):
     temperature: float = Field(3.0, gt=0)
-    weight: float = Field(1.0, ge=0, description="lambda (--alpha in the reference)")
+    kd_weight: float = Field(1.0, ge=0, description="lambda (--alpha in the reference)")
     branches: int = Field(4, ge=2, description="peers + 1 leader (the last branch)")
     split_at: str = Field("stage2", description="last top-level module of the shared trunk")
     rampup_epochs: float = Field(80.0, ge=0, description="ramp-up length L in epochs (0: no ramp)")
@@ -141,7 +141,7 @@ def _feature_width(group: BranchedNetwork, model: nn.Module, input_shape: Sequen
 
 @METHODS.register("okddip")
 class OKDDip(Distiller):
-    """OKDDip (Chen et al. AAAI 2020): peers distil from attention-mixed peer logits, the leader from their mean; T=3."""
+    """OKDDip (Chen et al. AAAI 2020): peers distil from attention-mixed peer logits, the leader from their mean."""
 
     name = "okddip"
     Params = OKDDipParams
@@ -153,15 +153,21 @@ class OKDDip(Distiller):
         params: OKDDipParams | dict | None = None,
         input_shape: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(student, teachers, params)
-        p: OKDDipParams = self.params  # type: ignore[assignment]
-        self.group = BranchedNetwork(student, p.split_at, p.branches, input_shape=input_shape)
+        p = params if isinstance(params, OKDDipParams) else OKDDipParams(**(params or {}))
+        group = BranchedNetwork(student, p.split_at, p.branches, input_shape=input_shape)
+        # the distiller's ``student`` is the whole group (trunk + every branch, each parameter
+        # once); the deployed network is the leader's view of it
+        super().__init__(group, teachers, p)
         self.num_peers = p.branches - 1
         if p.aggregation == "attention":
-            width = _feature_width(self.group, student, input_shape)
+            width = _feature_width(group, student, input_shape)
             projected = max(1, width // p.projection_factor)
             self.query = nn.Linear(width, projected, bias=False)
             self.key = nn.Linear(width, projected, bias=False)
+
+    @property
+    def group(self) -> BranchedNetwork:
+        return self.student  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ pieces
     def peer_targets(self, peer_features: Tensor, peer_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,7 +201,7 @@ class OKDDip(Distiller):
             )
             kd_leader = softened_kl(leader, ensemble, p.temperature, p.target_epsilon)
             ramp = rampup_weight(epoch_position(step, p.rampup_by), p.rampup_epochs)
-            scale = p.weight * ramp
+            scale = p.kd_weight * ramp
             losses = {
                 "ce_peers": ce_peers,
                 "ce_leader": F.cross_entropy(leader, y),
@@ -211,12 +217,16 @@ class OKDDip(Distiller):
 
     def inference_model(self) -> nn.Module:
         """The group leader (trunk + last branch) as a network of the student's class."""
-        return self.group.branch_network(self.num_peers)
+        view = self.group.branch_network(self.num_peers)
+        view.training = self.training  # the view is out of the module tree: keep its flag in step
+        return view
 
     def evaluation_models(self) -> dict[str, nn.Module]:
         members: dict[str, nn.Module] = {f"peer{i}": self.group.branch_network(i) for i in range(self.num_peers)}
-        members["leader"] = self.inference_model()
+        members["leader"] = self.group.branch_network(self.num_peers)
         members["ensemble"] = PeerEnsemble(self.group, self.num_peers)
+        for member in members.values():  # evaluation restores each member's own flag afterwards
+            member.training = self.training
         return members
 
 
