@@ -83,10 +83,12 @@ def test_takd_recipes_resolve(path):
             assert checkpoint.startswith("/runs/") or (ROOT / checkpoint).is_file(), checkpoint
     if "cifar10" in path and "cifar100" not in path:
         assert list(stages) == ["assistant", "student", "blkd"]
-        assert stages["assistant"]["student"]["name"] == "resnet14" and stages["student"]["student"]["name"] == "resnet8"
+        assert stages["assistant"]["student"]["name"] == "resnet14"
+        assert stages["student"]["student"]["name"] == "resnet8"
         assert all(s["data"]["train_subset"] == 10000 and s["train"]["epochs"] == 15 for s in stages.values())
     else:
-        assert [stages[k]["student"]["name"] for k in ("teacher", "assistant", "student")] == ["resnet110", "resnet20", "resnet8"]
+        names = [stages[k]["student"]["name"] for k in ("teacher", "assistant", "student")]
+        assert names == ["resnet110", "resnet20", "resnet8"]
         train = build_config(stages["student"].copy() | {"teachers": [{"checkpoint": "x.pt"}]}).train
         assert train.epochs == 160 and train.optimizer.lr == 0.1 and train.scheduler.milestones == [80, 120]
 
@@ -268,7 +270,8 @@ def test_masks_are_prefixes_with_the_scheduled_counts():
             assert bn.growth_mask[:n].eq(1).all() and bn.growth_mask[n:].eq(0).all()
         stage3_bn = d.ta.stage3[0].bn2
         assert int(stage3_bn.growth_mask.sum()) == {0.25: 64, 0.625: 160, 1.0: 256}[fraction]
-        assert d(batch_of(images(2), [0, 1]), Step(epoch=epoch, epochs=6)).metrics["ta_active_fraction"] == pytest.approx(fraction)
+        metrics = d(batch_of(images(2), [0, 1]), Step(epoch=epoch, epochs=6)).metrics
+        assert metrics["ta_active_fraction"] == pytest.approx(fraction)
     # inactive channels are exactly zero after their BatchNorm
     d2 = growing(teacher)
     tap = FeatureTap(d2.ta, ["stage3"])

@@ -10,7 +10,9 @@ from kdforge.methods import (  # noqa: F401  (registration)
     ffsd,
     fitnet,
     fsp,
+    growing_ta,
     hkd,
+    introspective,
     kd,
     okddip,
     online,
@@ -18,6 +20,7 @@ from kdforge.methods import (  # noqa: F401  (registration)
     review_kd,
     rkd,
     sp,
+    takd,
 )
 from kdforge.methods.base import METHODS, Distiller, MethodParams, OptimizerGroup, Output, Step
 from kdforge.methods.losses import kd_loss, soft_kl

@@ -84,7 +84,7 @@ def gradcam_similarities(logits: Tensor, features: Tensor, classes: Tensor) -> T
 
 @METHODS.register("introspective")
 class Introspective(Distiller):
-    """Introspective learning (Gu, Wu & Tresp 2020; RECONSTRUCTED): soft targets from the model's own Grad-CAM similarities."""
+    """Introspective learning (Gu, Wu & Tresp 2020; RECONSTRUCTED): targets from own Grad-CAM similarities."""
 
     name = "introspective"
     Params = IntrospectiveParams
