@@ -73,3 +73,26 @@ def test_resolved_config_round_trips():
     c = build_config({**MINIMAL, "method": {"name": "kd", "temperature": {"kind": "cosine", "start": 8, "end": 1}}})
     again = build_config(c.to_dict())
     assert again.to_dict() == c.to_dict()
+
+
+def test_checkpoint_paths_resolve_against_the_recipe_folder_when_not_found_here(tmp_path, monkeypatch):
+    from kdforge.config import read_yaml
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "t.pt").write_bytes(b"x")
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text(
+        "pipeline:\n"
+        "  a: {student: {name: mlp}, teachers: [{checkpoint: ../models/t.pt}]}\n"
+        "  b: {student: {checkpoint: '{a}/checkpoints/model_last.pt'}}\n"
+    )
+    elsewhere = tmp_path / "a" / "b"  # ../models/t.pt does not exist from here
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    stages = read_yaml(recipe)["pipeline"]
+    assert stages["a"]["teachers"][0]["checkpoint"] == str((tmp_path / "models" / "t.pt").resolve())
+    assert stages["b"]["student"]["checkpoint"] == "{a}/checkpoints/model_last.pt"  # stage refs untouched
+    # a path that exists relative to the working directory keeps its meaning
+    monkeypatch.chdir(tmp_path / "recipes")
+    assert read_yaml(recipe)["pipeline"]["a"]["teachers"][0]["checkpoint"] == "../models/t.pt"

@@ -235,10 +235,35 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
+    _rebase_checkpoints(data, path.parent)
     if isinstance(data.get("base"), str):  # a recipe may extend another file
         base = data.pop("base")
         return deep_merge(read_yaml(path.parent / base), data)
     return data
+
+
+def _rebase_checkpoints(recipe: dict[str, Any], folder: Path) -> None:
+    """Model-file paths in a recipe are tried against the working directory, then against the
+    recipe's own folder: a path that only exists relative to the recipe is made absolute."""
+
+    def fix(section: Any) -> None:
+        if not isinstance(section, dict):
+            return
+        file = section.get("checkpoint")
+        if isinstance(file, str) and "{" not in file and not Path(file).is_absolute():
+            if not Path(file).exists() and (folder / file).exists():
+                section["checkpoint"] = str((folder / file).resolve())
+
+    def visit(entry: Any) -> None:
+        if not isinstance(entry, dict):
+            return
+        fix(entry.get("student"))
+        for teacher in entry.get("teachers") or []:
+            fix(teacher)
+        for stage in (entry.get("pipeline") or {}).values() if isinstance(entry.get("pipeline"), dict) else ():
+            visit(stage)
+
+    visit(recipe)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
