@@ -32,7 +32,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,22 +237,28 @@ def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, ec
     failed: dict[str, int] = {}
     done: set[str] = {r.label for r in runs if r.status() == "finished"}
     started = time.perf_counter()
+    running: dict[Future, PlannedRun] = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        while pending:
-            ready = [r for r in pending if all(d in done for d in r.depends_on)]
+        while pending or running:
             blocked = [r for r in pending if any(d in failed for d in r.depends_on)]
             for run in blocked:
                 failed[run.label] = -1
                 pending.remove(run)
                 echo(f"  skipped {run.label}: its teacher failed")
-            if not ready:
-                if pending and not blocked:
-                    raise ConfigError("suite runs wait on each other in a cycle")
-                continue
-            # teachers first: everything else may depend on them
-            wave = [r for r in ready if r.is_teacher] or ready
-            for run, code, seconds in pool.map(lambda r: _launch(r, threads, log_dir), wave):
+            ready = [r for r in pending if all(d in done for d in r.depends_on)]
+            # teachers first (others may wait on them), then in plan order; keep every job busy
+            ready.sort(key=lambda r: not r.is_teacher)
+            for run in ready[: jobs - len(running)]:
                 pending.remove(run)
+                running[pool.submit(_launch, run, threads, log_dir)] = run
+            if not running:
+                if pending:
+                    raise ConfigError("suite runs wait on each other in a cycle")
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                running.pop(future)
+                run, code, seconds = future.result()
                 if code == 0:
                     done.add(run.label)
                     echo(f"  done {run.label} ({seconds:.0f} s)")
