@@ -48,6 +48,8 @@ _REPDISTILLER_TABLE: dict[str, tuple[float, float, float, float, float]] = {
     "at": (74.08, 70.55, 72.31, 73.44, 71.43),
     "fsp": (72.91, 69.95, 71.89, 72.62, 70.23),
     "rkd": (73.35, 69.61, 71.82, 71.90, 71.48),
+    "sp": (73.83, 69.67, 72.69, 72.94, 72.68),
+    "pkt": (74.54, 70.34, 72.61, 73.64, 72.88),
     "crd": (75.48, 71.16, 73.48, 75.51, 73.94),
 }
 _STUDENT_ALONE = (73.26, 69.06, 71.14, 72.50, 70.36)
@@ -64,6 +66,20 @@ _DKD: tuple[tuple[str, str, float], ...] = (
 )
 
 
+# ReviewKD, its paper's Tables 1-2 as collected in the method specification.
+REVIEWKD = "ReviewKD paper, Tables 1-2 (CIFAR-100)"
+_REVIEW_KD: tuple[tuple[str, str, float], ...] = (
+    ("wrn_40_2", "wrn_16_2", 76.12),
+    ("resnet56", "resnet20", 71.89),
+    ("resnet110", "resnet32", 73.89),
+    ("resnet32x4", "resnet8x4", 75.63),
+    ("vgg13", "vgg8", 74.84),
+    ("wrn_40_2", "wrn_40_1", 75.09),
+)
+# HKD without the extra KD term, from the HKD README's Table 1 (CIFAR-100).
+HKD_README = "HKD README, Table 1 (CIFAR-100)"
+
+
 def _build() -> tuple[Reference, ...]:
     entries: list[Reference] = []
     for (_teacher, student), top1 in zip(_PAIRS, _STUDENT_ALONE):
@@ -73,6 +89,9 @@ def _build() -> tuple[Reference, ...]:
             entries.append(Reference(method, "cifar100", teacher, student, top1, REPDISTILLER))
     for teacher, student, top1 in _DKD:
         entries.append(Reference("dkd", "cifar100", teacher, student, top1, MDISTILLER))
+    for teacher, student, top1 in _REVIEW_KD:
+        entries.append(Reference("review_kd", "cifar100", teacher, student, top1, REVIEWKD))
+    entries.append(Reference("hkd", "cifar100", "resnet32x4", "resnet8x4", 75.63, HKD_README))
     return tuple(entries)
 
 
