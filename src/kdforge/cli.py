@@ -75,10 +75,9 @@ def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from kdforge.config import DataConfig
     from kdforge.engine.build import build_augmentation, build_data
-    from kdforge.engine.checkpoint import load_weights, read_model_file
+    from kdforge.engine.checkpoint import read_model_file
     from kdforge.engine.trainer import evaluate_model
     from kdforge.errors import CheckpointError, ConfigError
-    from kdforge.models import create
 
     record = read_model_file(args.checkpoint)
     spec = record.get("model") or {}
@@ -93,19 +92,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CheckpointError(
             f"'{args.checkpoint}' predicts {spec['num_classes']} classes; dataset '{dataset}' has {data.info.num_classes}"
         )
-    model = create(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                   input_size=tuple(spec["input_size"]) if spec.get("input_size") else None, **spec.get("kwargs", {}))
-    load_weights(model, record["state_dict"], str(args.checkpoint))
+    from kdforge.compress.arch import load_model_file  # zoo, LMA, pruned and QAT networks
+
+    model, _ = load_model_file(args.checkpoint)
     split = data.test if args.split == "test" else data.train
+    if args.limit is not None:
+        import torch
+
+        split = split.select(torch.arange(min(max(args.limit, 1), len(split))))
     result = evaluate_model(model, split, build_augmentation(data_cfg, data.info), args.batch_size)
     result = {"checkpoint": str(args.checkpoint), "model": spec["name"], "dataset": dataset,
               "split": args.split, "images": len(split), **result}
+    if args.attack:
+        from kdforge.robust import robust_evaluate
+
+        result["robust"] = robust_evaluate(
+            model, split, data.info.mean, data.info.std, attack=args.attack, eps=args.eps, steps=args.steps,
+            step_size=args.step_size, norm=args.norm, restarts=args.restarts, batch_size=args.batch_size,
+        )
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{spec['name']} on {dataset} {args.split} ({len(split)} images): "
               f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+        if args.attack:
+            robust, attack = result["robust"], result["robust"]["attack"]
+            label = f"PGD-{args.steps}" if args.attack == "pgd" else "FGSM"
+            extra = f", step {attack['step_size']:.4g}, restarts {args.restarts}" if args.attack == "pgd" else ""
+            print(f"{label} ({args.norm}, eps {args.eps:.4g}{extra}): clean top-1 {robust['clean_top1']:.2f}%  "
+                  f"robust top-1 {robust['robust_top1']:.2f}%")
     return 0
+
+
+def _fraction(text: str) -> float:
+    """A number or a fraction such as 8/255 (for --eps and --step-size)."""
+    from fractions import Fraction
+
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
 
 
 # ----------------------------------------------------------------------------- list / profile
@@ -133,23 +159,37 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from kdforge.models import create
-    from kdforge.models.profile import profile_model
+    """Parameters, FLOPs, size on disk, CPU latency; rates against --teacher (kdforge.compress.report)."""
+    from kdforge.compress.report import format_report, profile_networks
 
-    channels, height, width = _parse_shape(args.input)
-    model = create(args.model, num_classes=args.classes, in_channels=channels, input_size=(height, width))
-    report = profile_model(model, (channels, height, width), batch_sizes=tuple(args.batch_sizes),
-                           num_threads=args.threads)
+    shape = _parse_shape(args.input) if args.input else None
+    report, names = profile_networks(args.model, args.teacher, shape, args.classes, tuple(args.batch_sizes),
+                                     args.threads)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{args.model}: {args.classes} classes, input {channels}x{height}x{width}, "
-          f"{report['device']}, {report['threads']} threads")
-    print(f"  parameters  {report['parameters']:,} ({report['parameters'] / 1e6:.2f}M)")
-    print(f"  FLOPs       {report['flops']:,} per image ({report['macs'] / 1e6:.1f}M MACs)")
-    for row in report["latency"]:
-        print(f"  latency     batch {row['batch_size']:>4}: {row['seconds'] * 1000:8.2f} ms "
-              f"({row['samples_per_second']:,.0f} images/s)")
+    channels, height, width = report["input_shape"]
+    print(f"{names[0]}: {report['classes']} classes, input {channels}x{height}x{width}, cpu, "
+          f"{report['student']['threads']} threads")
+    print(format_report(report, *names))
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a model file's network as ONNX (optionally int8) or TorchScript (kdforge.compress.export)."""
+    from kdforge.compress.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.format, args.out, int8=args.int8, data=args.data, root=args.root,
+                               batches=args.calibration_batches, check=not args.no_check)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    check = f" (max |difference| vs PyTorch {result['max_abs_diff']:.2e})" if "max_abs_diff" in result else ""
+    print(f"{args.format}: {result['path']}{check}")
+    if args.int8:
+        agree = f", top-1 agreement with float {100 * result['int8_agreement']:.1f}%" if "int8_agreement" in result else ""
+        print(f"int8 (ONNX Runtime static, per-channel): {result['int8_path']}{agree}")
     return 0
 
 
@@ -238,16 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["test", "train"], default="test")
     evaluate.add_argument("--batch-size", type=int, default=512)
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N images of the split only")
+    evaluate.add_argument("--attack", choices=["fgsm", "pgd"], help="also report robust top-1 under this attack")
+    evaluate.add_argument("--eps", type=_fraction, default=8 / 255, help="attack radius in [0, 1] pixel units (8/255)")
+    evaluate.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
+    evaluate.add_argument("--step-size", type=_fraction, help="PGD step (default 2.5 * eps / steps)")
+    evaluate.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    evaluate.add_argument("--restarts", type=int, default=1, help="PGD random restarts (per-sample worst kept)")
     evaluate.set_defaults(func=cmd_eval)
 
     listing = sub.add_parser("list", help="list registered models, methods or datasets")
     listing.add_argument("what", choices=["models", "methods", "datasets"])
     listing.set_defaults(func=cmd_list)
 
-    profile = sub.add_parser("profile", help="parameters, FLOPs and CPU latency of a model")
-    profile.add_argument("model")
-    profile.add_argument("--input", default="3x32x32", help="CxHxW (default 3x32x32)")
-    profile.add_argument("--classes", type=int, default=100)
+    profile = sub.add_parser("profile", help="parameters, FLOPs, size, CPU latency; rates against a teacher")
+    profile.add_argument("model", help="zoo name or model file (e.g. a pruned student's checkpoints/model_last.pt)")
+    profile.add_argument("--teacher", help="zoo name or model file: adds compression and computation rates")
+    profile.add_argument("--input", help="CxHxW (default: the model file's, else 3x32x32)")
+    profile.add_argument("--classes", type=int, default=100, help="classes of zoo-name models (default 100)")
     profile.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     profile.add_argument("--threads", type=int, help="torch threads for the latency measurement")
     profile.add_argument("--json", action="store_true")
@@ -272,9 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder for the report files (default: the first DIR)")
     report.set_defaults(func=cmd_report)
 
+    exporter = sub.add_parser("export", help="write a model file's network as ONNX (optionally int8) or TorchScript")
+    exporter.add_argument("checkpoint", help="a kdforge model file (checkpoints/model_last.pt)")
+    exporter.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    exporter.add_argument("--out", help="output file (default: beside the checkpoint)")
+    exporter.add_argument("--int8", action="store_true", help="also quantize: ONNX Runtime static int8, per-channel")
+    exporter.add_argument("--data", help="calibration dataset (default: the model file's)")
+    exporter.add_argument("--root", help="folder holding the dataset's files")
+    exporter.add_argument("--calibration-batches", type=int, default=8, help="training batches of 64 (default 8)")
+    exporter.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
+    exporter.add_argument("--json", action="store_true")
+    exporter.set_defaults(func=cmd_export)
+
     demo = sub.add_parser("demo", help="teacher, student alone and KD student on the bundled digits (<3 min)")
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
+
+    from kdforge.nonn.commands import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
+
+    add_nonn_commands(sub)
     return parser
 
 

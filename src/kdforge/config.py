@@ -36,10 +36,38 @@ class DataConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
 
 
+class LMAConfig(Strict):
+    """Swap every ReLU for an LMA activation (kdforge.compress.lma; docs/compression.md)."""
+
+    k: int = Field(8, ge=2, description="segments")
+    momentum: float = Field(0.99, ge=0.0, lt=1.0)
+
+
+class PruneConfig(Strict):
+    """Prune the network when the run starts (kdforge.compress.prune; docs/compression.md)."""
+
+    amount: float = Field(..., ge=0.0, lt=1.0, description="fraction of filters (or weights) removed")
+    structured: bool = Field(True, description="true: remove whole filters physically; false: zero weights")
+    norm: Literal[1, 2] = Field(1, description="filter ranking norm (structured)")
+    residual: bool = Field(True, description="structured: also prune channels shared through residual additions")
+    scope: Literal["layer", "global"] = Field("layer", description="unstructured: per-layer or global ranking")
+    skip: list[str] = Field(default_factory=list, description="module-name prefixes left unpruned")
+
+
+class QATConfig(Strict):
+    """Fake-quantize convs/linears for quantization-aware training (kdforge.compress.quantize)."""
+
+    weight_bits: int = Field(8, ge=2, le=8)
+    activation_bits: int = Field(8, ge=2, le=8)
+
+
 class ModelConfig(Strict):
     name: str | None = Field(None, description="zoo name; may be omitted when a checkpoint names it")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
+    lma: LMAConfig | None = None
+    prune: PruneConfig | None = None
+    qat: QATConfig | None = None
 
     @model_validator(mode="after")
     def _named(self) -> "ModelConfig":

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
 from kdforge.data import Augmentation, DataSplits, DatasetInfo, TensorData, default_augmentation, load_dataset
-from kdforge.engine.checkpoint import load_weights, read_model_file
+from kdforge.engine.checkpoint import read_model_file
 from kdforge.errors import CheckpointError, ConfigError
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import create
@@ -25,6 +25,7 @@ class ModelSpec:
     num_classes: int
     in_channels: int
     input_size: tuple[int, int]
+    architecture: list[dict[str, Any]] = field(default_factory=list)  # LMA/pruning/QAT steps (kdforge.compress.arch)
 
 
 def build_data(cfg: DataConfig) -> DataSplits:
@@ -84,8 +85,10 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
         input_size=tuple(info.image_size),
         **kwargs,
     )
-    if record is not None:
-        load_weights(model, record["state_dict"], str(cfg.checkpoint))
+    from kdforge.compress.arch import materialize  # loads the weights; LMA, pruned, QAT networks too
+
+    shape = (info.in_channels, *info.image_size)
+    model, spec.architecture = materialize(model, record, cfg, shape, str(cfg.checkpoint))
     return model, spec
 
 
@@ -94,7 +97,9 @@ def build_distiller(
 ) -> tuple[Distiller, ModelSpec]:
     """The method with its networks. Methods that size modules from the data declare keywords:
     ``input_shape`` (C, H, W) for feature adapters, ``num_samples`` (training-set size) and
-    ``train_labels`` for memory banks.
+    ``train_labels`` for memory banks, ``normalization`` (per-channel mean, std of the batches) for
+    adversarial methods, whose epsilon is in [0, 1] pixel units, ``train_data`` (the training
+    TensorData) for methods that look at the images before training (NoNN's filter partition).
     """
     student, spec = build_model(config.student, info, "student")
     teachers = [build_model(t, info, f"teachers.{i}")[0] for i, t in enumerate(config.teachers)]
@@ -104,6 +109,8 @@ def build_distiller(
         "input_shape": (info.in_channels, *info.image_size),
         "num_samples": len(train) if train is not None else None,
         "train_labels": train.labels if train is not None else None,
+        "train_data": train,  # NoNN partitions the teacher's filters on the training images
+        "normalization": (tuple(info.mean), tuple(info.std)),  # attacks work in pixel units
     }
     extra = {k: v for k, v in offered.items() if k in accepted and v is not None}
     try:

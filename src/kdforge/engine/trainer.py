@@ -276,13 +276,16 @@ class Trainer:
         record = model_record(
             self.distiller.inference_model(),
             name=spec.name,
-            kwargs=spec.kwargs,
+            # a model may complete its constructor arguments during setup (NoNN's partition)
+            kwargs={**spec.kwargs, **getattr(self.distiller.inference_model(), "saved_kwargs", {})},
             num_classes=spec.num_classes,
             in_channels=spec.in_channels,
             input_size=spec.input_size,
             dataset=dataclasses.asdict(self.info),
             metrics=metrics,
         )
+        if getattr(spec, "architecture", None):  # LMA / pruned / QAT networks (kdforge.compress.arch)
+            record["model"]["architecture"] = spec.architecture
         atomic_save(record, path)
 
     # ------------------------------------------------------------------ loop
@@ -336,24 +339,30 @@ class Trainer:
                 batch.inputs = {k: v.contiguous(memory_format=memory_format) if v.ndim == 4 else v for k, v in batch.inputs.items()}
             if self.bank is not None:
                 batch.extras["teacher_logits"] = self.bank.lookup(epoch, batch.index)
-            output = self.model(batch, step)
-            loss = output.loss
-            self.fabric.backward(loss)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise KDForgeError(
-                    f"loss became {loss_value} at epoch {epoch}, step {self.global_step}; "
-                    "lower train.optimizer.lr or set train.grad_clip"
-                )
-            for optimizer in self.optimizers:
-                if config.train.grad_clip:
-                    self.fabric.clip_gradients(self.model, optimizer, max_norm=config.train.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for name, value in output.losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach() * len(batch)
-            for name, value in output.metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + float(value) * len(batch)
+            step.lr = lrs[0]
+            # a method may replay each batch (free adversarial training): one optimizer step per
+            # replay, while the schedules and global_step advance once per batch
+            replays = max(int(self.distiller.batch_replays), 1)
+            for _ in range(replays):
+                output = self.model(batch, step)
+                loss = output.loss
+                self.fabric.backward(loss)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise KDForgeError(
+                        f"loss became {loss_value} at epoch {epoch}, step {self.global_step}; "
+                        "lower train.optimizer.lr or set train.grad_clip"
+                    )
+                for optimizer in self.optimizers:
+                    if config.train.grad_clip:
+                        self.fabric.clip_gradients(self.model, optimizer, max_norm=config.train.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                self.distiller.after_optimizer_step(step)
+                for name, value in output.losses.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach() * len(batch) / replays
+                for name, value in output.metrics.items():
+                    metric_sums[name] = metric_sums.get(name, 0.0) + float(value) * len(batch) / replays
             images += len(batch)
             self.global_step += 1
             if bar is not None:
@@ -470,12 +479,14 @@ class Trainer:
             "selection_split": self._selection_split(),
             "student_parameters": sum(p.numel() for p in student.parameters()),
             "extra_parameters": self.distiller.extra_parameter_count(),
+            **({"method_summary": extra} if (extra := self.distiller.summary_metrics()) else {}),
             "train_seconds": self.train_seconds,
             "wall_seconds": self._wall_seconds(),
             "seconds_per_batch": self.train_seconds / max(self.global_step, 1),
             "global_step": self.global_step,
             "world_size": self.fabric.world_size,
             "record": run_record(self.fabric.device, self.config.seed),
+            "compression": _compression_summary(self),
         }
         atomic_write_text(json.dumps(summary, indent=2) + "\n", self.out_dir / "summary.json")
         return summary
@@ -489,6 +500,13 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         return summary
+
+
+def _compression_summary(trainer: Trainer) -> dict[str, Any]:
+    """Parameters, FLOPs, size, CPU latency and rates against the first teacher (kdforge.compress.report)."""
+    from kdforge.compress.report import summary_fields
+
+    return summary_fields(trainer)
 
 
 def evaluate_model(

@@ -8,7 +8,7 @@ features with ``FeatureTap(model, ["stage3", "pool"])`` using the logical names 
 Layering: this package imports nothing from kdforge except ``registry`` and ``errors``.
 """
 
-from kdforge.models import cifar_resnet, mobilenetv2, shufflenet, small, vgg, wide_resnet
+from kdforge.models import cifar_resnet, mobilenetv2, nonn, shufflenet, small, vgg, wide_resnet
 from kdforge.models.factory import MODELS, accepted_arguments, create, list_models
 from kdforge.models.profile import (
     count_flops,
