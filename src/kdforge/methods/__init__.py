@@ -14,6 +14,7 @@ from kdforge.methods import (  # noqa: F401  (registration)
     hkd,
     introspective,
     kd,
+    nonn,
     okddip,
     online,
     pkt,

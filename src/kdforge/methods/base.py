@@ -42,6 +42,8 @@ class Step:
     epochs: int = 1
     global_step: int = 0
     total_steps: int = 1
+    #: learning rate of the first optimizer group at this step (set by the trainer; proximal steps use it)
+    lr: float = 0.0
 
     @property
     def progress(self) -> float:
@@ -97,6 +99,9 @@ class Distiller(nn.Module):
     #: True when the method reads its teachers only through ``teacher_logits`` (so a teacher bank
     #: can replace them entirely); methods that tap teacher features leave it False
     replays_teacher_logits: ClassVar[bool] = False
+    #: how many optimizer steps the trainer takes on each batch (free adversarial training replays
+    #: a batch m times); the schedules and ``global_step`` still advance once per batch
+    batch_replays: int = 1
 
     def __init__(
         self,
@@ -133,6 +138,15 @@ class Distiller(nn.Module):
 
     def on_epoch_start(self, step: Step) -> None:
         """Called before each training epoch (curricula, growing networks, bank refreshes)."""
+
+    def after_optimizer_step(self, step: Step) -> None:
+        """Called right after the optimizers stepped and zeroed their gradients (proximal operators,
+        pruning masks); ``step.lr`` is the learning rate just used."""
+
+    def summary_metrics(self) -> dict[str, Any]:
+        """Method-specific numbers for the run's ``summary.json`` (under ``method_summary``; e.g.
+        sparsity and compression rates); empty by default."""
+        return {}
 
     # ----------------------------------------------------------------- helpers
     @classmethod
