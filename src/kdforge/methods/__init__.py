@@ -1,6 +1,7 @@
 """Distillation methods: one file per method, each registered in ``METHODS`` by name."""
 
 from kdforge.methods import (  # noqa: F401  (registration)
+    adversarial,
     at,
     ce,
     crd,
@@ -20,6 +21,7 @@ from kdforge.methods import (  # noqa: F401  (registration)
     pkt,
     review_kd,
     rkd,
+    robust_prune,
     sp,
     takd,
 )
