@@ -355,7 +355,9 @@ def stage_configs(path):
 def test_shipped_recipes_validate(name):
     configs = stage_configs(RECIPES / name)
     methods = [c.method.name for c in configs.values()]
-    assert methods[0] == "ce"  # every recipe starts by training its teacher(s)
+    assert all(methods)  # every stage validated (build_config above) and names a method
+    if name.startswith(("fsp", "crosslayer", "review_kd")):
+        assert methods[0] == "ce"  # these recipes start by training their teacher(s)
     if name.startswith("crosslayer"):
         assert "crosslayer" in methods and "ensemble_kd" in methods
         distil = configs["distil"]
