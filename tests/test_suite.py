@@ -51,11 +51,14 @@ def test_suite_errors_name_the_problem(tmp_path):
 def test_digits_smoke_suite_end_to_end(tmp_path):
     """`kdforge bench` runs every run, a second call skips them all, and the report is written."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, "-m", "kdforge", "bench", str(SMOKE), "--out", str(tmp_path / "s"), "--jobs", "2"]
+    command = [sys.executable, "-m", "kdforge", "bench", str(SMOKE), "--out", str(tmp_path / "s"), "--jobs", "2",
+               "--threads", "1"]
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "s").rglob("summary.json")]
     assert len(summaries) == 7 and all(s["status"] == "finished" for s in summaries)
+    configs = [yaml.safe_load(p.read_text()) for p in (tmp_path / "s").rglob("config.yaml")]
+    assert configs and all(c["train"]["num_threads"] == 1 for c in configs)
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0 and "7 already finished" in second.stdout
 

@@ -212,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from kdforge.suite import run_suite
 
-    result = run_suite(args.suite, args.out, jobs=args.jobs)
+    result = run_suite(args.suite, args.out, jobs=args.jobs, threads=args.threads)
     if not args.no_report:
         from kdforge.report import write_report
 
@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", help="suite YAML (see configs/suites/)")
     bench.add_argument("--out", help="suite folder (default runs/suites/<name>)")
     bench.add_argument("--jobs", type=int, default=1, help="runs at once, as separate processes")
+    bench.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     bench.add_argument("--no-report", action="store_true")
     bench.set_defaults(func=cmd_bench)
 

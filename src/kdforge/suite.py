@@ -220,8 +220,13 @@ def _launch(run: PlannedRun, threads: int, log_dir: Path) -> tuple[PlannedRun, i
     return run, code, time.perf_counter() - started
 
 
-def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, echo=print) -> dict[str, Any]:
-    """Run (or continue) a suite; returns counts and the failed runs."""
+def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, echo=print,
+              threads: int | None = None) -> dict[str, Any]:
+    """Run (or continue) a suite; returns counts and the failed runs.
+
+    ``threads`` (torch threads per run) defaults to the cores divided by ``jobs``; set it lower to
+    leave cores free for other work on the machine.
+    """
     spec, folder = load_suite(path)
     out = Path(out or Path("runs") / "suites" / spec.name)
     runs = plan(spec, folder, out)
@@ -229,7 +234,7 @@ def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, ec
     log_dir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs, cores))
-    threads = max(1, cores // jobs)
+    threads = max(1, threads if threads else cores // jobs)
 
     pending = [r for r in runs if r.status() != "finished"]
     echo(f"suite {spec.name}: {len(runs)} runs ({len(runs) - len(pending)} already finished), "
