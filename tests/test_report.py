@@ -44,6 +44,7 @@ def make_run(
     device: str = "cpu: x86_64, 2 threads",
     commit: str = "abc123def4567890",
     curve: list[float] | None = None,
+    student_options: dict | None = None,
 ) -> Path:
     """Write a run directory as the trainer would (config.yaml, metrics.jsonl, summary.json)."""
     run_dir = root / directory
@@ -57,7 +58,8 @@ def make_run(
         "seed": seed,
         "data": {"name": dataset, "root": "data", "download": False, "val_fraction": 0.1 if split == "val" else 0.0,
                  "train_subset": None, "seed": 0, "augment": True, "options": {}, **(data or {})},
-        "student": {"name": student, "kwargs": {}, "checkpoint": None},
+        "student": {"name": student, "kwargs": {}, "checkpoint": None, "lma": None, "prune": None, "qat": None,
+                    **(student_options or {})},
         "teachers": teacher_entries,
         "method": {"name": method, **(params or {})},
         "train": {"epochs": epochs, "batch_size": 64, "progress": "none"},
@@ -121,6 +123,19 @@ def test_runs_differing_only_by_seed_form_one_group(tmp_path):
     assert by_name["kd_t2"].n == 2  # another temperature is another recipe
     assert by_name["kd"].config_hash != by_name["kd_t2"].config_hash
     assert [g.method for g in groups] == ["ce", "kd", "kd"]  # the student alone first, then plain KD
+
+
+def test_student_variants_lma_prune_qat_are_separate_groups(tmp_path):
+    """A ReLU and an LMA student of one architecture differ in more than the seed."""
+    for seed in range(2):
+        make_run(tmp_path, f"relu-{seed}", name="kd relu", seed=seed)
+        make_run(tmp_path, f"lma-{seed}", name="kd lma", seed=seed, student_options={"lma": {"k": 8, "momentum": 0.99}})
+    make_run(tmp_path, "qat", name="kd qat", student_options={"qat": {"bits": 8}})
+    groups = {g.name: g for g in group_runs(collect([tmp_path]))}
+    assert set(groups) == {"kd relu", "kd lma", "kd qat"}
+    assert groups["kd relu"].n == 2 and groups["kd lma"].n == 2
+    assert groups["kd relu"].student_arch == "resnet20"
+    assert groups["kd lma"].student_arch == "resnet20+lma(k=8)" and groups["kd qat"].student_arch == "resnet20+qat"
 
 
 def test_colliding_names_of_different_recipes_get_a_hash(tmp_path):

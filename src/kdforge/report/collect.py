@@ -283,10 +283,14 @@ def setting_of(
         saved = resolver.model_of(student_cfg["checkpoint"], run_dir)
         student_name = student_name or saved.get("name")
         student_kwargs = {**(saved.get("kwargs") or {}), **student_kwargs}
+    # Everything else that shapes the student (LMA activations, pruning, QAT, ...) stays in the
+    # setting: a ReLU and an LMA student of one architecture are different groups.
+    variants = {k: v for k, v in student_cfg.items() if k not in ("name", "kwargs", "checkpoint") and v}
     normalized["student"] = {
         "name": student_name,
         "kwargs": student_kwargs,
         "initialised_from_checkpoint": bool(student_cfg.get("checkpoint")),
+        **variants,
     }
     teachers, teacher_ids = [], []
     for entry in config.get("teachers") or []:
@@ -309,7 +313,9 @@ def setting_of(
     train = config.get("train") or {}
     return {
         "teachers": tuple(teachers),
-        "student_arch": architecture(student_name, student_kwargs),
+        "student_arch": architecture(student_name, student_kwargs) + "".join(
+            f"+{key}" + (f"(k={value['k']})" if key == "lma" and isinstance(value, dict) and "k" in value else "")
+            for key, value in sorted(variants.items())),
         "config_hash": short_hash(normalized),
         "data_hash": short_hash(normalized.get("data")),
         "train_hash": short_hash(normalized.get("train")),
