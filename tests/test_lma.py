@@ -55,6 +55,30 @@ def test_output_is_the_segment_line_and_gradients_reach_slopes_and_biases():
     assert torch.allclose(x.grad, slopes[index])  # statistics carry no gradient
 
 
+def test_fast_lookup_matches_advanced_indexing_values_and_gradients():
+    """The custom backward (index_add_) gives the gradients of the plain indexing form."""
+    torch.manual_seed(0)
+    lma = LMA(k=8)
+    with torch.no_grad():
+        lma.slope_delta.normal_(0, 0.3)
+        lma.bias_delta.normal_(0, 0.3)
+    x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last).requires_grad_(True)
+    weights = torch.randn(4, 3, 5, 5)
+    out = lma(x)
+    grads = torch.autograd.grad((out * weights).sum(), (x, lma.slope_delta, lma.bias_delta))
+    mu, sigma = torch.std_mean(x.detach(), unbiased=False)[::-1]
+    index = lma.segment_index(x.detach(), mu, sigma)
+    x2 = x.detach().clone().requires_grad_(True)
+    slope_delta = lma.slope_delta.detach().clone().requires_grad_(True)
+    bias_delta = lma.bias_delta.detach().clone().requires_grad_(True)
+    expected = (lma.base_slope + slope_delta)[index] * x2 + bias_delta[index]
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (x2, slope_delta, bias_delta))
+    assert torch.allclose(out, expected, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert len(set(index.flatten().tolist())) > 4  # several segments are exercised
+
+
 def test_running_statistics_update_in_training_only_and_eval_uses_them():
     lma = LMA(k=8, momentum=0.99)
     batch = torch.randn(64, 3, 4, 4) * 2 + 1
@@ -100,3 +124,17 @@ def test_recipe_switch_trains_an_lma_student_and_its_model_file_reloads(tmp_path
     assert record["model"]["architecture"] == [{"op": "lma", "k": 8, "momentum": 0.99}]
     layers = [m for m in model.modules() if isinstance(m, LMA)]
     assert layers and all(float(m.running_std) > 0 for m in layers)  # statistics were learnt and saved
+
+
+def test_lma_student_exports_to_torchscript(tmp_path):
+    """The fast autograd path is bypassed under tracing, so the traced TorchScript file saves."""
+    from kdforge.compress.export import export_torchscript
+
+    model = lma_student(create("resnet8", num_classes=10, input_size=(32, 32)), k=8)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    path = export_torchscript(model, tmp_path / "lma.ts", (3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(torch.jit.load(str(path))(x), model(x), atol=1e-5)

@@ -28,6 +28,38 @@ from torch import Tensor, nn
 from kdforge.errors import ConfigError
 
 
+class _SegmentLookup(torch.autograd.Function):
+    """``slopes[index] * x + biases[index]`` with a cheaper backward than advanced indexing.
+
+    Forward gathers with ``index_select`` on the flattened index; backward returns
+    ``grad * slopes[index]`` for x and scatter-adds ``grad * x`` / ``grad`` into the k slopes /
+    biases (``index_add_``). Same values as the indexing form (tested); about 2.5x faster forward
+    plus backward on CPU for CIFAR-sized activations, where advanced indexing's backward
+    (``index_put_`` with accumulation) dominates.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, slopes: Tensor, biases: Tensor) -> Tensor:  # type: ignore[override]
+        flat = index.reshape(-1)
+        a = torch.index_select(slopes, 0, flat).view(x.shape)
+        b = torch.index_select(biases, 0, flat).view(x.shape)
+        ctx.save_for_backward(x, index, a)
+        ctx.k = slopes.shape[0]
+        return torch.addcmul(b, a, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, index, a = ctx.saved_tensors
+        grad_x = grad * a if ctx.needs_input_grad[0] else None
+        flat = index.reshape(-1)
+        grad_slopes = grad_biases = None
+        if ctx.needs_input_grad[2]:
+            grad_slopes = grad.new_zeros(ctx.k).index_add_(0, flat, (grad * x).reshape(-1))
+        if ctx.needs_input_grad[3]:
+            grad_biases = grad.new_zeros(ctx.k).index_add_(0, flat, grad.reshape(-1))
+        return grad_x, None, grad_slopes, grad_biases
+
+
 class LMA(nn.Module):
     """k-segment piecewise-linear activation with cut points at ``mu - 3 sigma + j * 6 sigma / k``."""
 
@@ -77,7 +109,13 @@ class LMA(nn.Module):
         index = self.segment_index(x, mu.to(x.dtype), sigma.to(x.dtype))
         slopes = self.slopes.to(x.dtype)
         biases = self.biases.to(x.dtype)
-        return slopes[index] * x + biases[index]
+        if torch.jit.is_scripting() or torch.jit.is_tracing():  # TorchScript cannot hold Python autograd functions
+            return slopes[index] * x + biases[index]
+        return self._lookup(x, index, slopes, biases)
+
+    @torch.jit.unused
+    def _lookup(self, x: Tensor, index: Tensor, slopes: Tensor, biases: Tensor) -> Tensor:
+        return _SegmentLookup.apply(x, index, slopes, biases)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, momentum={self.momentum}"
