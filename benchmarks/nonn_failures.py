@@ -167,8 +167,11 @@ def serve_check(model_path: Path, data, normalize, images: int, deadline: float,
     system = load_system(model_path)
     n = system.num_students
     kill = sorted(random.Random(seed).sample(range(n), n // 2))
-    x_all = data.test.images[:images]
-    labels = data.test.labels[:images]
+    from kdforge.data.splits import evaluation_subset
+
+    chosen = evaluation_subset(data.test.labels, images, seed)  # class-balanced: the test set may be sorted
+    x_all = data.test.images[chosen]
+    labels = data.test.labels[chosen]
     result: dict[str, Any] = {"model": str(model_path), "devices": n, "deadline": deadline, "killed": kill}
     started = time.perf_counter()
     with DeviceCluster(model_path) as cluster:

@@ -1,7 +1,8 @@
 """Adversarial robustness on 2 CPU cores: robust teacher, robust students, robust pruning.
 
 For MNIST (eps 0.3) and a class-balanced CIFAR-10 subset (eps 8/255), one table each with clean,
-FGSM and PGD-20 top-1 (L-inf, random start, step 2.5 eps / 20) on the first test images of:
+FGSM and PGD-20 top-1 (L-inf, random start, step 2.5 eps / 20) on a seeded class-balanced subset of the test set
+(``kdforge.data.splits.evaluation_subset``; the shared CIFAR-10 test set is stored in class order) of:
 
 * the robust teacher (``adv_ce``, Madry PGD training; on CIFAR-10 fine-tuned from the kept natural
   resnet20, benchmarks/teachers/cifar10_resnet20.pt),
@@ -121,7 +122,7 @@ def attack(setting: dict[str, Any]) -> dict[str, Any]:
 
 
 class Evaluator:
-    """Clean / FGSM / PGD-k top-1 of model files on the first test images of a dataset."""
+    """Clean / FGSM / PGD-k top-1 of model files on a class-balanced subset of a test set."""
 
     def __init__(self, setting: dict[str, Any]):
         data = setting["data"]

@@ -97,9 +97,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, _ = load_model_file(args.checkpoint)
     split = data.test if args.split == "test" else data.train
     if args.limit is not None:
-        import torch
+        from kdforge.data.splits import evaluation_subset
 
-        split = split.select(torch.arange(min(max(args.limit, 1), len(split))))
+        split = split.select(evaluation_subset(split.labels, args.limit))
     result = evaluate_model(model, split, build_augmentation(data_cfg, data.info), args.batch_size)
     result = {"checkpoint": str(args.checkpoint), "model": spec["name"], "dataset": dataset,
               "split": args.split, "images": len(split), **result}
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["test", "train"], default="test")
     evaluate.add_argument("--batch-size", type=int, default=512)
     evaluate.add_argument("--json", action="store_true")
-    evaluate.add_argument("--limit", type=int, help="evaluate the first N images of the split only")
+    evaluate.add_argument("--limit", type=int, help="evaluate N images of the split only: a seeded class-balanced subset, the same every time")
     evaluate.add_argument("--attack", choices=["fgsm", "pgd"], help="also report robust top-1 under this attack")
     evaluate.add_argument("--eps", type=_fraction, default=8 / 255, help="attack radius in [0, 1] pixel units (8/255)")
     evaluate.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")

@@ -14,6 +14,7 @@ from kdforge.errors import ConfigError
 
 _VAL_STREAM = 1
 _SUBSET_STREAM = 2
+_EVAL_STREAM = 3
 
 
 def _class_counts(labels: torch.Tensor) -> torch.Tensor:
@@ -109,3 +110,18 @@ def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
         )
     quota = balanced_quota(_class_counts(labels), size)
     return _take_per_class(labels, quota, derive_seed(seed, _SUBSET_STREAM))
+
+
+def evaluation_subset(labels: torch.Tensor, limit: int | None, seed: int = 0) -> torch.Tensor:
+    """Sorted positions of ``limit`` samples for a partial evaluation: all of them when ``limit`` is
+    None or not smaller than the split, else a seeded class-balanced subset.
+
+    Never the first ``limit`` samples: a split stored in class order (an image folder, or a test
+    set written sorted by label) would make those a few classes only.
+    """
+    if limit is None or limit >= len(labels):
+        return torch.arange(len(labels))
+    if limit < 1:
+        raise ConfigError(f"an evaluation limit must be at least 1 image, got {limit}")
+    quota = balanced_quota(_class_counts(labels), int(limit))
+    return _take_per_class(labels, quota, derive_seed(seed, _EVAL_STREAM))

@@ -35,6 +35,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdforge.data.batch import Batch
+from kdforge.data.splits import evaluation_subset
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.features import full_precision, pool_to_common_size, resolve_layers
 from kdforge.methods.losses import kd_loss
@@ -60,7 +61,7 @@ class NoNNParams(MethodParams):
     louvain_underfull: Literal["split", "error"] = Field(
         "split", description="fewer communities than students: split the largest group, or fail"
     )
-    partition_images: int | None = Field(None, ge=1, description="first N training images; None: all")
+    partition_images: int | None = Field(None, ge=1, description="N training images (seeded, class-balanced); None: all")
     partition_seed: int = 0
     redundancy: float = Field(0.0, ge=0, lt=1, description="share of the neighbours' attention in a target")
     fill: Literal["zeros", "neighbors"] | None = Field(
@@ -181,7 +182,7 @@ class NoNN(Distiller):
                 "method 'nonn' computes its partition from the training images, but none were given; "
                 "pass train_data= (the trainer does) or set partition_file"
             )
-        images = train_data.images if p.partition_images is None else train_data.images[: p.partition_images]
+        images = train_data.images[evaluation_subset(train_data.labels, p.partition_images)]
         return partition_teacher(
             self.teachers[0],
             images,

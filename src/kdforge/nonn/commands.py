@@ -31,7 +31,7 @@ def add_commands(sub: Any) -> None:
     part.add_argument("--data", help="dataset (default: the teacher's)")
     part.add_argument("--root", help="folder holding the dataset's files")
     part.add_argument("--train-subset", type=int, help="class-balanced subset of the training split (as data.train_subset)")
-    part.add_argument("--images", type=int, help="use only the first N training images")
+    part.add_argument("--images", type=int, help="use N training images only (seeded, class-balanced)")
     part.add_argument("--out", required=True, help="partition file to write (.json)")
     part.add_argument("--json", action="store_true", help="print the whole file")
     part.set_defaults(func=cmd_nonn_partition)
@@ -44,7 +44,7 @@ def add_commands(sub: Any) -> None:
     serve.add_argument("--fill", choices=["zeros", "neighbors"], help="failed devices (default: the model's)")
     serve.add_argument("--threads", type=int, default=1, help="torch threads per device process")
     serve.add_argument("--kill", type=int, nargs="+", default=[], metavar="I", help="kill these devices after start")
-    serve.add_argument("--eval", type=int, metavar="N", help="classify the first N test images, report, exit")
+    serve.add_argument("--eval", type=int, metavar="N", help="classify N test images (seeded, class-balanced), report, exit")
     serve.add_argument("--batch-size", type=int, default=100)
     serve.add_argument("--uint8", action="store_true", help="send raw pixels (devices normalise) instead of float32")
     serve.add_argument("--data", help="dataset for --eval (default: the model's)")
@@ -77,7 +77,9 @@ def cmd_nonn_partition(args: argparse.Namespace) -> int:
                      **spec.get("kwargs", {}))
     load_weights(teacher, record["state_dict"], str(args.teacher))
     layer = resolve_layers(teacher, [args.layer])[0]
-    images = data.train.images if args.images is None else data.train.images[: args.images]
+    from kdforge.data.splits import evaluation_subset
+
+    images = data.train.images[evaluation_subset(data.train.labels, args.images)]
     started = time.perf_counter()
     partition = partition_teacher(
         teacher, images, layer, args.students,
@@ -160,8 +162,10 @@ def _evaluate(args: argparse.Namespace, record: dict[str, Any], aggregator) -> d
     if not dataset:
         raise ConfigError("the model file does not say its dataset; pass --data NAME")
     data = build_data(DataConfig(name=dataset, root=args.root, augment=False))
-    test = data.test
-    count = min(args.eval, len(test))
+    from kdforge.data.splits import evaluation_subset
+
+    test = data.test.select(evaluation_subset(data.test.labels, args.eval))  # class-balanced, never the first N
+    count = len(test)
     normalize = Augmentation.for_dataset(data.info).normalize
     system = load_system(args.model)
     hits = agree = 0

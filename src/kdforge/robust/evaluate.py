@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from kdforge.data.splits import evaluation_subset
 from kdforge.data.types import TensorData
 from kdforge.robust.attacks import Norm, PixelModel, fgsm, pgd
 
@@ -65,14 +66,17 @@ def robust_evaluate(
     device: torch.device | str | None = None,
     seed: int | None = 0,
 ) -> dict[str, Any]:
-    """Clean and robust top-1 (%) on the first ``limit`` images of ``split`` (all by default).
+    """Clean and robust top-1 (%) on ``split``, or on a seeded class-balanced subset of ``limit``
+    of its images (``kdforge.data.splits.evaluation_subset``; never simply the first ones).
 
     ``seed`` (when not None) seeds the random starts through a private generator state, so the
     result is reproducible and the caller's RNG is left alone.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     pixel_model = PixelModel(model, mean, std).to(device)
-    count = len(split) if limit is None else min(int(limit), len(split))
+    if limit is not None and limit < len(split):
+        split = split.select(evaluation_subset(split.labels, int(limit)))
+    count = len(split)
     was_training = model.training
     model.eval()
     clean_hits = robust_hits = 0
