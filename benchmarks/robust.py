@@ -273,8 +273,8 @@ def main() -> None:
                     f"Train: {describe_data(s)}; {describe_optimizer(s)}; training attack PGD-{s['train_steps']} "
                     f"(step {s['train_step_size']:.4g}, random start, eps warm-up over {s['eps_ramp']:.0%} of the run); "
                     f"teacher {s['teacher']['name']} {s['teacher_epochs']} epochs, students {s['student']['name']} "
-                    f"({s['epochs']} epochs adversarial, {s['natural_epochs']} natural/KD). Evaluation on the first "
-                    f"{s['eval_images']} test images: clean, FGSM and PGD-{s['eval_steps']} (step 2.5 eps / "
+                    f"({s['epochs']} epochs adversarial, {s['natural_epochs']} natural/KD). Evaluation on a seeded "
+                    f"class-balanced subset of {s['eval_images']} test images: clean, FGSM and PGD-{s['eval_steps']} (step 2.5 eps / "
                     f"{s['eval_steps']}, random start); 'full-test clean' is the run's own final test top-1.\n\n"
                     + "\n".join(lines)
                 )
