@@ -274,3 +274,42 @@ def test_teacher_bank_run_matches_a_live_teacher_run(tmp_path, teacher_dir):
     files = sorted((tmp_path / "bank").rglob("*.pt"))
     Trainer(banked_config, tmp_path / "again").fit()
     assert sorted((tmp_path / "bank").rglob("*.pt")) == files
+
+
+def _wait_for_epochs(path: Path, count: int, process, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early: {process.communicate()}")
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"no {count} epochs logged in {timeout} s")
+
+
+def test_sigterm_saves_the_run_as_interrupted_and_it_resumes(tmp_path):
+    """`kill` (or a scheduler's preemption) must not leave a run marked 'running' or lose it."""
+    import signal
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(train={**recipe().to_dict()["train"], "epochs": 150}).to_dict()))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "kdforge", "train", str(path), "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for_epochs(out / "metrics.jsonl", 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "resume with --resume" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 2 <= summary["epochs_done"] < 150
+    result = run_cli("train", str(path), "--out", str(out), "--resume")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 150
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(150))

@@ -86,3 +86,35 @@ def test_runs_are_seed_major_and_assistants_name_earlier_teachers(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="'nobody', which is not another teacher of this suite"):
         plan(*load_suite(path), tmp_path / "out")
+
+
+def test_sigterm_stops_the_suite_and_its_runs_resumably(tmp_path):
+    """Killing `kdforge bench` must not orphan its training processes or leave runs marked 'running'."""
+    import signal
+    import time
+
+    path = write_suite(tmp_path, seeds=[0], teachers={}, pairs=[{"student": {"name": "mlp", "kwargs": {"hidden": [64]}}}],
+                       methods={"alone": {"method": {"name": "ce"}}, "alone_b": {"method": {"name": "ce"}}},
+                       teacher_bank=False)
+    data = yaml.safe_load(path.read_text())
+    data["base"]["train"]["epochs"] = 3000
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "s"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    bench = subprocess.Popen([sys.executable, "-m", "kdforge", "bench", str(path), "--out", str(out), "--jobs", "2",
+                              "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = sorted(out.glob("*/*/seed0/metrics.jsonl"))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and bench.poll() is None:
+        metrics = sorted(out.glob("*/*/seed0/metrics.jsonl"))
+        if len(metrics) == 2 and all(len(m.read_text().splitlines()) >= 2 for m in metrics):
+            break
+        time.sleep(0.2)
+    assert bench.poll() is None, bench.communicate()
+    bench.send_signal(signal.SIGTERM)
+    stdout, stderr = bench.communicate(timeout=180)
+    assert bench.returncode == 130, stdout + stderr
+    assert "stopped 2 running training process(es)" in stdout
+    summaries = [json.loads(m.with_name("summary.json").read_text()) for m in metrics]
+    assert [s["status"] for s in summaries] == ["interrupted", "interrupted"]
+    assert all(0 < s["epochs_done"] < 3000 for s in summaries)

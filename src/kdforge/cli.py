@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -348,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from kdforge.engine.trainer import RunInterrupted
 
+    previous = _stop_on_sigterm()
     try:
         return args.func(args)
     except RunInterrupted as exc:
@@ -359,6 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdforge: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm() -> Any:
+    """Treat SIGTERM (``kill``, a scheduler's preemption) like Ctrl-C: a run saves its state as
+    'interrupted' and resumes with ``--resume``; a suite stops its runs the same way. Returns the
+    handler it replaced (None when not on the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -216,8 +217,36 @@ def _launch(run: PlannedRun, threads: int, log_dir: Path) -> tuple[PlannedRun, i
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     with open(log_dir / (run.label.replace("/", "__") + ".log"), "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with _LIVE_LOCK:
+            _LIVE.add(process)
+        try:
+            code = process.wait()
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(process)
     return run, code, time.perf_counter() - started
+
+
+# training processes started by a suite, so that an interrupted suite can stop them cleanly
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _stop_children(echo) -> None:
+    """Ask every running training process to stop (SIGTERM: each saves its state as 'interrupted')."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for process in live:
+        if process.poll() is None:
+            process.terminate()
+    for process in live:
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    if live:
+        echo(f"  stopped {len(live)} running training process(es); run the same command again to resume")
 
 
 def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, echo=print,
@@ -244,31 +273,40 @@ def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, ec
     started = time.perf_counter()
     running: dict[Future, PlannedRun] = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        while pending or running:
-            blocked = [r for r in pending if any(d in failed for d in r.depends_on)]
-            for run in blocked:
-                failed[run.label] = -1
-                pending.remove(run)
-                echo(f"  skipped {run.label}: its teacher failed")
-            ready = [r for r in pending if all(d in done for d in r.depends_on)]
-            # teachers first (others may wait on them), then in plan order; keep every job busy
-            ready.sort(key=lambda r: not r.is_teacher)
-            for run in ready[: jobs - len(running)]:
-                pending.remove(run)
-                running[pool.submit(_launch, run, threads, log_dir)] = run
-            if not running:
-                if pending:
-                    raise ConfigError("suite runs wait on each other in a cycle")
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                running.pop(future)
-                run, code, seconds = future.result()
-                if code == 0:
-                    done.add(run.label)
-                    echo(f"  done {run.label} ({seconds:.0f} s)")
-                else:
-                    failed[run.label] = code
-                    echo(f"  FAILED {run.label} (exit {code}); log: {log_dir / (run.label.replace('/', '__') + '.log')}")
+        try:
+            _schedule(pool, pending, running, done, failed, jobs, threads, log_dir, echo)
+        except KeyboardInterrupt:
+            _stop_children(echo)
+            raise
     echo(f"suite {spec.name}: {len(done)} finished, {len(failed)} failed, {time.perf_counter() - started:.0f} s")
     return {"out": str(out), "runs": len(runs), "finished": len(done), "failed": failed}
+
+
+def _schedule(pool, pending, running, done, failed, jobs, threads, log_dir, echo) -> None:
+    """Launch runs as their teachers finish, ``jobs`` at a time, until none is left."""
+    while pending or running:
+        blocked = [r for r in pending if any(d in failed for d in r.depends_on)]
+        for run in blocked:
+            failed[run.label] = -1
+            pending.remove(run)
+            echo(f"  skipped {run.label}: its teacher failed")
+        ready = [r for r in pending if all(d in done for d in r.depends_on)]
+        # teachers first (others may wait on them), then in plan order; keep every job busy
+        ready.sort(key=lambda r: not r.is_teacher)
+        for run in ready[: jobs - len(running)]:
+            pending.remove(run)
+            running[pool.submit(_launch, run, threads, log_dir)] = run
+        if not running:
+            if pending:
+                raise ConfigError("suite runs wait on each other in a cycle")
+            break
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            running.pop(future)
+            run, code, seconds = future.result()
+            if code == 0:
+                done.add(run.label)
+                echo(f"  done {run.label} ({seconds:.0f} s)")
+            else:
+                failed[run.label] = code
+                echo(f"  FAILED {run.label} (exit {code}); log: {log_dir / (run.label.replace('/', '__') + '.log')}")
