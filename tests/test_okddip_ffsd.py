@@ -114,6 +114,26 @@ def test_okddip_uniform_aggregation_is_the_peer_mean():
     torch.testing.assert_close(targets, torch.einsum("bij,bjc->bic", alpha, z))
 
 
+def test_okddip_attend_self_false_aggregates_only_the_other_peers():
+    h, z = torch.randn(5, 3, 64), torch.randn(5, 3, 10)
+    net = make_okddip(attend_self=False)
+    targets, alpha = net.peer_targets(h, z)
+    assert (alpha.diagonal(dim1=1, dim2=2) == 0).all()
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(5, 3))
+    # same energies as the self-including attention, renormalised over the other peers
+    full = make_okddip()
+    full.load_state_dict(net.state_dict())
+    _, alpha_all = full.peer_targets(h, z)
+    off = alpha_all * (1 - torch.eye(3))
+    torch.testing.assert_close(alpha, off / off.sum(-1, keepdim=True))
+    torch.testing.assert_close(targets, torch.einsum("bij,bjc->bic", alpha, z))
+    # uniform without self: each peer distils from the mean of the other two
+    targets, _ = make_okddip(aggregation="uniform", attend_self=False).peer_targets(h, z)
+    torch.testing.assert_close(targets[:, 0], (z[:, 1] + z[:, 2]) / 2)
+    with pytest.raises(ConfigError, match="at least 2 peers"):
+        make_okddip(attend_self=False, branches=2)
+
+
 def test_okddip_rampup_values_and_fractional_epochs():
     assert rampup_weight(0, 80) == pytest.approx(math.exp(-5))
     assert rampup_weight(40, 80) == pytest.approx(math.exp(-1.25))

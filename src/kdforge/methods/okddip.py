@@ -63,6 +63,8 @@ class OKDDipParams(MethodParams):
     rampup_epochs: float = Field(80.0, ge=0, description="ramp-up length L in epochs (0: no ramp)")
     rampup_by: Literal["step", "epoch"] = "step"
     aggregation: Literal["attention", "uniform"] = "attention"
+    attend_self: bool = Field(True, description="peer i's attention includes itself (reference code); "
+                              "false masks it out (the paper's 'other peers')")
     projection_factor: int = Field(8, ge=1, description="query/key width = d // factor")
     detach_targets: bool = Field(False, description="ablation: stop gradients through the targets")
     target_epsilon: float = Field(1e-7, ge=0, description="added to target probabilities before the log")
@@ -159,6 +161,11 @@ class OKDDip(Distiller):
         # once); the deployed network is the leader's view of it
         super().__init__(group, teachers, p)
         self.num_peers = p.branches - 1
+        if not p.attend_self and self.num_peers < 2:
+            raise ConfigError(
+                f"okddip: attend_self: false needs at least 2 peers, got {self.num_peers} (branches {p.branches}); "
+                "set method.branches to 3 or more"
+            )
         if p.aggregation == "attention":
             width = _feature_width(group, student, input_shape)
             projected = max(1, width // p.projection_factor)
@@ -173,10 +180,16 @@ class OKDDip(Distiller):
     def peer_targets(self, peer_features: Tensor, peer_logits: Tensor) -> tuple[Tensor, Tensor]:
         """``(t, alpha)``: targets ``t_i = sum_j alpha_ij z_j`` (B x m x C) and weights (B x m x m)."""
         batch, m, _ = peer_logits.shape
-        if self.params.aggregation == "uniform":  # type: ignore[attr-defined]
+        p: OKDDipParams = self.params  # type: ignore[assignment]
+        others = ~torch.eye(m, dtype=torch.bool, device=peer_logits.device)
+        if p.aggregation == "uniform":
             alpha = peer_logits.new_full((batch, m, m), 1.0 / m)
+            if not p.attend_self:
+                alpha = others.to(peer_logits.dtype).expand(batch, m, m) / (m - 1)
         else:
             energy = self.query(peer_features) @ self.key(peer_features).transpose(1, 2)
+            if not p.attend_self:
+                energy = energy.masked_fill(~others, float("-inf"))
             alpha = F.softmax(energy, dim=-1)
         return alpha @ peer_logits, alpha
 
