@@ -115,6 +115,27 @@ def test_existing_run_is_not_overwritten_and_resume_checks_the_recipe(tmp_path):
         Trainer(changed, tmp_path, resume=True).fit()
 
 
+def test_resume_may_change_how_often_it_evaluates_but_trains_the_same(tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(recipe(), straight).fit()
+
+    def interrupt_after_second_epoch(trainer, epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    broken = tmp_path / "broken"
+    with pytest.raises(RunInterrupted):
+        Trainer(recipe(), broken, callbacks=[interrupt_after_second_epoch]).fit()
+    looser = recipe(train={**recipe().train.model_dump(), "eval_every": 2, "num_threads": 1})
+    Trainer(looser, broken, resume=True).fit()
+    assert yaml.safe_load((broken / "config.yaml").read_text())["train"]["eval_every"] == 2
+    a = read_model_file(straight / "checkpoints/model_last.pt")["state_dict"]
+    b = read_model_file(broken / "checkpoints/model_last.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert ["test" in line for line in lines] == [True, True, False, True]  # epoch 2 not evaluated
+
+
 def test_kd_with_teacher_checkpoint(tmp_path, teacher_dir):
     config = recipe(teachers=[{"checkpoint": str(teacher_dir / "checkpoints/model_last.pt")}],
                     method={"name": "kd", "temperature": 2, "kd_weight": 0.7, "ce_weight": 0.3})

@@ -104,7 +104,10 @@ class Trainer:
         if self.resume:
             if saved.is_file():
                 previous = build_config(yaml.safe_load(saved.read_text()))
-                differences = _differences(previous.to_dict(), self.config.to_dict())
+                differences = [
+                    d for d in _differences(previous.to_dict(), self.config.to_dict())
+                    if d.split(":")[0] not in RESUME_FREE_KEYS
+                ]
                 if differences:
                     raise ConfigError(
                         f"run directory '{self.out_dir}' was started with a different recipe "
@@ -553,6 +556,13 @@ def evaluate_model(
         "top5": 100.0 * float(totals[2]) / count,
         "loss": float(totals[0]) / count,
     }
+
+
+#: settings a resumed run may change: they decide how often and how visibly the run is evaluated
+#: and logged, or how many threads it uses, not what it trains (config.yaml records the new values)
+RESUME_FREE_KEYS = frozenset(
+    {"train.eval_every", "train.eval_batch_size", "train.progress", "train.num_threads", "train.tensorboard"}
+)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
