@@ -346,6 +346,33 @@ def test_growing_ta_assistant_from_params_and_errors():
         growing(teacher, grow_epochs=[3, 2])
 
 
+def test_growing_ta_can_start_from_the_teachers_weights():
+    teacher = create("resnet", num_classes=10, depth=8, width_multiplier=2)
+    perturb_batchnorm(teacher)
+    teacher.eval().requires_grad_(False)
+    x = images(3)
+    full = growing(teacher, ta_init="teacher", start_fraction=1.0)
+    # at full width the assistant is the teacher, trainable and separate from it
+    full.ta.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(full.ta(x), teacher(x), atol=1e-6, rtol=0)
+    assert all(p.requires_grad for p in full.ta.parameters())
+    assert all(a is not b for a, b in zip(full.ta.parameters(), teacher.parameters()))
+    # at half width it holds the teacher's weights, masked: a different function
+    half = growing(teacher, ta_init="teacher", start_fraction=0.5)
+    masked = half.ta.state_dict()
+    assert {k for k in masked if not k.endswith("growth_mask")} == set(teacher.state_dict())
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(masked[key], value, msg=key)
+    half.ta.eval()
+    with torch.no_grad():
+        assert (half.ta(x) - teacher(x)).abs().max() > 1e-3
+    scratch = growing(teacher, start_fraction=1.0)  # the default re-initialises
+    assert not torch.equal(scratch.ta.stage1[0].conv1.weight, teacher.stage1[0].conv1.weight)
+    with pytest.raises(ValueError, match="teacher's architecture"):
+        growing(teacher, ta_init="teacher", ta={"name": "resnet8"})
+
+
 # ----------------------------------------------------------------------------- end to end
 def digits_recipe(method, teachers=()):
     return build_config({

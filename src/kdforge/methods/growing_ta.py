@@ -5,7 +5,9 @@ a small student "gradually learn the knowledge without extra computational cost"
 teacher-student gap. Everything below (what grows, how, when, the losses) is this module's reading,
 each part a parameter; it is not the paper's algorithm.
 
-One run trains a teacher assistant (TA) and the student together, beside a frozen teacher:
+One run trains a teacher assistant (TA) and the student together, beside a frozen teacher (the TA
+starts from scratch, or with ``ta_init="teacher"`` from the teacher's weights, masked to the start
+width, so it is a damaged teacher that recovers instead of a random network):
 
     L_TA      = ta_ce_weight CE(z_TA, y) + ta_kd_weight T^2 KL(softmax(z_t/T) || softmax(z_TA/T))
     L_student = ce_weight    CE(z_s, y)  + kd_weight    T^2 KL(softmax(z_TA/T) || softmax(z_s/T))
@@ -36,6 +38,7 @@ is zero) and the optimizer's momentum for them is not reset at growth; both are 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -64,8 +67,11 @@ class AssistantModel(MethodParams):
 
 
 class GrowingTAParams(MethodParams):
-    #: the TA's architecture; None = the teacher's (a re-initialised copy)
+    #: the TA's architecture; None = the teacher's
     ta: AssistantModel | None = None
+    #: the TA's starting weights: "scratch" (re-initialised) or "teacher" (a copy of the teacher's,
+    #: then masked to ``start_fraction``; needs ``ta`` unset)
+    ta_init: Literal["scratch", "teacher"] = "scratch"
     #: epochs at which the TA grows, or a number of equal growth steps spread over training
     grow_epochs: int | list[int] = 3
     #: starting active width fraction; None = student/TA stage-width ratio (0.25 if unknown)
@@ -85,6 +91,15 @@ class GrowingTAParams(MethodParams):
     def _student_learns(self) -> "GrowingTAParams":
         if self.ce_weight + self.kd_weight == 0:
             raise ValueError("ce_weight and kd_weight are both 0: the student would not train")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_init_needs_teacher_architecture(self) -> "GrowingTAParams":
+        if self.ta_init == "teacher" and self.ta is not None:
+            raise ValueError(
+                "ta_init 'teacher' copies the teacher's weights, so the assistant must have the teacher's "
+                "architecture: remove method.ta or set ta_init: scratch"
+            )
         return self
 
     @field_validator("grow_epochs")
@@ -211,7 +226,7 @@ class GrowingTeacherAssistant(Distiller):
     ) -> None:
         super().__init__(student, teachers, params)
         p: GrowingTAParams = self.params  # type: ignore[assignment]
-        self.ta = self._build_assistant(self.teachers[0], p.ta, input_shape)
+        self.ta = self._build_assistant(self.teachers[0], p.ta, input_shape, p.ta_init)
         self.grower = ChannelGrower(self.ta)
         ratio = _stage_ratio(student, self.ta)
         self.start_fraction = p.start_fraction or (ratio if ratio is not None else 0.25)
@@ -219,9 +234,11 @@ class GrowingTeacherAssistant(Distiller):
         self.grower.set_fraction(self.start_fraction)
 
     @staticmethod
-    def _build_assistant(teacher: nn.Module, spec: AssistantModel | None, input_shape) -> nn.Module:
+    def _build_assistant(
+        teacher: nn.Module, spec: AssistantModel | None, input_shape, init: str = "scratch"
+    ) -> nn.Module:
         if spec is None:
-            assistant = fresh_copy(teacher)
+            assistant = copy.deepcopy(teacher) if init == "teacher" else fresh_copy(teacher)
         else:
             convs = [m for m in teacher.modules() if isinstance(m, nn.Conv2d)]
             linears = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
