@@ -214,7 +214,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from kdforge.suite import run_suite
 
-    result = run_suite(args.suite, args.out, jobs=args.jobs, threads=args.threads)
+    result = run_suite(args.suite, args.out, jobs=args.jobs, threads=args.threads,
+                       methods=args.methods, seeds=args.seeds)
     if not args.no_report:
         from kdforge.report import write_report
 
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jobs", type=int, default=1, help="runs at once, as separate processes")
     bench.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     bench.add_argument("--no-report", action="store_true")
+    bench.add_argument("--methods", nargs="+", metavar="LABEL",
+                       help="run only these method labels of the suite (and the teachers they need)")
+    bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds of the suite")
     bench.set_defaults(func=cmd_bench)
 
     bank = sub.add_parser("teacher-bank", help="store a recipe's teacher outputs for every epoch, once")

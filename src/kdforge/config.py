@@ -98,7 +98,11 @@ class TrainConfig(Strict):
     epochs: int = Field(240, ge=1)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(512, ge=1)
-    drop_last: bool = False
+    drop_last: bool = Field(
+        True,
+        description="drop each epoch's partial last training batch (evaluation keeps every sample); "
+        "losses over pairs in a batch (sp, pkt) scale as 1/B and a small last batch would be over-weighted",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     grad_clip: float | None = Field(None, gt=0.0)

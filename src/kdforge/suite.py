@@ -249,16 +249,46 @@ def _stop_children(echo) -> None:
         echo(f"  stopped {len(live)} running training process(es); run the same command again to resume")
 
 
+def select(spec: SuiteSpec, methods: list[str] | None = None, seeds: list[int] | None = None) -> SuiteSpec:
+    """The suite restricted to some method labels and seeds (unknown ones are errors)."""
+    if methods:
+        unknown = [m for m in methods if m not in spec.methods]
+        if unknown:
+            raise ConfigError(
+                f"suite '{spec.name}' has no method label '{unknown[0]}'{closest(unknown[0], spec.methods)}"
+            )
+        spec = spec.model_copy(update={"methods": {m: spec.methods[m] for m in methods}})
+    if seeds:
+        unknown_seeds = [s for s in seeds if s not in spec.seeds]
+        if unknown_seeds:
+            raise ConfigError(f"suite '{spec.name}' has no seed {unknown_seeds[0]}; its seeds are {spec.seeds}")
+        spec = spec.model_copy(update={"seeds": [s for s in spec.seeds if s in seeds]})
+    return spec
+
+
 def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, echo=print,
-              threads: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, methods: list[str] | None = None,
+              seeds: list[int] | None = None) -> dict[str, Any]:
     """Run (or continue) a suite; returns counts and the failed runs.
 
     ``threads`` (torch threads per run) defaults to the cores divided by ``jobs``; set it lower to
-    leave cores free for other work on the machine.
+    leave cores free for other work on the machine. ``methods`` and ``seeds`` restrict the suite
+    to some of its method labels and seeds (and the teachers those need).
     """
     spec, folder = load_suite(path)
+    spec = select(spec, methods, seeds)
     out = Path(out or Path("runs") / "suites" / spec.name)
     runs = plan(spec, folder, out)
+    if methods:  # keep only the teachers the selected runs need (directly or through an assistant)
+        needed = {d for r in runs if not r.is_teacher for d in r.depends_on}
+        by_label = {r.label: r for r in runs}
+        frontier = list(needed)
+        while frontier:
+            for d in by_label[frontier.pop()].depends_on:
+                if d not in needed:
+                    needed.add(d)
+                    frontier.append(d)
+        runs = [r for r in runs if not r.is_teacher or r.label in needed]
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1

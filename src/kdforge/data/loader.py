@@ -71,6 +71,11 @@ class BatchLoader:
     def samples_per_rank(self) -> int:
         return math.ceil(len(self.data) / self.world_size)
 
+    @property
+    def partial_batch_size(self) -> int:
+        """Size of each epoch's smaller last batch on this rank (0 when every batch is full)."""
+        return 0 if self.drop_last else self.samples_per_rank % self.batch_size
+
     def __len__(self) -> int:
         if self.drop_last:
             return self.samples_per_rank // self.batch_size

@@ -162,6 +162,14 @@ class Trainer:
                 f"train.batch_size={config.train.batch_size} with drop_last leaves no batch for "
                 f"{len(self.data.train)} training images; lower the batch size"
             )
+        partial = self.train_loader.partial_batch_size
+        if partial and distiller.batch_size_dependent:
+            raise ConfigError(
+                f"method '{config.method.name}' has a loss whose scale depends on the batch size, and "
+                f"train.drop_last: false leaves a last batch of {partial} images (not "
+                f"{config.train.batch_size}) that it would over-weight; set train.drop_last: true or a "
+                f"batch size that divides the {self.train_loader.samples_per_rank} training images"
+            )
         self.total_steps = self.steps_per_epoch * config.train.epochs
 
         groups = distiller.optimizer_groups()

@@ -102,6 +102,10 @@ class Distiller(nn.Module):
     #: how many optimizer steps the trainer takes on each batch (free adversarial training replays
     #: a batch m times); the schedules and ``global_step`` still advance once per batch
     batch_replays: int = 1
+    #: True when the loss's scale depends on the batch size (a mean over the B x B pairs of a
+    #: batch, e.g. SP and PKT scale as 1/B): the trainer then refuses a partial last batch, which
+    #: would be over-weighted. tests/test_batch_scale.py checks every method's declaration.
+    batch_size_dependent: ClassVar[bool] = False
 
     def __init__(
         self,

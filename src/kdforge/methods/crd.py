@@ -22,14 +22,17 @@ banks move toward the batch: ``m_i <- n(0.5 m_i + 0.5 g_i)``.
 
 Defaults: RepDistiller (``crd/criterion.py``, ``crd/memory.py``, ``train_student.py``): 128-d,
 K = 16384 (clamped to N - 1), tau = 0.07, momentum 0.5, ``-a 0 -b 0.8`` (CE 1, KD 0, beta 0.8);
-"CRD+KD" is ``kd_weight`` > 0 (RepDistiller ``-a 1``, T = 4). Negatives: uniform over the other
-indices by default; ``negatives: other_classes`` samples them from other classes as the
-reference's data loader does. ``batch.extras["contrast_index"]`` (B x K) fixes them.
+"CRD+KD" is ``kd_weight`` > 0 (RepDistiller ``-a 1``, T = 4). Negatives: drawn from samples of
+*other classes*, as the reference's data loader does (``negatives: other_classes``, the default);
+``negatives: other_indices`` draws uniformly over every other index (about 1/C same-class
+negatives; needed when targets are not class labels). ``batch.extras["contrast_index"]`` (B x K)
+fixes them.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,7 @@ class CRDParams(ContrastiveParams):
     beta: float = Field(0.8, ge=0)
     momentum: float = Field(0.5, ge=0, le=1)
     eps: float = Field(1e-7, ge=0)
+    negatives: Literal["other_indices", "other_classes"] = "other_classes"
 
 
 def estimate_log_z(scores: Tensor, temperature: float, num_samples: int) -> Tensor:

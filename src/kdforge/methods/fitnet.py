@@ -13,13 +13,14 @@ ReLU (``regressor_relu: false`` for pre-activation hints), mapping student to te
 
 | sizes | regressor |
 | --- | --- |
-| equal | conv ``same_size_kernel`` x ``same_size_kernel``, padding k // 2 (default 3) |
+| equal | conv ``same_size_kernel`` x ``same_size_kernel``, padding k // 2 (default 1, as RepDistiller) |
 | student 2x larger | conv 3x3, stride 2, padding 1 |
 | student 2x smaller | transposed conv 4x4, stride 2, padding 1 |
 | any other ratio | adaptive average pooling to H' x W', then conv 1x1 |
 | vectors (B x D) | linear (BN1d) |
 
-RepDistiller uses a 1x1 conv for equal sizes (``same_size_kernel: 1``) and has no general case.
+RepDistiller uses a 1x1 conv for equal sizes (our default) and has no general case;
+``same_size_kernel: 3`` gives a 3x3 regressor (kdforge's default before 2026-12; 9x the parameters).
 
 Shapes are found at construction by one no-grad forward of both networks in eval mode (BN
 statistics untouched) on zeros of shape ``input_shape`` = (C, H, W). Pass ``input_shape`` to the
@@ -46,7 +47,7 @@ from kdforge.methods.features import FeatureDistiller, FeatureParams, input_shap
 class FitNetParams(FeatureParams):
     weight: float = Field(100.0, ge=0)
     student_layers: list[str] = Field(default_factory=lambda: ["stage2"], min_length=1)
-    same_size_kernel: int = Field(3, ge=1)
+    same_size_kernel: int = Field(1, ge=1)
     regressor_relu: bool = True
 
 
@@ -57,7 +58,7 @@ class HintRegressor(nn.Module):
         self,
         student_shape: Sequence[int],
         teacher_shape: Sequence[int],
-        same_size_kernel: int = 3,
+        same_size_kernel: int = 1,
         relu: bool = True,
     ) -> None:
         super().__init__()

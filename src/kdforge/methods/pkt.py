@@ -56,6 +56,8 @@ class ProbabilisticKT(FeatureDistiller):
 
     name = "pkt"
     Params = PKTParams
+    #: the neighbour probabilities are normalised over the B samples of the batch, so the KL scales as 1/B
+    batch_size_dependent = True
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: PKTParams = self.params  # type: ignore[assignment]

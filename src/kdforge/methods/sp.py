@@ -49,6 +49,8 @@ class SimilarityPreserving(FeatureDistiller):
 
     name = "sp"
     Params = SPParams
+    #: ||G_s - G_t||_F^2 / B^2 of row-normalised B x B Gram matrices scales as 1/B
+    batch_size_dependent = True
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: SPParams = self.params  # type: ignore[assignment]
