@@ -142,7 +142,7 @@ def test_other_class_negatives_never_share_the_anchor_label():
 
 
 def test_method_negatives_sampled_explicit_and_indices_near_n():
-    d = tiny_distiller("crd", n=10, params={"num_negatives": 9})
+    d = tiny_distiller("crd", n=10, params={"num_negatives": 9, "negatives": "other_indices"})
     x = torch.randn(3, 3, 2, 2)
     b = batch_of(x, [0, 1, 2], [9, 0, 8])
     neg = d.negatives(b)

@@ -42,7 +42,7 @@ from torch import Tensor
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Output, Step
 from kdforge.methods.features import full_precision
-from kdforge.methods.memory import ContrastiveDistiller, ContrastiveParams
+from kdforge.methods.memory import ContrastiveDistiller, ContrastiveParams, gather_rows
 
 
 class CRDParams(ContrastiveParams):
@@ -100,7 +100,9 @@ class ContrastiveRepresentationDistillation(ContrastiveDistiller):
     def _log_z(self, side: int, scores: Tensor) -> Tensor:
         p: CRDParams = self.params  # type: ignore[assignment]
         if torch.isnan(self.log_z[side]):
-            estimate = estimate_log_z(scores, p.nce_temperature, self.num_samples)
+            # over the scores of every rank's first batch, so that all ranks share one normaliser
+            (every_rank,) = gather_rows(scores)
+            estimate = estimate_log_z(every_rank, p.nce_temperature, self.num_samples)
             if not self.training:  # an evaluation call leaves the run's normaliser unset
                 return estimate
             self.log_z[side] = estimate

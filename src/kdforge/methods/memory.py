@@ -18,6 +18,11 @@ two *memory banks*, one per network, holding an embedding for every training sam
   recorded from the batches as they are seen, an unseen index counting as "another class").
   ``batch.extras["contrast_index"]`` (B x K, int64) replaces the sampling: a dataset wrapper or a
   test can fix the negatives.
+* Several processes (DDP): every rank holds a full copy of both banks. Each step gathers the
+  (index, student embedding, teacher embedding, label) rows of every rank and applies the same
+  update everywhere (``gather_rows``), so the banks stay equal on all ranks and equal those of one
+  process at the same global batch. Without this, DDP's buffer broadcast would copy rank 0's banks
+  over the others at each forward and rows seen only by other ranks would never move.
 
 ``ContrastiveDistiller`` is the base of both methods: it taps one feature layer of each network
 (``pool`` by default), keeps the teacher's logits (for a KD term and HKD's graph), sizes the
@@ -101,6 +106,38 @@ def bank_scores(anchor: Tensor, memory: Tensor, index: Tensor, mode: str = "auto
         saved = memory.clone() if anchor.requires_grad else memory
         return (anchor @ saved.t()).gather(1, index)
     raise ValueError(f"bank_scores: unknown mode {mode!r}; use auto, gather or matmul")
+
+
+def world_size() -> int:
+    """Processes in the default ``torch.distributed`` group (1 when it is not initialised)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+@torch.no_grad()
+def gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor concatenated along dim 0 over the ranks, in rank order (detached).
+
+    A no-op in one process. Ranks may hold different numbers of rows (padded for the collective).
+    """
+    if world_size() == 1:
+        return tuple(t.detach() for t in tensors)
+    dist = torch.distributed
+    count = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    most = max(sizes)
+    gathered = []
+    for tensor in tensors:
+        tensor = tensor.detach().contiguous()
+        padded = tensor.new_zeros((most, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, sizes)]))
+    return tuple(gathered)
 
 
 class MemoryBank(nn.Module):
@@ -290,7 +327,7 @@ class ContrastiveDistiller(FeatureDistiller):
         return self.embed_student(student_feat.float()), self.embed_teacher(teacher_feat.float())
 
     def record_labels(self, batch: Batch) -> None:
-        """Remember the labels of the batch's samples (for other-class negatives)."""
+        """Remember the labels of the batch's samples (every rank's, for other-class negatives)."""
         if self.params.negatives == "other_classes":  # type: ignore[attr-defined]
             check_index(batch.index, self.num_samples)
             if batch.targets.is_floating_point():
@@ -298,7 +335,8 @@ class ContrastiveDistiller(FeatureDistiller):
                     f"{self.method_name()}: negatives: other_classes needs integer class labels; "
                     "use negatives: other_indices"
                 )
-            self.labels.index_copy_(0, batch.index, batch.targets.long())
+            index, labels = gather_rows(batch.index.long(), batch.targets.long())
+            self.labels.index_copy_(0, index, labels)
 
     def negatives(self, batch: Batch) -> Tensor:
         """B x K negative indices: ``batch.extras["contrast_index"]`` if given, else sampled."""
@@ -316,8 +354,9 @@ class ContrastiveDistiller(FeatureDistiller):
         return sample_other_indices(batch.index.long(), self.num_samples, self.num_negatives, self.generator)
 
     def update_banks(self, index: Tensor, student_embed: Tensor, teacher_embed: Tensor) -> None:
-        """After the step's scores: move each bank's batch rows toward the new embeddings."""
+        """After the step's scores: move each bank's rows of the (global) batch toward the new embeddings."""
         if self.training:
+            index, student_embed, teacher_embed = gather_rows(index.long(), student_embed, teacher_embed)
             self.memory_student.update(index, student_embed)
             self.memory_teacher.update(index, teacher_embed)
 
@@ -339,6 +378,7 @@ __all__ = [
     "MemoryBank",
     "bank_scores",
     "check_index",
+    "gather_rows",
     "info_nce",
     "l2_normalise",
     "sample_other_classes",
