@@ -116,6 +116,36 @@ def test_ard_defaults_and_real_attack_raises_student_ce():
     assert all(s.grad is not None for s in ard.student.parameters())
 
 
+@pytest.mark.parametrize("clean_bn_pass", [True, False])
+def test_ard_at_alpha_one_lets_batchnorm_see_the_clean_batch(clean_bn_pass):
+    """The reference runs the student on the clean batch in train mode even when alpha = 1."""
+
+    def bn_net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+
+    ard = METHODS.get("ard")(bn_net(0), [bn_net(1)], {"steps": 0, "random_start": False,
+                                                    "clean_bn_pass": clean_bn_pass}, normalization=(MEAN, STD))
+    ard.train()
+    batch, _ = make_batch(32)
+    ard(batch, Step())
+    bn = ard.student[2]
+    # steps 0 without a random start: the "adversarial" input is the clean one, so the student runs
+    # once on it (the attack's logits) plus once more with the clean pass
+    assert int(bn.num_batches_tracked) == (2 if clean_bn_pass else 1)
+    assert METHODS.get("fast_ard").Params().clean_bn_pass is False
+    assert METHODS.get("ard").Params().clean_bn_pass is True
+
+
+def test_adv_ce_trades_defaults_to_the_trades_attack():
+    madry = METHODS.get("adv_ce").Params()
+    assert (madry.steps, madry.step_size) == (7, pytest.approx(2 / 255))
+    trades = METHODS.get("adv_ce").Params(trades=True)
+    assert (trades.steps, trades.step_size) == (10, pytest.approx(0.007))
+    given = METHODS.get("adv_ce").Params(trades=True, steps=3, step_size="1/255")
+    assert (given.steps, given.step_size) == (3, pytest.approx(1 / 255))
+
+
 # ----------------------------------------------------------------------------- adv_ce
 def test_adv_ce_madry_loss_and_modes(spy_pgd):
     student = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))

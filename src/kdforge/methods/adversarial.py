@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
@@ -127,6 +127,17 @@ class AdvCEParams(AttackParams):
     #: Madry: 0 (adversarial examples only); 0.5 mixes clean CE (Goodfellow et al. 2015). Ignored by TRADES.
     clean_weight: float = Field(0.0, ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _trades_attack(self) -> "AdvCEParams":
+        """With ``trades: true``, steps and step size not given default to TRADES' CIFAR-10 attack
+        (10 steps of 0.007, ``TRADES/train_trades_cifar10.py``), not Madry's 7 of 2/255."""
+        if self.trades:
+            if "steps" not in self.model_fields_set:
+                self.steps = 10
+            if "step_size" not in self.model_fields_set:
+                self.step_size = 0.007
+        return self
+
 
 @METHODS.register("adv_ce")
 class AdversarialCE(PixelSpaceDistiller):
@@ -174,6 +185,11 @@ class ARDParams(AttackParams):
     temperature: float = Field(30.0, gt=0)
     #: elementmean = nn.KLDivLoss() default of the reference code (KL / C); batchmean = sum over classes
     reduction: Literal["elementmean", "batchmean"] = "elementmean"
+    #: at alpha 1 the CE term is zero, but the reference still runs the student on the clean batch in
+    #: training mode, so BatchNorm's running statistics see clean inputs as well as adversarial ones;
+    #: true does the same (a no-grad forward, no gradient change); false skips it (cheaper, BN
+    #: statistics from adversarial inputs only)
+    clean_bn_pass: bool = True
 
 
 class _ARDLoss:
@@ -184,6 +200,9 @@ class _ARDLoss:
         losses = {"kd": p.alpha * kl}
         if p.alpha < 1.0:
             losses["ce"] = (1.0 - p.alpha) * F.cross_entropy(self.student(batch.image), batch.targets)  # type: ignore[attr-defined]
+        elif p.clean_bn_pass and self.training:  # type: ignore[attr-defined]
+            with torch.no_grad():
+                self.student(batch.image)  # type: ignore[attr-defined]
         return losses
 
 
@@ -214,6 +233,8 @@ class FastARDParams(ARDParams):
     step_size: float | None = Field(None, ge=0)  # type: ignore[assignment]
     #: the loss whose input gradient moves delta: "train" (the ARD loss: free) or "ce" (student CE)
     delta_loss: Literal["train", "ce"] = "train"
+    #: off by default here: the batch is replayed m times and a clean pass per replay costs a forward
+    clean_bn_pass: bool = False
 
 
 @METHODS.register("fast_ard")
