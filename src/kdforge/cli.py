@@ -263,7 +263,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    from kdforge import __version__
+
     parser = argparse.ArgumentParser(prog="kdforge", description="Knowledge distillation for PyTorch")
+    parser.add_argument("--version", action="version", version=f"kdforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a recipe (or a pipeline of recipes)")
@@ -346,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     from kdforge.nonn.commands import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
 
     add_nonn_commands(sub)
+    for command in sub.choices.values():  # every command can load the user's own code
+        command.add_argument(
+            "--import", dest="imports", action="append", default=[], metavar="MODULE",
+            help="import a module or .py file first (the user's models, methods, datasets); repeatable",
+        )
     return parser
 
 
@@ -353,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from kdforge.engine.trainer import RunInterrupted
+    from kdforge.plugins import import_all
 
     previous = _stop_on_sigterm()
     try:
+        import_all(args.imports)  # the user's models, methods and datasets (kdforge.plugins)
         return args.func(args)
     except RunInterrupted as exc:
         print(f"kdforge: {exc}", file=sys.stderr)

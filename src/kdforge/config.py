@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdforge.errors import ConfigError, closest
+from kdforge.plugins import import_all
 
 
 class Strict(BaseModel):
@@ -138,6 +139,11 @@ class MethodConfig(BaseModel):
 
 class RunConfig(Strict):
     name: str = "run"
+    imports: list[str] = Field(
+        default_factory=list,
+        description="modules or .py files imported before the recipe is validated: the user's own "
+        "models, methods and datasets (kdforge.plugins)",
+    )
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig
@@ -268,10 +274,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
     _rebase_checkpoints(data, path.parent)
+    rebase_imports(data, path.parent)
     if isinstance(data.get("base"), str):  # a recipe may extend another file
         base = data.pop("base")
         return deep_merge(read_yaml(path.parent / base), data)
     return data
+
+
+def rebase_imports(recipe: dict[str, Any], folder: Path) -> None:
+    """``.py`` files in ``imports:`` are tried against the working directory, then against the
+    recipe's folder: a file that only exists relative to the recipe is made absolute."""
+    entries = recipe.get("imports")
+    if isinstance(entries, str):
+        entries = recipe["imports"] = [entries]
+    if not isinstance(entries, list):
+        return
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str) and (entry.endswith(".py") or "/" in entry):
+            file = Path(entry).expanduser()
+            if not file.is_absolute() and not file.exists() and (folder / file).exists():
+                entries[i] = str((folder / file).resolve())
 
 
 def _rebase_checkpoints(recipe: dict[str, Any], folder: Path) -> None:
@@ -313,6 +335,10 @@ def build_config(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
     data = copy.deepcopy(data)
     for text in overrides:
         apply_override(data, *parse_override(text))
+    imports = data.get("imports")
+    if imports is not None and not (isinstance(imports, list) and all(isinstance(i, str) for i in imports)):
+        raise ConfigError(f"bad value for 'imports': a list of module names or .py paths, got {imports!r}")
+    import_all(imports)  # the user's models and methods register before the recipe is checked
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:

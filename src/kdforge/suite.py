@@ -41,8 +41,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdforge.config import build_config, deep_merge, read_yaml, validation_message
+from kdforge.config import build_config, deep_merge, read_yaml, rebase_imports, validation_message
 from kdforge.errors import ConfigError, closest
+from kdforge.plugins import import_all
 
 
 class TeacherSpec(BaseModel):
@@ -73,6 +74,9 @@ class SuiteSpec(BaseModel):
     pairs: list[PairSpec]
     methods: dict[str, dict[str, Any]]
     teacher_bank: bool = False
+    #: modules or .py files (relative to the suite file) with the user's models and methods,
+    #: imported before planning and added to every run's recipe
+    imports: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _teachers_exist(self) -> "SuiteSpec":
@@ -116,7 +120,9 @@ def load_suite(path: str | Path) -> tuple[SuiteSpec, Path]:
 def _resolve_base(recipe: dict[str, Any], folder: Path) -> dict[str, Any]:
     recipe = dict(recipe)
     base = recipe.pop("base", None)
-    return deep_merge(read_yaml(folder / base), recipe) if base else recipe
+    merged = deep_merge(read_yaml(folder / base), recipe) if base else recipe
+    rebase_imports(merged, folder)
+    return merged
 
 
 def _student_label(student: dict[str, Any]) -> str:
@@ -129,6 +135,10 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
     """Expand the suite into runs: teachers first, then seeds x pairs x methods."""
     from kdforge.methods import METHODS
 
+    imports_holder: dict[str, Any] = {"imports": list(spec.imports)}
+    rebase_imports(imports_holder, folder)
+    suite_imports: list[str] = imports_holder["imports"]
+    import_all(suite_imports)  # the user's methods and models must be registered before planning
     runs: list[PlannedRun] = []
     teacher_files: dict[str, str] = {}
     for label, teacher in spec.teachers.items():
@@ -142,6 +152,8 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
             continue
         recipe = _resolve_base(teacher.recipe, folder)
         recipe.setdefault("name", f"teacher {label}")
+        if suite_imports:
+            recipe["imports"] = suite_imports + [i for i in recipe.get("imports", []) if i not in suite_imports]
         # a teacher distilled from other suite teachers (a teacher assistant) names them by label
         depends_on = []
         resolved_teachers = []
@@ -167,6 +179,7 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
         pair_label = pair.label or f"{pair.teacher or 'none'}-{_student_label(pair.student)}"
         for method_label, partial in spec.methods.items():
             partial = copy.deepcopy(partial)
+            import_all(deep_merge(base, partial).get("imports"))
             method = partial.get("method", {}).get("name", "ce")
             needs_teacher = METHODS.get(method).teachers_required[0] > 0
             teacher_labels = partial.pop("teachers", None)
@@ -185,6 +198,8 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
                 recipe["teachers"] = [{"checkpoint": teacher_files[t]} for t in teacher_labels]
                 recipe["seed"] = seed
                 recipe["name"] = f"{method_label} ({pair_label})"
+                if suite_imports:
+                    recipe["imports"] = suite_imports + [i for i in recipe.get("imports", []) if i not in suite_imports]
                 if spec.teacher_bank and teacher_labels:
                     recipe.setdefault("teacher_bank", {})["enabled"] = True
                 runs.append(PlannedRun(

@@ -158,6 +158,10 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = record.get("model") or {}
     if not spec.get("name"):
         raise CheckpointError(f"'{path}' is a plain state dict; give a kdforge model file (checkpoints/model_*.pt)")
+    from kdforge.models import MODELS
+    from kdforge.plugins import require_registered
+
+    require_registered(MODELS, spec["name"], record, str(path))
     model = create(
         spec["name"],
         num_classes=spec["num_classes"],

@@ -5,4 +5,4 @@ from __future__ import annotations
 from kdforge.data.types import DataSplits
 from kdforge.registry import Registry
 
-DATASETS: Registry[DataSplits] = Registry("dataset")
+DATASETS: Registry[DataSplits] = Registry("dataset", group="kdforge.datasets")

@@ -13,7 +13,8 @@ from kdforge.data import Augmentation, DataSplits, DatasetInfo, TensorData, defa
 from kdforge.engine.checkpoint import read_model_file
 from kdforge.errors import CheckpointError, ConfigError
 from kdforge.methods import METHODS, Distiller
-from kdforge.models import create
+from kdforge.models import MODELS, create
+from kdforge.plugins import require_registered
 
 
 @dataclass
@@ -76,6 +77,8 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
             f"{role} checkpoint '{cfg.checkpoint}' takes {saved['in_channels']}-channel input but dataset "
             f"'{info.name}' has {info.in_channels}"
         )
+    if record is not None:
+        require_registered(MODELS, name, record, str(cfg.checkpoint))
     kwargs = {**saved.get("kwargs", {}), **cfg.kwargs}
     spec = ModelSpec(name, kwargs, info.num_classes, info.in_channels, tuple(info.image_size))
     model = create(

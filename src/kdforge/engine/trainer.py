@@ -295,6 +295,8 @@ class Trainer:
             dataset=dataclasses.asdict(self.info),
             metrics=metrics,
         )
+        if self.config.imports:  # what an error should tell a later process to --import
+            record["imports"] = list(self.config.imports)
         if getattr(spec, "architecture", None):  # LMA / pruned / QAT networks (kdforge.compress.arch)
             record["model"]["architecture"] = spec.architecture
         atomic_save(record, path)

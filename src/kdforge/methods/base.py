@@ -28,7 +28,7 @@ from kdforge.data.batch import Batch
 from kdforge.registry import Registry
 from kdforge.schedules import Schedule
 
-METHODS: Registry[type["Distiller"]] = Registry("method")
+METHODS: Registry[type["Distiller"]] = Registry("method", group="kdforge.methods")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import nn
 from kdforge.errors import ConfigError, closest
 from kdforge.registry import Registry
 
-MODELS: Registry[nn.Module] = Registry("model")
+MODELS: Registry[nn.Module] = Registry("model", group="kdforge.models")
 
 COMMON_ARGUMENTS = ("num_classes", "in_channels", "input_size")
 
