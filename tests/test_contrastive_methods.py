@@ -477,7 +477,7 @@ def test_losses_stay_float32_under_autocast(method):
 def test_registered_with_paper_defaults():
     defaults = {
         "crd": {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "beta": 0.8, "feature_dim": 128,
-                "num_negatives": 16384, "nce_temperature": 0.07, "momentum": 0.5, "negatives": "other_indices",
+                "num_negatives": 16384, "nce_temperature": 0.07, "momentum": 0.5, "negatives": "other_classes",
                 "student_layers": ["pool"]},
         "hkd": {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "beta": 3.0, "feature_dim": 128,
                 "num_negatives": 16384, "nce_temperature": 0.07, "momentum": 0.9, "negatives": "other_classes",

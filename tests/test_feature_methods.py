@@ -343,7 +343,7 @@ def test_method_loss_equals_the_formula_on_tapped_features():
 @pytest.mark.parametrize(
     "s_shape, t_shape, kind, count",
     [
-        ((32, 8, 8), (64, 8, 8), "conv3x3", 32 * 64 * 9 + 2 * 64),
+        ((32, 8, 8), (64, 8, 8), "conv1x1", 32 * 64 + 2 * 64),  # equal sizes: 1x1 as RepDistiller
         ((16, 16, 16), (32, 8, 8), "conv3x3_stride2", 16 * 32 * 9 + 2 * 32),
         ((32, 8, 8), (16, 16, 16), "deconv4x4_stride2", 32 * 16 * 16 + 2 * 16),
         ((16, 16, 16), (64, 4, 4), "pool_conv1x1", 16 * 64 + 2 * 64),
@@ -360,7 +360,9 @@ def test_fitnet_regressor_choice(s_shape, t_shape, kind, count):
 
 
 def test_fitnet_same_size_kernel_and_errors():
-    assert HintRegressor((8, 4, 4), (8, 4, 4), same_size_kernel=1).kind == "conv1x1"
+    assert HintRegressor((8, 4, 4), (8, 4, 4), same_size_kernel=3).kind == "conv3x3"  # the former default
+    assert sum(p.numel() for p in HintRegressor((8, 4, 4), (8, 4, 4), same_size_kernel=3).parameters()) == 8 * 8 * 9 + 16
+    assert METHODS.get("fitnet").Params().same_size_kernel == 1
     with pytest.raises(ConfigError, match="odd"):
         HintRegressor((8, 4, 4), (8, 4, 4), same_size_kernel=2)
     with pytest.raises(ConfigError, match="cannot regress"):
@@ -387,7 +389,7 @@ def test_fitnet_builds_from_shapes_and_counts_the_regressor():
     assert out.losses["hint"].item() == pytest.approx(expected, rel=1e-5)
     # default: the hint is stage2 of both; resnet8 -> resnet8x4 maps 32 to 128 channels at 8x8
     d2 = METHODS.get("fitnet")(student, [teacher], input_shape=(3, 16, 16))
-    assert d2.regressors[0].kind == "conv3x3" and d2.regressors[0].teacher_shape == (128, 8, 8)
+    assert d2.regressors[0].kind == "conv1x1" and d2.regressors[0].teacher_shape == (128, 8, 8)  # RepDistiller's
 
 
 def test_fitnet_input_shape_mismatch_is_a_clear_error():
