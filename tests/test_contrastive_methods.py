@@ -26,6 +26,7 @@ from kdforge.methods.memory import (
     sample_other_indices,
 )
 from kdforge.models import create
+from conftest import batch_of
 
 
 class Tiny(nn.Module):
@@ -45,10 +46,6 @@ def tiny_distiller(method, n=10, params=None, **kwargs):
     return METHODS.get(method)(Tiny(5), [Tiny(7)], {**base, **(params or {})},
                                input_shape=(3, 2, 2), num_samples=n, **kwargs)
 
-
-def batch_of(x, y, index, negatives=None):
-    extras = {} if negatives is None else {"contrast_index": torch.as_tensor(negatives)}
-    return Batch({"image": x}, torch.as_tensor(y), torch.as_tensor(index), extras)
 
 
 def unit(a):

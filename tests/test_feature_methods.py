@@ -29,13 +29,11 @@ from kdforge.methods.pkt import pkt_loss
 from kdforge.methods.rkd import rkd_losses
 from kdforge.methods.sp import sp_loss
 from kdforge.models import FeatureTap, create
+from conftest import batch_of
 
 FEATURE_METHODS = ["at", "fitnet", "rkd", "pkt", "sp"]
 ALL_METHODS = ["dkd", *FEATURE_METHODS]
 
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 
 
 def zoo_batch(n=4, classes=10):

@@ -22,12 +22,10 @@ from kdforge.methods.base import METHODS, Step
 from kdforge.methods.growing_ta import active_count, growth_epochs
 from kdforge.methods.introspective import gradcam_similarities
 from kdforge.models import FeatureTap, create
+from conftest import batch_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 
 
 def images(n=4, size=16, channels=3):

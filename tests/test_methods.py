@@ -10,10 +10,8 @@ from torch import nn
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.methods import METHODS, Step, kd_loss, soft_kl
+from conftest import batch_of
 
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 
 
 class Fixed(nn.Module):

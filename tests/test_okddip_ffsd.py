@@ -18,12 +18,10 @@ from kdforge.methods.base import Step
 from kdforge.methods.ffsd import FFSD, Decoder, diversity_loss, diversity_shift, inverted_target, warmup_factor
 from kdforge.methods.okddip import OKDDip, epoch_position, rampup_weight
 from kdforge.models import create
+from conftest import batch_of
 
 SHAPE = (3, 16, 16)
 
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 
 
 def tiny_batch(n=4, seed=1):

@@ -16,12 +16,10 @@ from kdforge.engine.trainer import Trainer
 from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
 from kdforge.models import create
+from conftest import batch_of
 
 SHAPE = (3, 8, 8)
 
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 
 
 class Fixed(nn.Module):

@@ -23,13 +23,11 @@ from kdforge.methods.dkd import warmup_factor
 from kdforge.methods.fsp import fsp_matrix
 from kdforge.methods.review_kd import ABF, hcl_loss, nearest_resize
 from kdforge.models import create
+from conftest import batch_of
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
 
-
-def batch_of(x, n_classes=10):
-    return Batch({"image": x}, torch.arange(len(x)) % n_classes, torch.arange(len(x)))
 
 
 def build(method, student, teacher, params=None, size=16):
