@@ -78,8 +78,10 @@ def as_schedule(spec: ScheduleSpec | dict) -> Schedule:
 
 
 def consistency_rampup(progress: float, length: float) -> float:
-    """The sigmoid-shaped ramp ``exp(-5 (1 - min(p, L)/L)^2)`` used by mean-teacher style methods."""
+    """The sigmoid-shaped ramp ``exp(-5 (1 - min(p, L)/L)^2)`` of mean-teacher style methods
+    (Laine & Aila 2017; ONE, CL-ILR, OKDDip and FFSD use it): 0.007 at p = 0, 1 from p = L on, 1
+    everywhere when L = 0. ``p`` is clamped below at 0. The one implementation in kdforge."""
     if length <= 0:
         return 1.0
-    x = 1.0 - min(progress, length) / length
+    x = 1.0 - min(max(progress, 0.0), length) / length
     return math.exp(-5.0 * x * x)

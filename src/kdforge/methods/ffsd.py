@@ -37,7 +37,6 @@ each network exactly the gradient of its own loss in the reference's sequential 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -49,11 +48,19 @@ from torch import Tensor, nn
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.methods.at import attention_map
-from kdforge.methods.base import METHODS, Distiller, MethodParams, OptimizerGroup, Output, Step
+from kdforge.methods.base import (
+    METHODS,
+    Distiller,
+    MethodParams,
+    OptimizerGroup,
+    Output,
+    Step,
+)
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import kd_loss
 from kdforge.models import FeatureTap
 from kdforge.models.branches import fresh_copy, reinitialise
+from kdforge.schedules import consistency_rampup
 
 
 class FFSDParams(MethodParams):
@@ -115,11 +122,9 @@ def diversity_shift(feature: Tensor, fraction: float = 1 / 3) -> Tensor:
 
 
 def warmup_factor(epoch: int, length: float) -> float:
-    """``exp(-5 (1 - e/length)^2)`` for the 1-based epoch ``e <= length``, else 1."""
-    if length <= 0:
-        return 1.0
-    e = epoch + 1
-    return math.exp(-5.0 * (1.0 - e / length) ** 2) if e <= length else 1.0
+    """``exp(-5 (1 - e/length)^2)`` for the 1-based epoch ``e <= length``, else 1: the shared
+    consistency ramp evaluated at ``e = epoch + 1`` (the reference counts epochs from 1)."""
+    return consistency_rampup(epoch + 1, length)
 
 
 # ---------------------------------------------------------------------- modules

@@ -38,7 +38,6 @@ lambda (``--alpha``) = 1, 4 branches, ramp length 80 epochs (of 300), projection
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -53,6 +52,7 @@ from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import soft_kl
 from kdforge.models.branches import BranchedNetwork
+from kdforge.schedules import consistency_rampup
 
 
 class OKDDipParams(MethodParams):
@@ -71,11 +71,8 @@ class OKDDipParams(MethodParams):
 
 
 def rampup_weight(epoch: float, length: float) -> float:
-    """``exp(-5 (1 - min(e, L)/L)^2)``; 1 when ``length`` is 0."""
-    if length <= 0:
-        return 1.0
-    phase = 1.0 - min(max(epoch, 0.0), length) / length
-    return math.exp(-5.0 * phase * phase)
+    """``exp(-5 (1 - min(e, L)/L)^2)``; 1 when ``length`` is 0 (``kdforge.schedules.consistency_rampup``)."""
+    return consistency_rampup(epoch, length)
 
 
 def epoch_position(step: Step, by: str = "step") -> float:

@@ -17,7 +17,6 @@ between their softmax outputs (the quantity the OKDDip code logs).
 
 from __future__ import annotations
 
-import math
 from itertools import combinations
 from typing import Any
 
@@ -31,17 +30,10 @@ from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import soft_kl
 from kdforge.models.branches import BranchedNetwork, fresh_copy, scale_gradient
+from kdforge.schedules import consistency_rampup
 
 
 # --------------------------------------------------------------------------- shared helpers
-def consistency_rampup(epoch: float, length: float) -> float:
-    """``exp(-5 (1 - min(epoch, length)/length)^2)``; 1 when ``length`` is 0 (no ramp)."""
-    if length <= 0:
-        return 1.0
-    phase = 1.0 - min(max(epoch, 0.0), length) / length
-    return math.exp(-5.0 * phase * phase)
-
-
 def softmax_diversity(logits: list[Tensor]) -> Tensor:
     """Mean over member pairs of the per-sample L2 distance between softmax outputs (no grad)."""
     with torch.no_grad():
@@ -57,7 +49,9 @@ def _parse_params(cls: type[Distiller], params: MethodParams | dict | None) -> M
     try:
         return cls.Params(**(params or {}))
     except ValidationError as exc:
-        from kdforge.config import validation_message  # the config layer imports methods lazily
+        from kdforge.config import (
+            validation_message,  # the config layer imports methods lazily
+        )
 
         first = exc.errors()[0]
         if first["loc"]:
