@@ -9,7 +9,8 @@ Two families:
   normally the merged rarely co-active filters) is discarded, the next N seed the N students and
   any further group joins the student that has the fewest filters so far. Group sizes are
   whatever the communities give (often very unbalanced) and some filters are mimicked by nobody.
-* ``spectral`` (Jeong, Park, Yang, Electronics 2021, as reconstructed in METHODS.md 9.2): the
+* ``spectral`` (Jeong, Park, Yang, Electronics 10(14):1614, 2021; reconstructed from the paper's
+  abstract, no public code): the
   Fiedler vector of the graph Laplacian ``L = D - W`` (or the normalised one) orders the filters
   so that correlated filters sit next to each other; the order is cut into N contiguous blocks of
   equal size (sizes differ by at most one). ``spectral_recursive`` bisects recursively with each
