@@ -405,8 +405,8 @@ def main() -> int:
             f"\n## NoNN failure study (`{command}`), {time.strftime('%Y-%m-%d')}\n\n"
             f"{setting} Full test set; failure sets exhaustive when there are at most {args.max_combos} "
             f"for a count, else a seeded sample of {args.max_combos}; `*` marks the fill the system was "
-            f"trained for. Bar (from the issue): with half of 8 devices failed, accuracy stays high "
-            f"(Jeong, Park, Yang 2021; METHODS.md 9.2 records no number).\n"
+            f"trained for. Bar: with half of 8 devices failed, accuracy stays high (the qualitative "
+            f"claim of Jeong, Park, Yang, Electronics 2021; the abstract gives no number).\n"
             f"{table}"
         )
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as handle:

@@ -9,8 +9,8 @@ Measures, in one process and interleaved rounds (so machine noise hits every var
   and resnet20->resnet8;
 * the end-to-end loop of the real Trainer (data + KD step) for resnet20->resnet8.
 
-Targets (issue 2): the data pipeline costs under 5% of a resnet8 training step; a KD step costs at
-most 1.1x (student step + teacher forward) measured separately.
+The project's speed goals: the data pipeline costs under 5% of a resnet8 training step; a KD step
+costs at most 1.1x (student step + teacher forward) measured separately.
 
 Real CIFAR-10 is used when ``../shared/data`` has it (materialised once into the official format
 under ``benchmarks/.cache``); otherwise random images of the same shape (said in the output).

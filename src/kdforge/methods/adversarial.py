@@ -8,13 +8,15 @@ networks. ``eps`` and ``step_size`` accept fractions such as ``"8/255"``.
 * ``adv_ce`` -- Madry et al. (ICLR 2018) PGD adversarial training,
   ``L = CE(S(x_adv), y)``, ``x_adv = PGD(x; CE(S(.), y))``; or TRADES (Zhang et al., ICML 2019) with
   ``trades: true``: ``L = CE(S(x), y) + beta * KL(S(x) || S(x_adv))``, the attack maximizing that KL.
-* ``ard`` -- Goldblum et al. (AAAI 2020), METHODS.md section 4 [code]: the attack maximizes the
+* ``ard`` -- Goldblum, Fowl, Feizi, Goldstein (AAAI 2020, arXiv 1905.09747), as in the authors'
+  ``goldblum/AdversariallyRobustDistillation`` ``main.py``: the attack maximizes the
   *student's* CE; the target is the teacher on the *clean* input:
   ``L = alpha * T^2 * KL_T(T(x) || S(x_adv)) + (1 - alpha) * CE(S(x), y)``; alpha 1, T 30,
   PGD-10 of 2/255 in an 8/255 ball, run in the student's current (training) mode. The KL is averaged
   over batch x classes by default (``reduction: elementmean``) as ``nn.KLDivLoss()`` does in the
   reference, because its alpha/T/lr were tuned with it; ``batchmean`` is the option.
-* ``fast_ard`` -- ARD with "free" adversarial training (Shafahi et al., NeurIPS 2019) [recon]: the
+* ``fast_ard`` -- ARD with "free" adversarial training (Shafahi et al., NeurIPS 2019), reconstructed
+  (the ARD paper's exact Fast-ARD procedure was not checked, and its code has none): the
   trainer replays every batch ``replays`` times (``Distiller.batch_replays``), one optimizer step per
   replay; the perturbation ``delta`` persists across replays and batches and after each backward
   pass moves by ``step_size * sign(grad_delta)`` (clipped to the ball), the gradient coming free from

@@ -1,6 +1,6 @@
 """Cross-layer Gramian KD (Chou, Chiu & Liao, APSIPA Trans. SIP 10, e18, 2021; APSIPA ASC 2020),
-stage 1 (the hint stage). **RECONSTRUCTED**: only the abstracts were reachable (METHODS.md §3),
-so the exact layer pairs, matrix normalisation, adapter form and loss weights are choices made
+stage 1 (the hint stage). **RECONSTRUCTED**: only the abstracts of the two papers could be read
+(no full text, no public code), so the exact layer pairs, matrix normalisation, adapter form and loss weights are choices made
 here from the abstract and standard practice (FSP), and every one of them is configurable.
 
 What the abstracts state: a *cross-layer Gramian matrix* carries the teacher's knowledge,

@@ -1,6 +1,7 @@
 """Growing teacher assistant, an INTERPRETATION of GTAN (Xu et al., Phys. Med. Biol. 66(23):235005, 2021).
 
-Only GTAN's abstract was reachable (METHODS.md §7.2): a *growing* teacher-assistant network lets
+Only GTAN's abstract could be read (no full text, no public code): a *growing* teacher-assistant
+network lets
 a small student "gradually learn the knowledge without extra computational cost" across a large
 teacher-student gap. Everything below (what grows, how, when, the losses) is this module's reading,
 each part a parameter; it is not the paper's algorithm.

@@ -1,5 +1,8 @@
-"""NoNN (Bhardwaj, Lin, Sartor, Marculescu 2019) with the balanced, redundant partitions of
-Jeong, Park and Yang (Electronics 2021). Specification: METHODS.md section 9; docs/nonn.md.
+"""NoNN (Bhardwaj, Lin, Sartor, Marculescu, CODES+ISSS 2019, arXiv 1907.11804) with the balanced,
+redundant partitions of Jeong, Park and Yang (Electronics 10(14):1614, 2021). The graph and the
+Louvain mapping follow the NoNN framework (``SLDGroup/NoNN_framework``); the spectral partitions and
+the averaging are reconstructed from the Electronics paper's abstract (no public code). See
+docs/nonn.md.
 
 The student is the zoo model ``nonn`` (N students + a linear head on their concatenated pooled
 features). The teacher's final-stage filters are split into N groups P_1..P_N (see
@@ -20,9 +23,10 @@ construction from the teacher's activations on the training images (``partition`
 method). It is stored in the model file (the ``nonn`` model's ``groups``/``partition`` kwargs),
 so one recipe goes from teacher to partition to students.
 
-Defaults [recon]: alpha 0.9, T 4 (Hinton KD as in kdforge's ``kd``), beta 1000 with the
-mean-of-squares AT convention of kdforge's ``at`` (RepDistiller), p 2; the graph settings
-(hebbian weight, top-k 50, 99th percentile, resolution 0.7) are the NoNN framework's.
+Defaults (our choices, not values taken from the papers): alpha 0.9, T 4 (Hinton KD as in
+kdforge's ``kd``), beta 1000 with the mean-of-squares AT convention of kdforge's ``at``
+(RepDistiller), p 2; the graph settings (hebbian weight, top-k 50, 99th percentile, resolution 0.7)
+are those of the NoNN framework.
 """
 
 from __future__ import annotations

@@ -320,8 +320,8 @@ class OnTheFlyNativeEnsemble(BranchedDistiller):
     GAP is applied only to 4-D trunk outputs (3-D: mean over the last axis; 2-D vectors, e.g. an
     MLP's hidden layer, go to the Linear as they are).
 
-    Detaching: the OKDDip repository's ONE (``train_one.py`` with ``models/*/resnet_one.py``, the
-    re-implementation METHODS.md follows) does **not** detach ``z_e``: the KL term also trains the
+    Detaching: the OKDDip repository's ONE (``DefangChen/OKDDip``, ``train_one.py`` with
+    ``models/*/resnet_one.py``, the re-implementation followed here) does **not** detach ``z_e``: the KL term also trains the
     gate and every branch through the ensemble. We follow it (``detach_targets: false``);
     ``detach_targets: true`` gives the usual "teacher as constant" reading of the paper.
 

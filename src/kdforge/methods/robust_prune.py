@@ -1,8 +1,9 @@
 """Pruning + KD + adversarial training as one objective, solved by proximal gradient (``robust_prune``).
 
 Lee & Lee, "Robust CNN Compression Framework for Security-Sensitive Embedded Systems", Applied
-Sciences 11(3):1093, 2021. Only the abstract was verified (METHODS.md section 8); the objective and
-schedule below are the documented **reconstruction** [recon], every part of it an option::
+Sciences 11(3):1093, 2021. Only the abstract was read (no full text, no public code); the objective
+and schedule below are our **reconstruction** from it and standard practice (Madry PGD, Hinton KD,
+proximal operators), every part of it an option::
 
     min_W  E[(1 - lambda) CE(S_W(x_adv), y) + lambda T^2 KL_T(Teacher(x_adv) || S_W(x_adv))] + R(W)
     x_adv = PGD_eps(x; CE(S_W(.), y))       (Madry inner maximisation on the student, every step)
@@ -56,7 +57,7 @@ from kdforge.models.profile import count_flops, count_parameters
 
 class RobustPruneParams(AttackParams):
     adversarial: bool = True
-    # distillation [recon]: lambda and T are our choices (the paper's values were not reachable)
+    # distillation (reconstructed): lambda and T are our choices (the paper's values were not reachable)
     kd_weight: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(4.0, gt=0)
     reduction: Literal["batchmean", "elementmean"] = "batchmean"

@@ -10,7 +10,7 @@ teacher's final convolution stage. For every training image:
 
    * ``hebbian`` (the paper's "activation Hebbian" rule): ``a_f a_g / (|a_f - a_g| + 1)``,
      large when both fire strongly *together*;
-   * ``noncoactivation`` (what a third-party NoNN framework actually runs):
+   * ``noncoactivation`` (what the NoNN framework, ``SLDGroup/NoNN_framework``, actually runs):
      ``a_f a_g |a_f - a_g|``.
 
 The summed matrix is divided by its largest entry. ``correlation`` is the alternative of the

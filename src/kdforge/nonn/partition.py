@@ -4,17 +4,19 @@ Two families:
 
 * ``louvain`` (NoNN, Bhardwaj et al. 2019): Louvain community detection (networkx, modularity
   with ``resolution`` 0.7) on the graph thresholded at the ``percentile``-th percentile of its
-  non-zero weights. Communities are mapped to students as the third-party NoNN framework does:
+  non-zero weights. Communities are mapped to students as the NoNN framework
+  (``SLDGroup/NoNN_framework``, ``ActivationNetwork.partition_activation_network``) does:
   singleton communities are merged into one group, groups are sorted by size, the largest ("P0",
   normally the merged rarely co-active filters) is discarded, the next N seed the N students and
   any further group joins the student that has the fewest filters so far. Group sizes are
   whatever the communities give (often very unbalanced) and some filters are mimicked by nobody.
-* ``spectral`` (Jeong, Park, Yang, Electronics 2021, as reconstructed in METHODS.md 9.2): the
-  Fiedler vector of the graph Laplacian ``L = D - W`` (or the normalised one) orders the filters
-  so that correlated filters sit next to each other; the order is cut into N contiguous blocks of
-  equal size (sizes differ by at most one). ``spectral_recursive`` bisects recursively with each
-  part's own Fiedler vector; ``spectral_kway`` embeds the filters with the first N-1 non-trivial
-  eigenvectors and runs size-constrained (balanced) k-means.
+* ``spectral`` (Jeong, Park, Yang, Electronics 10(14):1614, 2021; reconstructed from the paper's
+  abstract, no public code): the Fiedler vector of the graph Laplacian ``L = D - W`` (or the
+  normalised one) orders the filters so that correlated filters sit next to each other; the order
+  is cut into N contiguous blocks of equal size (sizes differ by at most one).
+  ``spectral_recursive`` bisects recursively with each part's own Fiedler vector;
+  ``spectral_kway`` embeds the filters with the first N-1 non-trivial eigenvectors and runs
+  size-constrained (balanced) k-means.
 
 Groups are kept in an order in which *neighbouring* groups are related: the Fiedler order for the
 spectral partitions, and the groups' mean Fiedler coordinate for Louvain. The averaging
