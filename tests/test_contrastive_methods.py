@@ -14,7 +14,7 @@ from torch import nn
 import kdforge.methods.crd  # noqa: F401  (registration)
 import kdforge.methods.hkd  # noqa: F401
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
 from kdforge.methods.crd import crd_nce_loss, estimate_log_z
 from kdforge.methods.hkd import OneHopGraphConv, knn_adjacency

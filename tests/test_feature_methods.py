@@ -18,7 +18,7 @@ import kdforge.methods.pkt  # noqa: F401
 import kdforge.methods.rkd  # noqa: F401
 import kdforge.methods.sp  # noqa: F401
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.at import at_loss
 from kdforge.methods.base import METHODS, Step
 from kdforge.methods.dkd import dkd_terms, warmup_factor

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods import METHODS, Step, kd_loss, soft_kl
 
 

@@ -13,7 +13,7 @@ import kdforge.methods.online as online
 from kdforge.config import build_config
 from kdforge.data.batch import Batch
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
 from kdforge.models import create
 

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from kdforge.methods import Step
-from kdforge.schedules import Schedule, as_schedule, consistency_rampup
+from kdforge.core.schedules import Schedule, as_schedule, consistency_rampup
 
 
 def test_constant_from_a_number():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kdforge.data.splits import evaluation_subset
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 
 def test_class_sorted_split_gives_every_class():

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import KDForgeError
+from kdforge.core.errors import KDForgeError
 
 
 def _quiet_libraries() -> None:
@@ -77,9 +77,9 @@ def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from kdforge.config import DataConfig
     from kdforge.engine.build import build_augmentation, build_data
-    from kdforge.engine.checkpoint import read_model_file
+    from kdforge.core.checkpoint import read_model_file
     from kdforge.engine.trainer import evaluate_model
-    from kdforge.errors import CheckpointError, ConfigError
+    from kdforge.core.errors import CheckpointError, ConfigError
 
     record = read_model_file(args.checkpoint)
     spec = record.get("model") or {}

@@ -41,8 +41,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdforge.config import build_config, deep_merge, read_yaml, validation_message
-from kdforge.errors import ConfigError, closest
+from kdforge.config import build_config, deep_merge, read_yaml
+from kdforge.core.errors import ConfigError, closest
+from kdforge.core.validation import validation_message
 
 
 class TeacherSpec(BaseModel):

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from kdforge.errors import CheckpointError, ConfigError
+from kdforge.core.errors import CheckpointError, ConfigError
 
 STRUCTURAL = ("lma", "resize", "qat")
 KNOWN = (*STRUCTURAL, "sparse")
@@ -128,7 +128,7 @@ def materialize(
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Zoo model -> the network a recipe asks for: rebuild the checkpoint's architecture, load its
     weights, apply the recipe's ``lma``/``prune``/``qat`` switches. Returns the model and its steps."""
-    from kdforge.engine.checkpoint import load_weights
+    from kdforge.core.checkpoint import load_weights
 
     saved = _check(((record or {}).get("model") or {}).get("architecture"), source)
     rebuild(model, saved, source)
@@ -151,7 +151,7 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     Returns ``(model in eval mode, the file's record)``.
     """
-    from kdforge.engine.checkpoint import read_model_file
+    from kdforge.core.checkpoint import read_model_file
     from kdforge.models import create
 
     record = read_model_file(path)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kdforge.compress.quantize import deployable, session
-from kdforge.errors import KDForgeError
+from kdforge.core.errors import KDForgeError
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"

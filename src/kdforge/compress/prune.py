@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdforge.compress.lma import LMA
 from kdforge.compress.proximal import magnitude_mask, prunable_layers, sparsity_of
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 # ----------------------------------------------------------------------------- unstructured
 

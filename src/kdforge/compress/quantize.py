@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError, KDForgeError
+from kdforge.core.errors import ConfigError, KDForgeError
 
 # ----------------------------------------------------------------------------- fake quantization
 

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from kdforge.data.types import DataSplits
-from kdforge.registry import Registry
+from kdforge.core.registry import Registry
 
 DATASETS: Registry[DataSplits] = Registry("dataset")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kdforge.data.hashing import derive_seed
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 _VAL_STREAM = 1
 _SUBSET_STREAM = 2

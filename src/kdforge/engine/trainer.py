@@ -37,7 +37,7 @@ from torch import nn
 from kdforge.config import RunConfig, build_config
 from kdforge.data import BatchLoader, DataSplits
 from kdforge.engine.build import ModelSpec, build_augmentation, build_data, build_distiller
-from kdforge.engine.checkpoint import (
+from kdforge.core.checkpoint import (
     STATE_FORMAT,
     atomic_save,
     atomic_write_text,
@@ -46,7 +46,7 @@ from kdforge.engine.checkpoint import (
 )
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
 from kdforge.engine.record import run_record
-from kdforge.errors import ConfigError, KDForgeError
+from kdforge.core.errors import ConfigError, KDForgeError
 from kdforge.methods import Distiller, Step
 
 Callback = Callable[["Trainer", int, dict[str, Any]], None]

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from kdforge.data.batch import Batch
-from kdforge.registry import Registry
-from kdforge.schedules import Schedule
+from kdforge.core.registry import Registry
+from kdforge.core.schedules import Schedule
 
 METHODS: Registry[type["Distiller"]] = Registry("method")
 

@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.base import Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import kd_loss
 from kdforge.models.taps import FeatureTap

@@ -47,7 +47,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.at import attention_map
 from kdforge.methods.base import METHODS, Distiller, MethodParams, OptimizerGroup, Output, Step
 from kdforge.methods.features import full_precision

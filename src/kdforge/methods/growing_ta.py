@@ -49,7 +49,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import kd_loss
 from kdforge.models import create

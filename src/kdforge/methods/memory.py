@@ -42,7 +42,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.features import (
     FeatureDistiller,
     FeatureParams,

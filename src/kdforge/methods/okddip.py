@@ -48,7 +48,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import soft_kl

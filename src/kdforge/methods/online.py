@@ -27,7 +27,8 @@ from pydantic import Field, ValidationError, model_validator
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
+from kdforge.core.validation import validation_message
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import soft_kl
 from kdforge.models.branches import BranchedNetwork, fresh_copy, scale_gradient
@@ -57,8 +58,6 @@ def _parse_params(cls: type[Distiller], params: MethodParams | dict | None) -> M
     try:
         return cls.Params(**(params or {}))
     except ValidationError as exc:
-        from kdforge.config import validation_message  # the config layer imports methods lazily
-
         first = exc.errors()[0]
         if first["loc"]:
             message = validation_message(exc, cls.Params, prefix="method.")

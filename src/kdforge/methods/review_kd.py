@@ -57,7 +57,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.dkd import warmup_factor
 from kdforge.methods.features import full_precision, resolve_layers

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 GraphKind = Literal["hebbian", "noncoactivation", "correlation"]
 GRAPH_KINDS: tuple[str, ...] = ("hebbian", "noncoactivation", "correlation")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kdforge.data.types import DatasetInfo, DataSplits, TensorData
-from kdforge.errors import DataError
+from kdforge.core.errors import DataError
 
 DEFAULT_ROOT = Path("data")
 MATERIALIZE_HINT = "python ../shared/tools/materialize_datasets.py {root}"

@@ -23,7 +23,7 @@ from kdforge.data.sources.common import (
     resolve_root,
 )
 from kdforge.data.types import DataSplits
-from kdforge.errors import DataError
+from kdforge.core.errors import DataError
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049

@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-from kdforge.errors import ConfigError, closest
+from kdforge.core.errors import ConfigError, closest
 
 T = TypeVar("T")
 
