@@ -161,8 +161,8 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    """Parameters, FLOPs, size on disk, CPU latency; rates against --teacher (kdforge.compress.report)."""
-    from kdforge.compress.report import format_report, profile_networks
+    """Parameters, FLOPs, size on disk, CPU latency; rates against --teacher (kdforge.commands.profile)."""
+    from kdforge.commands.profile import format_report, profile_networks
 
     shape = _parse_shape(args.input) if args.input else None
     report, names = profile_networks(args.model, args.teacher, shape, args.classes, tuple(args.batch_sizes),
@@ -179,8 +179,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a model file's network as ONNX (optionally int8) or TorchScript (kdforge.compress.export)."""
-    from kdforge.compress.export import export_checkpoint
+    """Write a model file's network as ONNX (optionally int8) or TorchScript (kdforge.commands.export)."""
+    from kdforge.commands.export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.format, args.out, int8=args.int8, data=args.data, root=args.root,
                                batches=args.calibration_batches, check=not args.no_check)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from kdforge.compress.footprint import compression_report
 from kdforge.config import RunConfig, build_config
 from kdforge.data import BatchLoader, DataSplits
 from kdforge.engine.build import ModelSpec, build_augmentation, build_data, build_distiller
@@ -514,10 +515,28 @@ class Trainer:
 
 
 def _compression_summary(trainer: Trainer) -> dict[str, Any]:
-    """Parameters, FLOPs, size, CPU latency and rates against the first teacher (kdforge.compress.report)."""
-    from kdforge.compress.report import summary_fields
+    """The ``compression`` entry of a run's summary.json, measured once per session and cached:
+    parameters, FLOPs, size, CPU latency and rates against the first teacher
+    (:func:`kdforge.compress.footprint.compression_report`).
 
-    return summary_fields(trainer)
+    Student = the deployed network; teacher = the run's first teacher (none for teacher-less
+    runs). Latency uses few repeats (2 warm-up, 5 timed) so a summary costs about a second; it
+    never fails a run (an error is recorded instead).
+    """
+    cached = getattr(trainer, "_compression_summary", None)
+    if cached is not None:
+        return cached
+    try:
+        info = trainer.info
+        shape = (info.in_channels, *info.image_size)
+        teachers = list(getattr(trainer.distiller, "teachers", []) or [])
+        report = compression_report(
+            trainer.distiller.inference_model(), shape, teachers[0] if teachers else None, warmup=2, repeats=5
+        )
+    except Exception as exc:  # noqa: BLE001 - a report must never stop training
+        report = {"error": f"{type(exc).__name__}: {exc}"}
+    trainer._compression_summary = report
+    return report
 
 
 def evaluate_model(
