@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
 
-    from kdforge.nonn.commands import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
+    from kdforge.commands.nonn import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
 
     add_nonn_commands(sub)
     return parser

@@ -1,7 +1,8 @@
 """The ``kdforge nonn-partition`` and ``kdforge serve-nonn`` commands (wiring only).
 
-Kept out of ``kdforge/cli.py`` so that the NoNN tooling lives in one package; ``cli.py`` calls
-``add_commands`` when it builds its parser. Nothing heavy is imported until a command runs.
+The algorithms are :mod:`kdforge.nonn` (filter graph, partitions, the distributed runtime);
+``cli.py`` calls ``add_commands`` when it builds its parser. Nothing heavy is imported until a
+command runs.
 """
 
 from __future__ import annotations
