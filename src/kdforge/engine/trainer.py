@@ -506,7 +506,7 @@ class Trainer:
     def _finish(self, status: str) -> dict[str, Any]:
         summary = self._write_summary(status)
         if self.history:
-            from kdforge.engine.plots import plot_curves
+            from kdforge.engine.curves import plot_curves
 
             plot_curves(self.history, self.out_dir / "curves.png", title=self.config.name)
         if self.writer is not None:
