@@ -19,7 +19,7 @@ from kdforge.methods.base import METHODS, Step
 from kdforge.methods.crd import crd_nce_loss, estimate_log_z
 from kdforge.methods.hkd import OneHopGraphConv, knn_adjacency
 from kdforge.methods.losses import kd_loss
-from kdforge.methods.memory import (
+from kdforge.methods.contrastive import (
     MemoryBank,
     bank_scores,
     sample_other_classes,
