@@ -19,8 +19,7 @@ from kdforge.engine.pipeline import _substitute, stage_recipes
 from kdforge.core.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
 from kdforge.methods.crosslayer import adapted_gram, default_pairs
-from kdforge.methods.dkd import warmup_factor
-from kdforge.methods.fsp import fsp_matrix
+from kdforge.methods.common import fsp_matrix, warmup_factor
 from kdforge.methods.review_kd import ABF, hcl_loss, nearest_resize
 from kdforge.models import create
 

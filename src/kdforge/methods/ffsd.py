@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
 from kdforge.core.errors import ConfigError
-from kdforge.methods.at import attention_map
 from kdforge.methods.base import METHODS, Distiller, MethodParams, OptimizerGroup, Output, Step
+from kdforge.methods.common import attention_map
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import kd_loss
 from kdforge.models import FeatureTap
