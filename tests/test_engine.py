@@ -13,8 +13,8 @@ import yaml
 
 from kdforge.config import build_config
 from kdforge.core.checkpoint import read_model_file
-from kdforge.engine.trainer import RunInterrupted, Trainer
 from kdforge.core.errors import CheckpointError, ConfigError
+from kdforge.engine.trainer import RunInterrupted, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,8 @@ import kdforge.methods.fitnet  # noqa: F401
 import kdforge.methods.pkt  # noqa: F401
 import kdforge.methods.rkd  # noqa: F401
 import kdforge.methods.sp  # noqa: F401
-from kdforge.data.batch import Batch
 from kdforge.core.errors import ConfigError
+from kdforge.data.batch import Batch
 from kdforge.methods.at import at_loss
 from kdforge.methods.base import METHODS, Step
 from kdforge.methods.common import warmup_factor

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.config import build_config
-from kdforge.data import load_dataset
 from kdforge.core.checkpoint import atomic_save, model_record, read_model_file
 from kdforge.core.errors import ConfigError
+from kdforge.data import load_dataset
 from kdforge.methods import METHODS, Step
 from kdforge.methods.nonn import NoNN, mixing_matrix
 from kdforge.models import create

@@ -14,12 +14,12 @@ import kdforge.methods.crosslayer  # noqa: F401  (registration)
 import kdforge.methods.fsp  # noqa: F401
 import kdforge.methods.review_kd  # noqa: F401
 from kdforge.config import build_config, read_yaml
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
 from kdforge.engine.pipeline import _substitute, stage_recipes
-from kdforge.core.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
-from kdforge.methods.crosslayer import adapted_gram, default_pairs
 from kdforge.methods.common import fsp_matrix, warmup_factor
+from kdforge.methods.crosslayer import adapted_gram, default_pairs
 from kdforge.methods.review_kd import ABF, hcl_loss, nearest_resize
 from kdforge.models import create
 

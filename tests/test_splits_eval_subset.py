@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kdforge.data.splits import evaluation_subset
 from kdforge.core.errors import ConfigError
+from kdforge.data.splits import evaluation_subset
 
 
 def test_class_sorted_split_gives_every_class():

@@ -76,10 +76,10 @@ def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
 # ----------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from kdforge.config import DataConfig
-    from kdforge.engine.build import build_augmentation, build_data
     from kdforge.core.checkpoint import read_model_file
-    from kdforge.engine.trainer import evaluate_model
     from kdforge.core.errors import CheckpointError, ConfigError
+    from kdforge.engine.build import build_augmentation, build_data
+    from kdforge.engine.trainer import evaluate_model
 
     record = read_model_file(args.checkpoint)
     spec = record.get("model") or {}

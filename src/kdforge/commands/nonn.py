@@ -57,10 +57,10 @@ def add_commands(sub: Any) -> None:
 # ----------------------------------------------------------------------------- nonn-partition
 def cmd_nonn_partition(args: argparse.Namespace) -> int:
     from kdforge.config import DataConfig
-    from kdforge.data import Augmentation
-    from kdforge.engine.build import build_data
     from kdforge.core.checkpoint import load_weights, read_model_file
     from kdforge.core.errors import CheckpointError, ConfigError
+    from kdforge.data import Augmentation
+    from kdforge.engine.build import build_data
     from kdforge.methods.features import resolve_layers
     from kdforge.models import create
     from kdforge.nonn import partition_teacher
@@ -154,9 +154,9 @@ def _evaluate(args: argparse.Namespace, record: dict[str, Any], aggregator) -> d
     import torch
 
     from kdforge.config import DataConfig
+    from kdforge.core.errors import ConfigError
     from kdforge.data import Augmentation
     from kdforge.engine.build import build_data
-    from kdforge.core.errors import ConfigError
     from kdforge.nonn.serve import bytes_per_inference, load_system
 
     dataset = args.data or (record.get("dataset") or {}).get("name")

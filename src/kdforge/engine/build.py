@@ -10,9 +10,9 @@ from torch import nn
 
 from kdforge.compress.arch import materialize
 from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
-from kdforge.data import Augmentation, DataSplits, DatasetInfo, TensorData, default_augmentation, load_dataset
 from kdforge.core.checkpoint import read_model_file
 from kdforge.core.errors import CheckpointError, ConfigError
+from kdforge.data import Augmentation, DataSplits, DatasetInfo, TensorData, default_augmentation, load_dataset
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import create
 

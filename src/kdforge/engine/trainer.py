@@ -36,8 +36,6 @@ from torch import nn
 
 from kdforge.compress.footprint import compression_report
 from kdforge.config import RunConfig, build_config
-from kdforge.data import BatchLoader, DataSplits
-from kdforge.engine.build import ModelSpec, build_augmentation, build_data, build_distiller
 from kdforge.core.checkpoint import (
     STATE_FORMAT,
     atomic_save,
@@ -45,9 +43,11 @@ from kdforge.core.checkpoint import (
     load_file,
     model_record,
 )
+from kdforge.core.errors import ConfigError, KDForgeError
+from kdforge.data import BatchLoader, DataSplits
+from kdforge.engine.build import ModelSpec, build_augmentation, build_data, build_distiller
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
 from kdforge.engine.record import run_record
-from kdforge.core.errors import ConfigError, KDForgeError
 from kdforge.methods import Distiller, Output, Step
 
 Callback = Callable[["Trainer", int, dict[str, Any]], None]

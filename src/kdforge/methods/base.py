@@ -24,9 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from kdforge.data.batch import Batch
 from kdforge.core.registry import Registry
 from kdforge.core.schedules import Schedule
+from kdforge.data.batch import Batch
 
 METHODS: Registry[type["Distiller"]] = Registry("method")
 

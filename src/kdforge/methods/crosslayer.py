@@ -43,8 +43,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from kdforge.data.batch import Batch
 from kdforge.core.errors import ConfigError
+from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Output, Step
 from kdforge.methods.common import fsp_matrix
 from kdforge.methods.features import FeatureDistiller, HintStageParams, full_precision

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdforge.data.batch import Batch
 from kdforge.core.errors import ConfigError
+from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, OptimizerGroup, Output, Step
 from kdforge.methods.common import attention_map
 from kdforge.methods.features import full_precision

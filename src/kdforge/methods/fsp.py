@@ -41,8 +41,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from kdforge.data.batch import Batch
 from kdforge.core.errors import ConfigError
+from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Output, Step
 from kdforge.methods.common import fsp_matrix
 from kdforge.methods.features import (

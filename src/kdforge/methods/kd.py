@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from kdforge.core.schedules import Schedule, as_schedule
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import KLReduction, soft_kl
-from kdforge.core.schedules import Schedule, as_schedule
 
 
 class KDParams(MethodParams):

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from kdforge.data.batch import Batch
 from kdforge.core.errors import ConfigError
 from kdforge.core.validation import validation_message
+from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import soft_kl
 from kdforge.models.branches import BranchedNetwork, fresh_copy, scale_gradient

@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
-from kdforge.data.batch import Batch
 from kdforge.core.errors import ConfigError
+from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.common import warmup_factor
 from kdforge.methods.features import full_precision, resolve_layers
