@@ -5,7 +5,7 @@ model; ``list_models()`` names them. Every model's ``forward(x)`` returns logits
 features with ``FeatureTap(model, ["stage3", "pool"])`` using the logical names in
 ``model.feature_points``. See docs/models.md.
 
-Layering: this package imports nothing from kdforge except ``registry`` and ``errors``.
+Layering: this package imports nothing from kdforge except ``kdforge.core`` (registry, errors).
 """
 
 from kdforge.models import cifar_resnet, mobilenetv2, nonn, shufflenet, small, vgg, wide_resnet
