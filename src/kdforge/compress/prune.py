@@ -41,6 +41,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from kdforge.compress.lma import LMA
 from kdforge.compress.proximal import magnitude_mask, prunable_layers, sparsity_of
 from kdforge.core.errors import ConfigError
+from kdforge.models.taps import FeatureTap
+from kdforge.models.vgg import MaxPoolIfLarge
 
 # ----------------------------------------------------------------------------- unstructured
 
@@ -134,9 +136,7 @@ _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 
 
 def _channelwise_extra() -> tuple[type, ...]:
-    from kdforge.models.vgg import MaxPoolIfLarge  # pooling that only sometimes happens
-
-    return (MaxPoolIfLarge,)
+    return (MaxPoolIfLarge,)  # pooling that only sometimes happens
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -580,8 +580,6 @@ def resize_module(module: nn.Module, shape: dict[str, int], name: str = "module"
 
 def refresh_metadata(model: nn.Module, input_shape: Sequence[int]) -> None:
     """Update a zoo model's ``stage_channels`` and ``feature_dim`` after its widths changed."""
-    from kdforge.models.taps import FeatureTap
-
     points = getattr(model, "feature_points", None) or {}
     stages = [p for p in points if p.startswith("stage") and p[5:].isdigit()]
     names = [*stages, *(["pool"] if "pool" in points else [])]
