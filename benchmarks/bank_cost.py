@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
+from kdforge.core.checkpoint import atomic_save, model_record
 from kdforge.data import BatchLoader, DatasetInfo, TensorData, default_augmentation, load_dataset
 from kdforge.data.batch import Batch
 from kdforge.engine.bank import TeacherBank
-from kdforge.engine.checkpoint import atomic_save, model_record
 from kdforge.methods import METHODS, Step
 from kdforge.models import create
 

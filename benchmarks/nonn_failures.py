@@ -128,7 +128,7 @@ def failure_curve(system, features, labels, max_combos: int, seed: int) -> dict[
 
 # --------------------------------------------------------------------------- partitions
 def partition_table(teacher_path: str, data, normalize, students: list[int], settings: dict) -> list[dict]:
-    from kdforge.engine.checkpoint import load_weights, read_model_file
+    from kdforge.core.checkpoint import load_weights, read_model_file
     from kdforge.methods.features import resolve_layers
     from kdforge.models import create
     from kdforge.nonn.graph import filter_graph, pooled_activations
@@ -367,7 +367,7 @@ def main() -> int:
             print(f"[n={n}] served: {json.dumps({k: block['serve'][k] for k in ('all_up', 'half_killed')})}", flush=True)
         results["systems"][str(n)] = block
 
-    from kdforge.engine.checkpoint import load_weights, read_model_file
+    from kdforge.core.checkpoint import load_weights, read_model_file
     from kdforge.models import create
 
     record = read_model_file(teacher_ckpt)

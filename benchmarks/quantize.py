@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
+from kdforge.commands.export import calibration_batches
 from kdforge.compress.arch import input_shape_of, load_model_file
-from kdforge.compress.export import calibration_batches
-from kdforge.compress.quantize import OnnxModule, quantize_model, require_onnxruntime
-from kdforge.compress.report import size_on_disk
+from kdforge.compress.export import quantize_model
+from kdforge.compress.footprint import size_on_disk
+from kdforge.compress.quantize import OnnxModule, require_onnxruntime
 from kdforge.config import DataConfig, build_config
 from kdforge.engine.build import build_augmentation, build_data
 from kdforge.engine.trainer import Trainer, evaluate_model

@@ -126,7 +126,7 @@ def trainer_loop(info_source: str, batch_size: int) -> float:
     import tempfile
 
     from kdforge.config import build_config
-    from kdforge.engine.checkpoint import atomic_save, model_record
+    from kdforge.core.checkpoint import atomic_save, model_record
     from kdforge.engine.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,8 +10,8 @@ from torch import nn
 
 import kdforge.methods.adversarial as adversarial
 from kdforge.config import build_config
+from kdforge.core.checkpoint import read_model_file
 from kdforge.data.batch import Batch
-from kdforge.engine.checkpoint import read_model_file
 from kdforge.engine.trainer import Trainer
 from kdforge.methods import METHODS, Step
 from kdforge.methods.robust_prune import compression_report

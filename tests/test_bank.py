@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdforge.core.checkpoint import atomic_save, model_record
+from kdforge.core.errors import KDForgeError
 from kdforge.data import Augmentation, BatchLoader, load_dataset
 from kdforge.engine.bank import TeacherBank, TeacherBankError, default_bank_directory, file_digest
-from kdforge.engine.checkpoint import atomic_save, model_record
-from kdforge.errors import KDForgeError
 from kdforge.methods import METHODS, Step
 from kdforge.models import create
 

@@ -62,8 +62,8 @@ def test_loss_scale_across_batch_sizes_matches_the_declaration(name, toy_data):
 
 @pytest.mark.parametrize("name", ["sp", "pkt"])
 def test_trainer_refuses_a_partial_last_batch_for_batch_size_dependent_methods(name, tmp_path):
+    from kdforge.core.errors import ConfigError
     from kdforge.engine.trainer import Trainer
-    from kdforge.errors import ConfigError
 
     recipe = {
         "data": {"name": "digits", "train_subset": 100, "augment": False},

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models import create
 from kdforge.models.branches import BranchedNetwork, check_sequential, fresh_copy, scale_gradient, split_index
 

@@ -3,7 +3,7 @@
 import pytest
 
 from kdforge.config import apply_override, build_config, load_config, parse_override
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 MINIMAL = {"student": {"name": "mlp"}}
 

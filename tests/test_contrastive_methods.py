@@ -13,18 +13,18 @@ from torch import nn
 
 import kdforge.methods.crd  # noqa: F401  (registration)
 import kdforge.methods.hkd  # noqa: F401
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
-from kdforge.methods.crd import crd_nce_loss, estimate_log_z
-from kdforge.methods.hkd import OneHopGraphConv, knn_adjacency
-from kdforge.methods.losses import kd_loss
-from kdforge.methods.memory import (
+from kdforge.methods.contrastive import (
     MemoryBank,
     bank_scores,
     sample_other_classes,
     sample_other_indices,
 )
+from kdforge.methods.crd import crd_nce_loss, estimate_log_z
+from kdforge.methods.hkd import OneHopGraphConv, knn_adjacency
+from kdforge.methods.losses import kd_loss
 from kdforge.models import create
 from conftest import batch_of
 

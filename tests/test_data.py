@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdforge.core.errors import ConfigError, DataError
 from kdforge.data import (
     DATASETS,
     DOWNLOADS,
@@ -40,7 +41,6 @@ from kdforge.data.hashing import (
 )
 from kdforge.data.sources.common import channel_stats
 from kdforge.data.splits import balanced_quota, balanced_subset, stratified_split
-from kdforge.errors import ConfigError, DataError
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 MATERIALIZE = SHARED_DATA.parent / "tools" / "materialize_datasets.py"

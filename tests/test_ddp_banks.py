@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdforge.data.batch import Batch
 from kdforge.methods import METHODS, Step
-from kdforge.methods.memory import NEGATIVES_KEY
+from kdforge.methods.contrastive import NEGATIVES_KEY
 from kdforge.models import create
 
 SAMPLES, GLOBAL_BATCH, STEPS, NEGATIVES = 64, 16, 4, 8

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from kdforge.config import build_config
-from kdforge.engine.checkpoint import read_model_file
+from kdforge.core.checkpoint import read_model_file
+from kdforge.core.errors import CheckpointError, ConfigError
 from kdforge.engine.trainer import RunInterrupted, Trainer
-from kdforge.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,12 @@ import kdforge.methods.fitnet  # noqa: F401
 import kdforge.methods.pkt  # noqa: F401
 import kdforge.methods.rkd  # noqa: F401
 import kdforge.methods.sp  # noqa: F401
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.at import at_loss
 from kdforge.methods.base import METHODS, Step
-from kdforge.methods.dkd import dkd_terms, warmup_factor
+from kdforge.methods.common import warmup_factor
+from kdforge.methods.dkd import dkd_terms
 from kdforge.methods.features import resolve_layers
 from kdforge.methods.fitnet import HintRegressor
 from kdforge.methods.losses import kd_loss

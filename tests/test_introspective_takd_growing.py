@@ -14,10 +14,10 @@ import kdforge.methods.growing_ta  # noqa: F401  (registration)
 import kdforge.methods.introspective  # noqa: F401
 import kdforge.methods.takd  # noqa: F401
 from kdforge.config import build_config, read_yaml
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
 from kdforge.engine.pipeline import _substitute, stage_recipes
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
 from kdforge.methods.growing_ta import active_count, growth_epochs
 from kdforge.methods.introspective import gradcam_similarities

@@ -7,8 +7,8 @@ from torch import nn
 from kdforge.compress import LMA, lma_student
 from kdforge.compress.arch import load_model_file
 from kdforge.config import build_config
+from kdforge.core.errors import ConfigError
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.models import count_parameters, create
 
 

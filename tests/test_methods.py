@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods import METHODS, Step, kd_loss, soft_kl
 from conftest import batch_of
 

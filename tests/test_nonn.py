@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.config import build_config
+from kdforge.core.checkpoint import atomic_save, model_record, read_model_file
+from kdforge.core.errors import ConfigError
 from kdforge.data import load_dataset
-from kdforge.engine.checkpoint import atomic_save, model_record, read_model_file
-from kdforge.errors import ConfigError
 from kdforge.methods import METHODS, Step
 from kdforge.methods.nonn import NoNN, mixing_matrix
 from kdforge.models import create
@@ -275,7 +275,7 @@ def test_nonn_partition_command_writes_the_file(tmp_path, capsys):
     assert part.num_groups == 3 and part.statistics["balance"] <= 6 / 5
     assert part.source["images"] == 300 and part.source["layer"] == "stage2"
     # a recipe can point the method at the file instead of computing a partition
-    from kdforge.engine.checkpoint import load_weights
+    from kdforge.core.checkpoint import load_weights
 
     lenet = create("lenet", num_classes=10, in_channels=1, input_size=(8, 8))
     load_weights(lenet, read_model_file(teacher)["state_dict"], "teacher")

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.config import OptimizerConfig, build_config
+from kdforge.core.checkpoint import read_model_file
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.engine.checkpoint import read_model_file
 from kdforge.engine.optim import build_optimizer
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.methods.base import Step
 from kdforge.methods.ffsd import FFSD, Decoder, diversity_loss, diversity_shift, inverted_target, warmup_factor
 from kdforge.methods.okddip import OKDDip, epoch_position, rampup_weight

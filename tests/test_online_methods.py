@@ -11,9 +11,9 @@ from torch import nn
 
 import kdforge.methods.online as online
 from kdforge.config import build_config
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
 from kdforge.models import create
 from conftest import batch_of

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods import METHODS
-from kdforge.plugins import import_submodules, import_user_module
+from kdforge.core.plugins import import_submodules, import_user_module
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -201,7 +201,7 @@ def test_every_module_of_a_package_is_discovered(tmp_path, monkeypatch):
     package = tmp_path / "dropin"
     package.mkdir()
     (package / "__init__.py").write_text(
-        "from kdforge.plugins import import_submodules\nimport_submodules(__name__, __path__)\n")
+        "from kdforge.core.plugins import import_submodules\nimport_submodules(__name__, __path__)\n")
     (package / "new_method.py").write_text(PLUGIN_METHOD.replace("plugin_half_ce", "dropped_in_method"))
     (package / "_private.py").write_text("raise RuntimeError('private modules are not imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -20,10 +20,10 @@ from kdforge.compress import (
 )
 from kdforge.compress.arch import load_model_file
 from kdforge.config import build_config
-from kdforge.engine.checkpoint import atomic_save, model_record
+from kdforge.core.checkpoint import atomic_save, model_record
+from kdforge.core.errors import ConfigError
 from kdforge.engine.pipeline import stage_recipes
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.models import count_flops, count_parameters, create
 
 SHAPE = (3, 16, 16)

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from kdforge.commands.export import calibration_batches
 from kdforge.compress import LMA, OnnxModule, export_onnx, lma_student, prepare_qat, prune_filters, strip_qat
 from kdforge.compress.arch import load_model_file
-from kdforge.compress.export import calibration_batches, check_onnx
-from kdforge.compress.quantize import QATConv2d, QATLinear, quantize_model
+from kdforge.compress.export import check_onnx, quantize_model
+from kdforge.compress.quantize import QATConv2d, QATLinear
 from kdforge.config import DataConfig, build_config
 from kdforge.engine.build import build_augmentation, build_data
 from kdforge.engine.trainer import Trainer, evaluate_model

@@ -327,7 +327,7 @@ def test_main_prints_the_table_and_defaults_to_the_first_folder(suite, capsys):
 
 
 def test_errors_name_the_problem(tmp_path):
-    from kdforge.errors import KDForgeError
+    from kdforge.core.errors import KDForgeError
 
     with pytest.raises(KDForgeError, match="does not exist"):
         write_report([tmp_path / "missing"])
@@ -346,7 +346,7 @@ def test_strip_seed():
 # --------------------------------------------------------------------------- a real run
 def test_real_run_with_a_teacher_known_only_by_its_checkpoint(tmp_path):
     from kdforge.config import build_config
-    from kdforge.engine.checkpoint import atomic_save, model_record
+    from kdforge.core.checkpoint import atomic_save, model_record
     from kdforge.engine.trainer import Trainer
     from kdforge.models import create
 

@@ -14,13 +14,12 @@ import kdforge.methods.crosslayer  # noqa: F401  (registration)
 import kdforge.methods.fsp  # noqa: F401
 import kdforge.methods.review_kd  # noqa: F401
 from kdforge.config import build_config, read_yaml
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
 from kdforge.engine.pipeline import _substitute, stage_recipes
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
+from kdforge.methods.common import fsp_matrix, warmup_factor
 from kdforge.methods.crosslayer import adapted_gram, default_pairs
-from kdforge.methods.dkd import warmup_factor
-from kdforge.methods.fsp import fsp_matrix
 from kdforge.methods.review_kd import ABF, hcl_loss, nearest_resize
 from kdforge.models import create
 from conftest import batch_of
@@ -370,7 +369,7 @@ def test_shipped_recipes_validate(name):
 
 def test_crosslayer_digits_pipeline_runs_end_to_end(tmp_path):
     """Teachers -> cross-layer hint -> ensemble KD from the hinted student, 1 epoch each (~10 s)."""
-    from kdforge.engine.checkpoint import read_model_file
+    from kdforge.core.checkpoint import read_model_file
     from kdforge.engine.pipeline import run_pipeline
     from kdforge.engine.trainer import Trainer
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kdforge.runlock import LOCK_NAME, RunLock, RunLockedError
+from kdforge.core.runlock import LOCK_NAME, RunLock, RunLockedError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 HOLD = (
-    "import sys, time; sys.path.insert(0, {src!r}); from kdforge.runlock import RunLock; "
+    "import sys, time; sys.path.insert(0, {src!r}); from kdforge.core.runlock import RunLock; "
     "lock = RunLock({folder!r}).acquire(); print('held', flush=True); time.sleep(600)"
 )
 

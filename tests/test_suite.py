@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.suite import load_suite, plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models import FeatureTap, create, module_names
 
 

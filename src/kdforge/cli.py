@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import KDForgeError
+from kdforge.core.errors import KDForgeError
 
 
 def _quiet_libraries() -> None:
@@ -76,10 +76,10 @@ def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
 # ----------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from kdforge.config import DataConfig
+    from kdforge.core.checkpoint import read_model_file
+    from kdforge.core.errors import CheckpointError, ConfigError
     from kdforge.engine.build import build_augmentation, build_data
-    from kdforge.engine.checkpoint import read_model_file
     from kdforge.engine.trainer import evaluate_model
-    from kdforge.errors import CheckpointError, ConfigError
 
     record = read_model_file(args.checkpoint)
     spec = record.get("model") or {}
@@ -161,8 +161,8 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    """Parameters, FLOPs, size on disk, CPU latency; rates against --teacher (kdforge.compress.report)."""
-    from kdforge.compress.report import format_report, profile_networks
+    """Parameters, FLOPs, size on disk, CPU latency; rates against --teacher (kdforge.commands.profile)."""
+    from kdforge.commands.profile import format_report, profile_networks
 
     shape = _parse_shape(args.input) if args.input else None
     report, names = profile_networks(args.model, args.teacher, shape, args.classes, tuple(args.batch_sizes),
@@ -179,8 +179,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a model file's network as ONNX (optionally int8) or TorchScript (kdforge.compress.export)."""
-    from kdforge.compress.export import export_checkpoint
+    """Write a model file's network as ONNX (optionally int8) or TorchScript (kdforge.commands.export)."""
+    from kdforge.commands.export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.format, args.out, int8=args.int8, data=args.data, root=args.root,
                                batches=args.calibration_batches, check=not args.no_check)
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
 
-    from kdforge.nonn.commands import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
+    from kdforge.commands.nonn import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
 
     add_nonn_commands(sub)
     for command in sub.choices.values():  # every command can load the user's own code
@@ -361,11 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from kdforge.engine.trainer import RunInterrupted
-    from kdforge.plugins import import_all
+    from kdforge.core.plugins import import_all
 
     previous = _stop_on_sigterm()
     try:
-        import_all(args.imports)  # the user's models, methods and datasets (kdforge.plugins)
+        import_all(args.imports)  # the user's models, methods and datasets (kdforge.core.plugins)
         return args.func(args)
     except RunInterrupted as exc:
         print(f"kdforge: {exc}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Typed run configuration: YAML recipes validated by pydantic, ``--set key.path=value`` overrides.
 
-Every mistake becomes one :class:`~kdforge.errors.ConfigError` line that names the key path, what
-is wrong and what is allowed (with the closest key when a name is misspelt).
+Every mistake becomes one :class:`~kdforge.core.errors.ConfigError` line that names the key path,
+what is wrong and what is allowed (with the closest key when a name is misspelt).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdforge.errors import ConfigError, closest
-from kdforge.plugins import import_all
+from kdforge.core.errors import ConfigError, closest
+from kdforge.core.plugins import import_all
+from kdforge.core.validation import validation_message
 
 
 class Strict(BaseModel):
@@ -142,7 +143,7 @@ class RunConfig(Strict):
     imports: list[str] = Field(
         default_factory=list,
         description="modules or .py files imported before the recipe is validated: the user's own "
-        "models, methods and datasets (kdforge.plugins)",
+        "models, methods and datasets (kdforge.core.plugins)",
     )
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
@@ -166,50 +167,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-# --------------------------------------------------------------------------- errors
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    """The field names of the model found by following ``loc`` through nested models."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return None
-        current = _model_in(field.annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return None
-
-
-def _model_in(annotation: Any) -> Any:
-    """The BaseModel class inside an annotation such as ``list[ModelConfig]`` or ``X | None``."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def validation_message(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """Turn pydantic's first error into one line: key path, problem, what is allowed."""
-    first = error.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    path = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "config"
-    if first["type"] == "extra_forbidden":
-        allowed = _fields_at(model, loc[:-1]) or []
-        hint = closest(str(loc[-1]), allowed)
-        return f"unknown key '{path}'{hint}; allowed here: {', '.join(allowed)}"
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"bad value for '{path}': {message}{shown}"
 
 
 # --------------------------------------------------------------------------- loading

@@ -41,9 +41,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdforge.config import build_config, deep_merge, read_yaml, rebase_imports, validation_message
-from kdforge.errors import ConfigError, closest
-from kdforge.plugins import import_all
+from kdforge.config import build_config, deep_merge, read_yaml, rebase_imports
+from kdforge.core.errors import ConfigError, closest
+from kdforge.core.plugins import import_all
+from kdforge.core.validation import validation_message
 
 
 class TeacherSpec(BaseModel):

@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdforge.core.checkpoint import atomic_save, atomic_write_text
+from kdforge.core.errors import KDForgeError
 from kdforge.data.augment import Augmentation
 from kdforge.data.types import TensorData
-from kdforge.engine.checkpoint import atomic_save, atomic_write_text
-from kdforge.errors import KDForgeError
 
 BANK_FORMAT = "kdforge-teacher-bank"
 BANK_VERSION = 1

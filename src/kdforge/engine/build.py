@@ -8,13 +8,14 @@ from typing import Any
 
 from torch import nn
 
+from kdforge.compress.arch import materialize
 from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
+from kdforge.core.checkpoint import read_model_file
+from kdforge.core.errors import CheckpointError, ConfigError
 from kdforge.data import Augmentation, DataSplits, DatasetInfo, TensorData, default_augmentation, load_dataset
-from kdforge.engine.checkpoint import read_model_file
-from kdforge.errors import CheckpointError, ConfigError
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import MODELS, create
-from kdforge.plugins import require_registered
+from kdforge.core.plugins import require_registered
 
 
 @dataclass
@@ -88,8 +89,7 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
         input_size=tuple(info.image_size),
         **kwargs,
     )
-    from kdforge.compress.arch import materialize  # loads the weights; LMA, pruned, QAT networks too
-
+    # materialize loads the weights; LMA, pruned and QAT networks too
     shape = (info.in_channels, *info.image_size)
     model, spec.architecture = materialize(model, record, cfg, shape, str(cfg.checkpoint))
     return model, spec

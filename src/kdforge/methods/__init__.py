@@ -1,8 +1,8 @@
 """Distillation methods: one file per method, each registered in ``METHODS`` by name.
 
-Every module of the package is imported (and so registered) automatically; see kdforge.plugins."""
+Every module of the package is imported (and so registered) automatically; see kdforge.core.plugins."""
 
-from kdforge.plugins import import_submodules
+from kdforge.core.plugins import import_submodules
 
 # every module of this package registers its methods when imported: a new method file needs no
 # edit here (installed plugins register through the "kdforge.methods" entry-point group)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
+from kdforge.methods.common import batch_accuracy
 from kdforge.methods.losses import soft_kl
 from kdforge.robust.attacks import ascent_direction, parse_fraction, pgd, project_ball
 
@@ -117,10 +118,6 @@ def student_mode(module: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    return (logits.detach().argmax(-1) == targets).float().mean()
-
-
 # ----------------------------------------------------------------------------- adv_ce
 class AdvCEParams(AttackParams):
     steps: int = Field(7, ge=0)  # Madry et al. CIFAR-10: 7 steps of 2/255 in 8/255
@@ -159,7 +156,7 @@ class AdversarialCE(PixelSpaceDistiller):
         losses = {"adv_ce": (1.0 - p.clean_weight) * F.cross_entropy(logits, y)}
         if p.clean_weight:
             losses["ce"] = p.clean_weight * F.cross_entropy(self.student(batch.image), y)
-        return Output(logits, losses, {"adv_top1": _accuracy(logits, y)})
+        return Output(logits, losses, {"adv_top1": batch_accuracy(logits, y)})
 
     def _trades(self, batch: Batch, x: Tensor, y: Tensor, step: Step) -> Output:
         p: AdvCEParams = self.params  # type: ignore[assignment]
@@ -178,7 +175,7 @@ class AdversarialCE(PixelSpaceDistiller):
         # the robust term keeps gradients through both sides, as in the reference
         robust = soft_kl(adv_logits, F.softmax(clean_logits, dim=-1), 1.0, reduction="batchmean")
         losses = {"ce": F.cross_entropy(clean_logits, y), "trades_kl": p.beta * robust}
-        return Output(clean_logits, losses, {"adv_top1": _accuracy(adv_logits, y)})
+        return Output(clean_logits, losses, {"adv_top1": batch_accuracy(adv_logits, y)})
 
 
 # ----------------------------------------------------------------------------- ard
@@ -224,7 +221,7 @@ class ARD(_ARDLoss, PixelSpaceDistiller):
         (teacher_logits,) = self.teacher_logits(batch)  # clean inputs
         adv_logits = self.pixel_student(x_adv)
         return Output(adv_logits, self.ard_losses(adv_logits, teacher_logits, batch),
-                      {"adv_top1": _accuracy(adv_logits, y)})
+                      {"adv_top1": batch_accuracy(adv_logits, y)})
 
 
 # ----------------------------------------------------------------------------- fast_ard
@@ -302,4 +299,4 @@ class FastARD(_ARDLoss, PixelSpaceDistiller):
             if p.delta_loss == "ce":
                 (self._ce_grad,) = torch.autograd.grad(F.cross_entropy(adv_logits, y), leaf, retain_graph=True)
         losses = self.ard_losses(adv_logits, self._teacher(batch), batch)
-        return Output(adv_logits, losses, {"adv_top1": _accuracy(adv_logits, y)})
+        return Output(adv_logits, losses, {"adv_top1": batch_accuracy(adv_logits, y)})

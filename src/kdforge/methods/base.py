@@ -24,9 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from kdforge.core.registry import Registry
+from kdforge.core.schedules import Schedule
 from kdforge.data.batch import Batch
-from kdforge.registry import Registry
-from kdforge.schedules import Schedule
 
 METHODS: Registry[type["Distiller"]] = Registry("method", group="kdforge.methods")
 

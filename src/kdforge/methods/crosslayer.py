@@ -43,12 +43,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
+from kdforge.methods.common import fsp_matrix
 from kdforge.methods.features import FeatureDistiller, HintStageParams, full_precision
 from kdforge.methods.features import guess_input_shape, probe_feature_shapes
-from kdforge.methods.fsp import fsp_matrix
 
 
 class CrossLayerParams(HintStageParams):

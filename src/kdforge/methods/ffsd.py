@@ -45,22 +45,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
-from kdforge.methods.at import attention_map
-from kdforge.methods.base import (
-    METHODS,
-    Distiller,
-    MethodParams,
-    OptimizerGroup,
-    Output,
-    Step,
-)
+from kdforge.core.schedules import consistency_rampup
+from kdforge.methods.base import METHODS, Distiller, MethodParams, OptimizerGroup, Output, Step
+from kdforge.methods.common import attention_map
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import kd_loss
 from kdforge.models import FeatureTap
 from kdforge.models.branches import fresh_copy, reinitialise
-from kdforge.schedules import consistency_rampup
+from kdforge.core.schedules import consistency_rampup
 
 
 class FFSDParams(MethodParams):

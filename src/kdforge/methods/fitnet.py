@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
 from kdforge.methods.features import FeatureDistiller, FeatureParams, input_shape_for, probe_feature_shapes
 

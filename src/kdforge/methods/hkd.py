@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Output, Step
+from kdforge.methods.contrastive import ContrastiveDistiller, ContrastiveParams, info_nce, l2_normalise
 from kdforge.methods.features import full_precision
-from kdforge.methods.memory import ContrastiveDistiller, ContrastiveParams, info_nce, l2_normalise
 
 
 class HKDParams(ContrastiveParams):

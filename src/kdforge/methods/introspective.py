@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import soft_kl
 from kdforge.models import FeatureTap

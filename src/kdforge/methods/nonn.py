@@ -38,13 +38,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from kdforge.data import Augmentation
 from kdforge.data.batch import Batch
 from kdforge.data.splits import evaluation_subset
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
-from kdforge.methods.features import full_precision, pool_to_common_size, resolve_layers
+from kdforge.methods.features import full_precision, guess_input_shape, pool_to_common_size, resolve_layers
 from kdforge.methods.losses import kd_loss
 from kdforge.models.nonn import NoNNSystem, neighbors
 from kdforge.models.taps import FeatureTap
+from kdforge.nonn import partition_teacher
+from kdforge.nonn.partition import Partition
 
 
 class NoNNParams(MethodParams):
@@ -146,8 +149,6 @@ class NoNN(Distiller):
         """uint8 images -> what the networks see: ``(x / 255 - mean) / std`` as in training."""
         if self.normalization is None:
             return lambda images: images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        from kdforge.data import Augmentation
-
         mean, std = self.normalization
         return Augmentation(mean=tuple(mean), std=tuple(std)).normalize
 
@@ -155,8 +156,6 @@ class NoNN(Distiller):
         if train_data is not None:
             probe = self._normalizer()(train_data.images[:2])
         else:
-            from kdforge.methods.features import guess_input_shape
-
             shape = guess_input_shape(self.system.students[0]) or (3, 32, 32)
             probe = torch.zeros(2, *shape)
         teacher = self.teachers[0]
@@ -168,8 +167,6 @@ class NoNN(Distiller):
         return channels
 
     def _partition(self, train_data):
-        from kdforge.nonn import Partition, partition_teacher
-
         p: NoNNParams = self.params  # type: ignore[assignment]
         system = self.system
         if p.partition_file:

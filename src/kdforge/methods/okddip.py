@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import soft_kl
 from kdforge.models.branches import BranchedNetwork
-from kdforge.schedules import consistency_rampup
+from kdforge.core.schedules import consistency_rampup
 
 
 class OKDDipParams(MethodParams):

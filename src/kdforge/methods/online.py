@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
+from kdforge.core.validation import validation_message
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import soft_kl
 from kdforge.models.branches import BranchedNetwork, fresh_copy, scale_gradient
-from kdforge.schedules import consistency_rampup
+from kdforge.core.schedules import consistency_rampup
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -49,10 +50,6 @@ def _parse_params(cls: type[Distiller], params: MethodParams | dict | None) -> M
     try:
         return cls.Params(**(params or {}))
     except ValidationError as exc:
-        from kdforge.config import (
-            validation_message,  # the config layer imports methods lazily
-        )
-
         first = exc.errors()[0]
         if first["loc"]:
             message = validation_message(exc, cls.Params, prefix="method.")

@@ -49,8 +49,9 @@ from kdforge.compress.proximal import (
     sparsity_of,
 )
 from kdforge.data.batch import Batch
-from kdforge.methods.adversarial import AttackParams, Normalization, PixelSpaceDistiller, _accuracy
+from kdforge.methods.adversarial import AttackParams, Normalization, PixelSpaceDistiller
 from kdforge.methods.base import METHODS, Output, Step
+from kdforge.methods.common import batch_accuracy
 from kdforge.methods.losses import soft_kl
 from kdforge.models.profile import count_flops, count_parameters
 
@@ -260,5 +261,5 @@ class RobustPrune(PixelSpaceDistiller):
             losses["kd"] = p.kd_weight * soft_kl(logits, target, T, reduction=p.reduction)
         metrics: dict[str, float | Tensor] = {**self._rates(), "prune_strength": 0.0 if self.masks is not None else self._strength(step)}
         if p.adversarial:
-            metrics["adv_top1"] = _accuracy(logits, y)
+            metrics["adv_top1"] = batch_accuracy(logits, y)
         return Output(logits, losses, metrics)

@@ -5,10 +5,10 @@ model; ``list_models()`` names them. Every model's ``forward(x)`` returns logits
 features with ``FeatureTap(model, ["stage3", "pool"])`` using the logical names in
 ``model.feature_points``. See docs/models.md.
 
-Layering: this package imports nothing from kdforge except ``registry``, ``plugins`` and ``errors``.
+Layering: this package imports nothing from kdforge except ``kdforge.core`` (registry, plugins, errors).
 """
 
-from kdforge.plugins import import_submodules
+from kdforge.core.plugins import import_submodules
 
 import_submodules(__name__, __path__)  # every model file registers itself; a new file needs no edit here
 

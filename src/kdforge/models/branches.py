@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 
 def fresh_copy(model: nn.Module, seed: int | None = None) -> nn.Module:

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import (
     check_multiplier,
     feature_point_table,

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from kdforge.errors import ConfigError, closest
-from kdforge.registry import Registry
+from kdforge.core.errors import ConfigError, closest
+from kdforge.core.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model", group="kdforge.models")
 

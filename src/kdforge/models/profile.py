@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import check_multiplier, feature_point_table, scale_width
 from kdforge.models.factory import MODELS, normalize_input_size
 

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import feature_point_table, init_weights, pooled_flatten
 from kdforge.models.factory import MODELS
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import feature_point_table, init_weights, pooled_flatten
 from kdforge.models.factory import MODELS
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 PARTITION_FORMAT = "kdforge-nonn-partition"
 PARTITION_METHODS: tuple[str, ...] = ("louvain", "spectral", "spectral_recursive", "spectral_kway")
@@ -105,7 +105,7 @@ class Partition:
         )
 
     def save(self, path: str | Path) -> Path:
-        from kdforge.engine.checkpoint import atomic_write_text
+        from kdforge.core.checkpoint import atomic_write_text
 
         text = json.dumps(self.to_dict(), indent=1)
         # one line per list of numbers (groups, sizes), so the file reads as a table

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdforge.errors import CheckpointError, KDForgeError
+from kdforge.core.errors import CheckpointError, KDForgeError
 
 MAGIC = b"NoNN"
 VERSION = 1
@@ -138,7 +138,7 @@ def read_frame(sock: socket.socket, reader: FrameReader | None = None) -> tuple[
 # --------------------------------------------------------------------------- model files
 def load_system_record(path: str | Path) -> dict[str, Any]:
     """The model file of a ``nonn`` system (checked)."""
-    from kdforge.engine.checkpoint import read_model_file
+    from kdforge.core.checkpoint import read_model_file
 
     record = read_model_file(path)
     if (record.get("model") or {}).get("name") != "nonn":
@@ -158,7 +158,7 @@ def num_devices(record: dict[str, Any]) -> int:
 
 def load_student(record: dict[str, Any], index: int) -> nn.Module:
     """Student ``index`` alone (a pooled-feature extractor), weights from the system's file."""
-    from kdforge.engine.checkpoint import load_weights
+    from kdforge.core.checkpoint import load_weights
     from kdforge.models.nonn import make_student
 
     spec, kwargs = _spec(record)
@@ -185,7 +185,7 @@ def load_head(record: dict[str, Any]) -> nn.Linear:
 
 def load_system(path: str | Path):
     """The whole ``NoNNSystem`` (for in-process inference and the failure study)."""
-    from kdforge.engine.checkpoint import load_weights
+    from kdforge.core.checkpoint import load_weights
     from kdforge.models import create
 
     record = load_system_record(path)

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from kdforge.errors import KDForgeError
+from kdforge.core.checkpoint import read_model_file
+from kdforge.core.errors import KDForgeError
 
 UNKNOWN = "?"
 
@@ -366,8 +367,6 @@ class TeacherResolver:
         summary_path = path.parent.parent / "summary.json" if path.parent.name == "checkpoints" else None
         if path.is_file():
             try:
-                from kdforge.engine.checkpoint import read_model_file
-
                 model = read_model_file(path).get("model") or {}
                 if model.get("name"):
                     return {"name": model["name"], "kwargs": dict(model.get("kwargs") or {})}

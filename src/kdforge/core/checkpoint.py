@@ -20,7 +20,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from kdforge.errors import CheckpointError
+from kdforge.core.errors import CheckpointError
 
 MODEL_FORMAT = "kdforge-model"
 _UMASK = os.umask(0)

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 #: entry-point group of each registry kind
 ENTRY_POINT_GROUPS = {

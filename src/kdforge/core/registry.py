@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-from kdforge.errors import ConfigError, closest
+from kdforge.core.errors import ConfigError, closest
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str, group: str | None = None) -> None:
         self.kind = kind
-        #: entry-point group of installed plugins, loaded at the first lookup (kdforge.plugins)
+        #: entry-point group of installed plugins, loaded at the first lookup (kdforge.core.plugins)
         self.group = group
         self._plugins_loaded = group is None
         self._entries: dict[str, Callable[..., T]] = {}
@@ -35,7 +35,7 @@ class Registry(Generic[T]):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True  # before loading: a plugin's own lookups must not recurse
-        from kdforge.plugins import entry_points, load_entry_point
+        from kdforge.core.plugins import entry_points, load_entry_point
 
         for entry in entry_points(self.group or ""):
             loaded = load_entry_point(entry)

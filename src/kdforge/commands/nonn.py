@@ -1,7 +1,8 @@
 """The ``kdforge nonn-partition`` and ``kdforge serve-nonn`` commands (wiring only).
 
-Kept out of ``kdforge/cli.py`` so that the NoNN tooling lives in one package; ``cli.py`` calls
-``add_commands`` when it builds its parser. Nothing heavy is imported until a command runs.
+The algorithms are :mod:`kdforge.nonn` (filter graph, partitions, the distributed runtime);
+``cli.py`` calls ``add_commands`` when it builds its parser. Nothing heavy is imported until a
+command runs.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def add_commands(sub: Any) -> None:
 # ----------------------------------------------------------------------------- nonn-partition
 def cmd_nonn_partition(args: argparse.Namespace) -> int:
     from kdforge.config import DataConfig
+    from kdforge.core.checkpoint import load_weights, read_model_file
+    from kdforge.core.errors import CheckpointError, ConfigError
     from kdforge.data import Augmentation
     from kdforge.engine.build import build_data
-    from kdforge.engine.checkpoint import load_weights, read_model_file
-    from kdforge.errors import CheckpointError, ConfigError
     from kdforge.methods.features import resolve_layers
     from kdforge.models import create
     from kdforge.nonn import partition_teacher
@@ -153,9 +154,9 @@ def _evaluate(args: argparse.Namespace, record: dict[str, Any], aggregator) -> d
     import torch
 
     from kdforge.config import DataConfig
+    from kdforge.core.errors import ConfigError
     from kdforge.data import Augmentation
     from kdforge.engine.build import build_data
-    from kdforge.errors import ConfigError
     from kdforge.nonn.serve import bytes_per_inference, load_system
 
     dataset = args.data or (record.get("dataset") or {}).get("name")

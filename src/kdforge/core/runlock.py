@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import KDForgeError
+from kdforge.core.errors import KDForgeError
 
 LOCK_NAME = ".kdforge.lock"
 
