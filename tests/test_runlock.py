@@ -1,5 +1,6 @@
 """One writer per run directory: a second writer is refused in one line; a dead holder's lock is taken over."""
 
+import json
 import os
 import signal
 import subprocess
@@ -57,25 +58,43 @@ def test_release_lets_the_next_writer_in_and_reacquire_is_idempotent(tmp_path):
 
 
 def test_two_trains_on_one_out_folder(tmp_path):
-    """The second `kdforge train` on a busy --out exits non-zero with one line; the first finishes."""
+    """The second `kdforge train` on a busy --out exits non-zero with one line; the first's record stays whole."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "data: {name: digits, augment: false}\nstudent: {name: mlp}\nmethod: {name: ce}\n"
-        "train: {epochs: 30, batch_size: 32, progress: none, scheduler: {name: constant}}\n"
+        "train: {epochs: 5000, batch_size: 32, progress: none, scheduler: {name: constant}}\n"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "kdforge", "train", str(recipe), "--out", str(out)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    second = subprocess.run([sys.executable, "-m", "kdforge", "train", str(recipe), "--out", str(out), "--resume"],
-                            env=env, capture_output=True, text=True, timeout=300)
-    _, first_err = first.communicate(timeout=600)
-    assert first.returncode == 0, first_err[-2000:]
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended before the test could start the second"
+        second = subprocess.run([sys.executable, "-m", "kdforge", "train", str(recipe), "--out", str(out), "--resume"],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first run ended while the second was refused: test inconclusive"
+    finally:
+        first.send_signal(signal.SIGTERM)  # stops at a safe point, state saved as interrupted
+        _, first_err = first.communicate(timeout=300)
     assert second.returncode == 2
     lines = [line for line in second.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "is in use by pid" in lines[0], second.stderr
-    epochs = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert len(epochs) == 30  # nothing interleaved
+    assert len(lines) == 1 and f"is in use by pid {first.pid}" in lines[0], second.stderr
+    assert first.returncode == 130, first_err[-2000:]
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert epochs == list(range(len(epochs)))  # one writer: nothing interleaved or repeated
+
+
+def test_a_suite_folder_in_use_is_refused(tmp_path):
+    from kdforge.suite import run_suite
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(
+        "name: s\nseeds: [0]\nbase: {data: {name: digits, augment: false}, train: {epochs: 1}}\n"
+        "pairs: [{student: {name: mlp}}]\nmethods: {ce: {method: {name: ce}}}\n"
+    )
+    with RunLock(tmp_path / "out", "suite folder"):
+        with pytest.raises(RunLockedError, match="suite folder .* is in use by pid"):
+            run_suite(suite, tmp_path / "out", echo=lambda *a: None)

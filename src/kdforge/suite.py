@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kdforge.config import build_config, deep_merge, read_yaml, rebase_imports
 from kdforge.core.errors import ConfigError, closest
 from kdforge.core.plugins import import_all
+from kdforge.core.runlock import RunLock
 from kdforge.core.validation import validation_message
 
 
@@ -307,6 +308,11 @@ def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, ec
         runs = [r for r in runs if not r.is_teacher or r.label in needed]
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "suite folder"):  # two benches on one folder would train the same runs twice
+        return _run_planned(spec, runs, out, log_dir, jobs, echo, threads)
+
+
+def _run_planned(spec, runs, out, log_dir, jobs, echo, threads) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs, cores))
     threads = max(1, threads if threads else cores // jobs)

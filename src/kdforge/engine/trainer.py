@@ -44,8 +44,14 @@ from kdforge.core.checkpoint import (
     model_record,
 )
 from kdforge.core.errors import ConfigError, KDForgeError
+from kdforge.core.runlock import RunLock
 from kdforge.data import BatchLoader, DataSplits
-from kdforge.engine.build import ModelSpec, build_augmentation, build_data, build_distiller
+from kdforge.engine.build import (
+    ModelSpec,
+    build_augmentation,
+    build_data,
+    build_distiller,
+)
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
 from kdforge.engine.record import run_record
 from kdforge.methods import Distiller, Output, Step
@@ -145,6 +151,9 @@ class Trainer:
             torch.set_num_threads(config.train.num_threads)
         fabric.launch()
         if fabric.is_global_zero:
+            # one writer per run directory: a second train/bench on the same --out is refused
+            if getattr(self, "lock", None) is None:
+                self.lock = RunLock(self.out_dir).acquire()
             self._check_run_directory()
         fabric.barrier()
         fabric.seed_everything(config.seed, verbose=False)
@@ -320,6 +329,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
+        try:
+            return self._fit()
+        finally:
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         self.session_started = time.perf_counter()
         self.setup()
         epochs = self.config.train.epochs
