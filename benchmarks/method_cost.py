@@ -141,7 +141,9 @@ def main() -> None:
     print(table)
     if args.record:
         results = Path(__file__).resolve().parent / "RESULTS.md"
-        section = f"\n## Method cost (`python benchmarks/method_cost.py --record`), {time.strftime('%Y-%m-%d')}\n\n{table}\n"
+        section = (
+            f"\n## Method cost (`python benchmarks/method_cost.py --record`), {time.strftime('%Y-%m-%d')}\n\n{table}\n"
+        )
         results.write_text((results.read_text() if results.exists() else "# Benchmark results\n") + section)
 
 

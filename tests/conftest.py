@@ -50,8 +50,15 @@ def toy_data():
     prototypes = torch.rand(TOY_CLASSES, TOY_CHANNELS, TOY_SIZE, TOY_SIZE, generator=g)
     images = prototypes[labels] * 0.6 + torch.rand(TOY_SAMPLES, TOY_CHANNELS, TOY_SIZE, TOY_SIZE, generator=g) * 0.4
     train = TensorData((images * 255).to(torch.uint8), labels)
-    info = DatasetInfo("toy", TOY_CLASSES, TOY_CHANNELS, (TOY_SIZE, TOY_SIZE), (0.5,) * TOY_CHANNELS,
-                       (0.25,) * TOY_CHANNELS, [str(c) for c in range(TOY_CLASSES)])
+    info = DatasetInfo(
+        "toy",
+        TOY_CLASSES,
+        TOY_CHANNELS,
+        (TOY_SIZE, TOY_SIZE),
+        (0.5,) * TOY_CHANNELS,
+        (0.25,) * TOY_CHANNELS,
+        [str(c) for c in range(TOY_CLASSES)],
+    )
     normalised = (train.images.float() / 255 - 0.5) / 0.25
     return train, info, normalised
 

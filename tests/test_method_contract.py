@@ -41,8 +41,9 @@ def test_every_method_honours_the_contract(name, toy_data):
             opt.zero_grad()
         out.loss.backward()
         student_grads = [p.grad for p in distiller.inference_model().parameters() if p.grad is not None]
-        assert student_grads and any(float(g.abs().sum()) > 0 for g in student_grads), \
+        assert student_grads and any(float(g.abs().sum()) > 0 for g in student_grads), (
             f"{name}: no gradient reaches the deployed network"
+        )
         assert all(p.grad is None for p in distiller.teachers.parameters()), f"{name}: a teacher got a gradient"
         for opt in optimizers:
             opt.step()
@@ -51,10 +52,12 @@ def test_every_method_honours_the_contract(name, toy_data):
             after(Step())
 
     assert all(not t.training for t in distiller.teachers), f"{name}: a teacher left eval mode"
-    assert all(torch.equal(a, b) for a, b in zip(teachers_before, distiller.teachers.parameters())), \
+    assert all(torch.equal(a, b) for a, b in zip(teachers_before, distiller.teachers.parameters())), (
         f"{name}: a teacher's weights moved"
-    assert all(torch.equal(a, b) for a, b in zip(teacher_buffers, distiller.teachers.buffers())), \
+    )
+    assert all(torch.equal(a, b) for a, b in zip(teacher_buffers, distiller.teachers.buffers())), (
         f"{name}: a teacher's buffers (BatchNorm statistics) moved"
+    )
 
 
 @pytest.mark.parametrize("name", METHODS.names())

@@ -9,14 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from kdforge.core.errors import ConfigError
-from kdforge.methods import METHODS
 from kdforge.core.plugins import import_submodules, import_user_module
+from kdforge.methods import METHODS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -54,10 +53,14 @@ def tiny_cnn(num_classes=10, in_channels=3, input_size=None, width=8):
 
 
 def run_kdforge(args, cwd, extra_path=None, check=True):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(extra_path or ""), str(SRC)])),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "kdforge", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(extra_path or ""), str(SRC)])),
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "kdforge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     if check:
         assert result.returncode == 0, result.stderr[-2000:]
     return result
@@ -84,8 +87,13 @@ def plugin(tmp_path):
 def digits_recipe(**extra):
     recipe = {
         "data": {"name": "digits", "augment": False, "train_subset": 200},
-        "train": {"epochs": 1, "batch_size": 50, "progress": "none",
-                  "optimizer": {"name": "sgd", "lr": 0.05}, "scheduler": {"name": "constant"}},
+        "train": {
+            "epochs": 1,
+            "batch_size": 50,
+            "progress": "none",
+            "optimizer": {"name": "sgd", "lr": 0.05},
+            "scheduler": {"name": "constant"},
+        },
     }
     recipe.update(extra)
     return recipe
@@ -103,9 +111,14 @@ def test_installed_plugin_is_usable_from_every_command(plugin, tmp_path):
     assert "plugin_half_ce" in listed and "A plugin method" in listed
     assert "tiny_cnn" in run_kdforge(["list", "models"], tmp_path, plugin).stdout
 
-    recipe = write_yaml(tmp_path / "r.yaml", digits_recipe(
-        name="plugin-run", student={"name": "tiny_cnn", "kwargs": {"width": 6}},
-        method={"name": "plugin_half_ce", "scale": 0.25}))
+    recipe = write_yaml(
+        tmp_path / "r.yaml",
+        digits_recipe(
+            name="plugin-run",
+            student={"name": "tiny_cnn", "kwargs": {"width": 6}},
+            method={"name": "plugin_half_ce", "scale": 0.25},
+        ),
+    )
     run_kdforge(["train", str(recipe), "--out", str(tmp_path / "run")], tmp_path, plugin)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["method"] == "plugin_half_ce"
@@ -116,13 +129,21 @@ def test_installed_plugin_is_usable_from_every_command(plugin, tmp_path):
     run_kdforge(["export", str(model_file), "--format", "onnx", "--out", str(tmp_path / "m.onnx")], tmp_path, plugin)
     assert (tmp_path / "m.onnx").stat().st_size > 0
 
-    suite = write_yaml(tmp_path / "suite.yaml", {
-        "name": "plugin-suite", "seeds": [0], "base": digits_recipe(),
-        "pairs": [{"student": {"name": "tiny_cnn"}}], "methods": {"half": {"method": {"name": "plugin_half_ce"}}},
-    })
+    suite = write_yaml(
+        tmp_path / "suite.yaml",
+        {
+            "name": "plugin-suite",
+            "seeds": [0],
+            "base": digits_recipe(),
+            "pairs": [{"student": {"name": "tiny_cnn"}}],
+            "methods": {"half": {"method": {"name": "plugin_half_ce"}}},
+        },
+    )
     run_kdforge(["bench", str(suite), "--out", str(tmp_path / "suite"), "--no-report"], tmp_path, plugin)
-    assert json.loads((tmp_path / "suite" / "none-tiny_cnn" / "half" / "seed0" / "summary.json").read_text())[
-        "status"] == "finished"
+    assert (
+        json.loads((tmp_path / "suite" / "none-tiny_cnn" / "half" / "seed0" / "summary.json").read_text())["status"]
+        == "finished"
+    )
 
     # without the plugin on the path the same names are unknown, with a one-line error
     missing = run_kdforge(["train", str(recipe), "--out", str(tmp_path / "run2")], tmp_path, check=False)
@@ -140,13 +161,20 @@ def test_a_broken_plugin_fails_with_one_line(plugin, tmp_path):
 def test_recipe_imports_a_user_file_and_eval_names_the_import(tmp_path):
     user = tmp_path / "code" / "my_models.py"
     user.parent.mkdir()
-    user.write_text(PLUGIN_MODEL.replace("def tiny_cnn", "from kdforge.models import MODELS\n\n\n"
-                                                       "@MODELS.register('user_cnn')\ndef tiny_cnn"))
+    user.write_text(
+        PLUGIN_MODEL.replace(
+            "def tiny_cnn", "from kdforge.models import MODELS\n\n\n@MODELS.register('user_cnn')\ndef tiny_cnn"
+        )
+    )
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     # the path is relative to the recipe's folder
-    recipe = write_yaml(recipes / "r.yaml", digits_recipe(name="user", imports=["../code/my_models.py"],
-                                                        student={"name": "user_cnn"}, method={"name": "ce"}))
+    recipe = write_yaml(
+        recipes / "r.yaml",
+        digits_recipe(
+            name="user", imports=["../code/my_models.py"], student={"name": "user_cnn"}, method={"name": "ce"}
+        ),
+    )
     run_kdforge(["train", str(recipe), "--out", str(tmp_path / "run")], tmp_path)
     model_file = tmp_path / "run" / "checkpoints" / "model_last.pt"
     refused = run_kdforge(["eval", str(model_file)], tmp_path, check=False)
@@ -161,15 +189,22 @@ def test_pipeline_and_suite_accept_imports(tmp_path):
     from kdforge.suite import SuiteSpec, plan
 
     user = tmp_path / "m.py"
-    user.write_text("from kdforge.models import MODELS\nfrom torch import nn\n\n\n@MODELS.register('pipe_mlp')\n"
-                    "def pipe_mlp(num_classes=10, in_channels=1, input_size=None):\n"
-                    "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n")
+    user.write_text(
+        "from kdforge.models import MODELS\nfrom torch import nn\n\n\n@MODELS.register('pipe_mlp')\n"
+        "def pipe_mlp(num_classes=10, in_channels=1, input_size=None):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n"
+    )
     stages = stage_recipes({"imports": [str(user)], "pipeline": {"a": {"student": {"name": "pipe_mlp"}}}}, tmp_path)
     assert stages["a"]["imports"] == [str(user)]
     with pytest.raises(ConfigError, match="beside 'pipeline'"):
         stage_recipes({"pipelin": {}, "pipeline": {"a": {}}}, tmp_path)
-    spec = SuiteSpec(name="s", imports=["m.py"], base=digits_recipe(),
-                     pairs=[{"student": {"name": "pipe_mlp"}}], methods={"ce": {"method": {"name": "ce"}}})
+    spec = SuiteSpec(
+        name="s",
+        imports=["m.py"],
+        base=digits_recipe(),
+        pairs=[{"student": {"name": "pipe_mlp"}}],
+        methods={"ce": {"method": {"name": "ce"}}},
+    )
     (run,) = plan(spec, tmp_path, tmp_path / "out")
     assert run.recipe["imports"] == [str(user.resolve())]
 
@@ -191,8 +226,10 @@ def test_import_errors_are_one_line(tmp_path):
 
 def test_importing_a_file_twice_registers_once(tmp_path):
     file = tmp_path / "twice.py"
-    file.write_text("from kdforge.models import MODELS\n\n\n@MODELS.register('twice_net')\n"
-                    "def twice_net(num_classes=10, in_channels=1, input_size=None):\n    return None\n")
+    file.write_text(
+        "from kdforge.models import MODELS\n\n\n@MODELS.register('twice_net')\n"
+        "def twice_net(num_classes=10, in_channels=1, input_size=None):\n    return None\n"
+    )
     first = import_user_module(str(file))
     assert import_user_module(str(file)) is first
 
@@ -201,7 +238,8 @@ def test_every_module_of_a_package_is_discovered(tmp_path, monkeypatch):
     package = tmp_path / "dropin"
     package.mkdir()
     (package / "__init__.py").write_text(
-        "from kdforge.core.plugins import import_submodules\nimport_submodules(__name__, __path__)\n")
+        "from kdforge.core.plugins import import_submodules\nimport_submodules(__name__, __path__)\n"
+    )
     (package / "new_method.py").write_text(PLUGIN_METHOD.replace("plugin_half_ce", "dropped_in_method"))
     (package / "_private.py").write_text("raise RuntimeError('private modules are not imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -20,8 +20,9 @@ HOLD = (
 
 
 def hold_in_child(folder):
-    child = subprocess.Popen([sys.executable, "-c", HOLD.format(src=str(SRC), folder=str(folder))],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(src=str(SRC), folder=str(folder))], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline().strip() == "held"
     return child
 
@@ -66,15 +67,25 @@ def test_two_trains_on_one_out_folder(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "kdforge", "train", str(recipe), "--out", str(out)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "kdforge", "train", str(recipe), "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while not (out / "metrics.jsonl").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert first.poll() is None, "the first run ended before the test could start the second"
-        second = subprocess.run([sys.executable, "-m", "kdforge", "train", str(recipe), "--out", str(out), "--resume"],
-                                env=env, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [sys.executable, "-m", "kdforge", "train", str(recipe), "--out", str(out), "--resume"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert first.poll() is None, "the first run ended while the second was refused: test inconclusive"
     finally:
         first.send_signal(signal.SIGTERM)  # stops at a safe point, state saved as interrupted

@@ -14,7 +14,6 @@ from kdforge.core.errors import ConfigError
 from kdforge.models import FeatureTap, create, module_names
 
 
-
 class UserNet(nn.Module):
     """A model kdforge knows nothing about (no feature_points)."""
 

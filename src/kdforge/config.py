@@ -72,7 +72,7 @@ class ModelConfig(Strict):
     qat: QATConfig | None = None
 
     @model_validator(mode="after")
-    def _named(self) -> "ModelConfig":
+    def _named(self) -> ModelConfig:
         if self.name is None and self.checkpoint is None:
             raise ValueError("give the model's 'name' (see `kdforge list models`) or a 'checkpoint'")
         return self

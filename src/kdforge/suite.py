@@ -54,7 +54,7 @@ class TeacherSpec(BaseModel):
     checkpoint: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TeacherSpec":
+    def _one_source(self) -> TeacherSpec:
         if (self.recipe is None) == (self.checkpoint is None):
             raise ValueError("a teacher needs exactly one of 'recipe' (train it) or 'checkpoint' (a model file)")
         return self
@@ -81,11 +81,11 @@ class SuiteSpec(BaseModel):
     imports: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _teachers_exist(self) -> "SuiteSpec":
+    def _teachers_exist(self) -> SuiteSpec:
         for pair in self.pairs:
             if pair.teacher is not None and pair.teacher not in self.teachers:
                 raise ValueError(
-                    f"pair teacher '{pair.teacher}' is not defined under 'teachers'{closest(pair.teacher, self.teachers)}"
+                    f"pair teacher '{pair.teacher}' is not defined under 'teachers'{closest(pair.teacher, self.teachers)}"  # noqa: E501
                 )
         return self
 
@@ -204,12 +204,14 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
                     recipe["imports"] = suite_imports + [i for i in recipe.get("imports", []) if i not in suite_imports]
                 if spec.teacher_bank and teacher_labels:
                     recipe.setdefault("teacher_bank", {})["enabled"] = True
-                runs.append(PlannedRun(
-                    f"{pair_label}/{method_label}/seed{seed}",
-                    out / pair_label / method_label / f"seed{seed}",
-                    recipe,
-                    depends_on=[f"teachers/{t}" for t in teacher_labels if spec.teachers[t].recipe is not None],
-                ))
+                runs.append(
+                    PlannedRun(
+                        f"{pair_label}/{method_label}/seed{seed}",
+                        out / pair_label / method_label / f"seed{seed}",
+                        recipe,
+                        depends_on=[f"teachers/{t}" for t in teacher_labels if spec.teachers[t].recipe is not None],
+                    )
+                )
     # seed-major order: a suite stopped part-way has every method at the first seeds
     order = {seed: i for i, seed in enumerate(spec.seeds)}
     runs.sort(key=lambda r: -1 if r.is_teacher else order[r.recipe["seed"]])
@@ -283,9 +285,15 @@ def select(spec: SuiteSpec, methods: list[str] | None = None, seeds: list[int] |
     return spec
 
 
-def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, echo=print,
-              threads: int | None = None, methods: list[str] | None = None,
-              seeds: list[int] | None = None) -> dict[str, Any]:
+def run_suite(
+    path: str | Path,
+    out: str | Path | None = None,
+    jobs: int = 1,
+    echo=print,
+    threads: int | None = None,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
     """Run (or continue) a suite; returns counts and the failed runs.
 
     ``threads`` (torch threads per run) defaults to the cores divided by ``jobs``; set it lower to
@@ -318,8 +326,10 @@ def _run_planned(spec, runs, out, log_dir, jobs, echo, threads) -> dict[str, Any
     threads = max(1, threads if threads else cores // jobs)
 
     pending = [r for r in runs if r.status() != "finished"]
-    echo(f"suite {spec.name}: {len(runs)} runs ({len(runs) - len(pending)} already finished), "
-         f"{jobs} at a time x {threads} threads, into {out}")
+    echo(
+        f"suite {spec.name}: {len(runs)} runs ({len(runs) - len(pending)} already finished), "
+        f"{jobs} at a time x {threads} threads, into {out}"
+    )
     failed: dict[str, int] = {}
     done: set[str] = {r.label for r in runs if r.status() == "finished"}
     started = time.perf_counter()

@@ -28,8 +28,9 @@ def calibration_batches(
     """``batches`` shuffled training batches of ``dataset``, normalised as at test time (no augmentation)."""
     cfg = DataConfig(name=dataset, root=root, augment=False)
     data = build_data(cfg)
-    loader = BatchLoader(data.train, batch_size, shuffle=True, seed=seed, augmentation=build_augmentation(cfg, data.info),
-                         train=False)
+    loader = BatchLoader(
+        data.train, batch_size, shuffle=True, seed=seed, augmentation=build_augmentation(cfg, data.info), train=False
+    )
     found = []
     for batch in loader:
         found.append(batch.image.detach().cpu())

@@ -54,8 +54,14 @@ def format_report(report: dict[str, Any], student_name: str = "student", teacher
     table = [header]
     for name, d in rows:
         table.append(
-            [name, f"{d['parameters']:,}", f"{d['nonzero_parameters']:,}", f"{d['flops'] / 1e6:,.1f}M",
-             f"{d['macs'] / 1e6:,.1f}M", f"{d['size_bytes'] / 1e6:.2f} MB"]
+            [
+                name,
+                f"{d['parameters']:,}",
+                f"{d['nonzero_parameters']:,}",
+                f"{d['flops'] / 1e6:,.1f}M",
+                f"{d['macs'] / 1e6:,.1f}M",
+                f"{d['size_bytes'] / 1e6:.2f} MB",
+            ]
             + [f"{d['latency_ms'][b]:.2f}" for b in batches]
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]

@@ -84,6 +84,7 @@ def transform(
     Arguments are the recipe sections (pydantic models or dicts, None when absent). Returns the
     steps to append to the model file's ``architecture``.
     """
+
     def plain(section: Any) -> dict[str, Any]:
         return section.model_dump() if hasattr(section, "model_dump") else dict(section)
 
@@ -109,8 +110,13 @@ def transform(
     if qat is not None:
         settings = plain(qat)
         prepare_qat(model, int(settings.get("weight_bits", 8)), int(settings.get("activation_bits", 8)))
-        steps.append({"op": "qat", "weight_bits": int(settings.get("weight_bits", 8)),
-                      "activation_bits": int(settings.get("activation_bits", 8))})
+        steps.append(
+            {
+                "op": "qat",
+                "weight_bits": int(settings.get("weight_bits", 8)),
+                "activation_bits": int(settings.get("activation_bits", 8)),
+            }
+        )
     return steps
 
 
@@ -148,8 +154,8 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = record.get("model") or {}
     if not spec.get("name"):
         raise CheckpointError(f"'{path}' is a plain state dict; give a kdforge model file (checkpoints/model_*.pt)")
-    from kdforge.models import MODELS
     from kdforge.core.plugins import require_registered
+    from kdforge.models import MODELS
 
     require_registered(MODELS, spec["name"], record, str(path))
     model = create(

@@ -53,15 +53,28 @@ def export_onnx(
         if dynamo:
             batch = torch.export.Dim("batch", min=1)
             torch.onnx.export(
-                network, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False,
-                external_data=False, optimize=True,
+                network,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+                optimize=True,
             )
         else:
             torch.onnx.export(
-                network, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                network,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=min(opset, 17), dynamo=False,
+                opset_version=min(opset, 17),
+                dynamo=False,
             )
     return path
 

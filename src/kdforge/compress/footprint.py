@@ -52,9 +52,7 @@ def describe(
     network = copy.deepcopy(model).cpu().eval()
     shape = tuple(int(v) for v in input_shape)
     flops = count_flops(network, shape)
-    latency = {
-        str(b): 1000.0 * measure_latency(network, shape, b, warmup, repeats, num_threads) for b in batch_sizes
-    }
+    latency = {str(b): 1000.0 * measure_latency(network, shape, b, warmup, repeats, num_threads) for b in batch_sizes}
     return {
         "parameters": count_parameters(network),
         "nonzero_parameters": nonzero_parameters(network),

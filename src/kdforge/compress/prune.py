@@ -561,7 +561,11 @@ def resize_module(module: nn.Module, shape: dict[str, int], name: str = "module"
     if isinstance(module, nn.Conv2d) and {"in_channels", "out_channels", "groups"} <= set(shape):
         module.in_channels, module.out_channels = shape["in_channels"], shape["out_channels"]
         module.groups = shape["groups"]
-        _set_parameter(module, "weight", fresh(module.weight, module.out_channels, module.in_channels // module.groups, *module.kernel_size))
+        _set_parameter(
+            module,
+            "weight",
+            fresh(module.weight, module.out_channels, module.in_channels // module.groups, *module.kernel_size),
+        )
         _set_parameter(module, "bias", fresh(module.bias, module.out_channels))
     elif isinstance(module, nn.Linear) and {"in_features", "out_features"} <= set(shape):
         module.in_features, module.out_features = shape["in_features"], shape["out_features"]
@@ -652,7 +656,9 @@ def plan_zero_filters(model: nn.Module, input_shape: Sequence[int], residual: bo
     return PrunePlan(groups, keep)
 
 
-def remove_zero_filters(model: nn.Module, input_shape: Sequence[int], residual: bool = True) -> dict[str, dict[str, int]]:
+def remove_zero_filters(
+    model: nn.Module, input_shape: Sequence[int], residual: bool = True
+) -> dict[str, dict[str, int]]:
     """Physically remove all-zero filters (see ``plan_zero_filters``); returns the changed shapes."""
     shapes = remove_channels(model, plan_zero_filters(model, input_shape, residual))
     refresh_metadata(model, input_shape)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 import torch
@@ -123,8 +123,11 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     ]
     if missing or unexpected or mismatched:
         detail = (
-            f"shapes differ: {mismatched[0]}" if mismatched
-            else f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
+            f"shapes differ: {mismatched[0]}"
+            if mismatched
+            else f"missing {missing[:2]}"
+            if missing
+            else f"unexpected {unexpected[:2]}"
         )
         raise CheckpointError(
             f"checkpoint '{source}' does not fit the model ({detail}); "

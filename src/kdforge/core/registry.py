@@ -39,8 +39,10 @@ class Registry(Generic[T]):
 
         for entry in entry_points(self.group or ""):
             loaded = load_entry_point(entry)
-            if callable(loaded) and not inspect.ismodule(loaded) and not any(
-                loaded is f for f in self._entries.values()
+            if (
+                callable(loaded)
+                and not inspect.ismodule(loaded)
+                and not any(loaded is f for f in self._entries.values())
             ):
                 self.register(entry.name)(loaded)
 

@@ -74,12 +74,16 @@ class RunLock:
             warnings.warn(f"cannot lock '{self.path}' ({exc}); continuing without a lock", stacklevel=2)
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:300],
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }))
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:300],
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
+        )
         handle.flush()
         self._file = handle
         return self

@@ -39,7 +39,7 @@ class Schedule(BaseModel):
     by: Literal["step", "epoch"] = "step"
 
     @model_validator(mode="after")
-    def _check(self) -> "Schedule":
+    def _check(self) -> Schedule:
         if self.kind != "constant" and self.end is None:
             raise ValueError(f"a '{self.kind}' schedule needs 'end' as well as 'start'")
         if self.finish <= self.begin and self.kind != "constant":
@@ -65,7 +65,7 @@ class Schedule(BaseModel):
         return a + (b - a) * level / self.steps
 
 
-ScheduleSpec = Union[float, Schedule]
+ScheduleSpec = Union[float, Schedule]  # noqa: UP007
 
 
 def as_schedule(spec: ScheduleSpec | dict) -> Schedule:

@@ -12,10 +12,10 @@ from kdforge.compress.arch import materialize
 from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
 from kdforge.core.checkpoint import read_model_file
 from kdforge.core.errors import CheckpointError, ConfigError
-from kdforge.data import Augmentation, DataSplits, DatasetInfo, TensorData, default_augmentation, load_dataset
+from kdforge.core.plugins import require_registered
+from kdforge.data import Augmentation, DatasetInfo, DataSplits, TensorData, default_augmentation, load_dataset
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import MODELS, create
-from kdforge.core.plugins import require_registered
 
 
 @dataclass

@@ -57,6 +57,7 @@ def stage_recipes(recipe: dict[str, Any], recipe_dir: Path) -> dict[str, dict[st
 
 def _substitute(value: Any, run_dirs: dict[str, Path], stage: str) -> Any:
     if isinstance(value, str):
+
         def replace(match: re.Match) -> str:
             ref = match.group(1)
             if ref not in run_dirs:

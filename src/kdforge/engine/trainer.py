@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -128,7 +127,8 @@ class Trainer:
             if saved.is_file():
                 previous = build_config(yaml.safe_load(saved.read_text()))
                 differences = [
-                    d for d in _differences(previous.to_dict(), self.config.to_dict())
+                    d
+                    for d in _differences(previous.to_dict(), self.config.to_dict())
                     if d.split(":")[0] not in RESUME_FREE_KEYS
                 ]
                 if differences:
@@ -200,12 +200,9 @@ class Trainer:
 
         groups = distiller.optimizer_groups()
         optimizers = [build_optimizer(g, config.train.optimizer) for g in groups]
-        self.base_lrs = [
-            {**config.train.optimizer.model_dump(), **(g.optimizer or {})}["lr"] for g in groups
-        ]
+        self.base_lrs = [{**config.train.optimizer.model_dump(), **(g.optimizer or {})}["lr"] for g in groups]
         self.lr_at = [
-            lr_function(config.train.scheduler, lr, config.train.epochs, self.steps_per_epoch)
-            for lr in self.base_lrs
+            lr_function(config.train.scheduler, lr, config.train.epochs, self.steps_per_epoch) for lr in self.base_lrs
         ]
         self.group_names = [g.name for g in groups]
         self.model, *self.optimizers = fabric.setup(distiller, *optimizers)
@@ -255,7 +252,9 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install tensorboard") from None
+            raise ConfigError(
+                "train.tensorboard: true needs the tensorboard package: pip install tensorboard"
+            ) from None
         return SummaryWriter(str(self.out_dir / "tensorboard"))
 
     # ------------------------------------------------------------------ state
@@ -481,9 +480,7 @@ class Trainer:
             record["val"] = self.evaluate(self.data.val)
         members = self.distiller.evaluation_models()
         if members:
-            record["members"] = {
-                name: self.evaluate(self.data.test, model)["top1"] for name, model in members.items()
-            }
+            record["members"] = {name: self.evaluate(self.data.test, model)["top1"] for name, model in members.items()}
 
     def _step(self, epoch: int) -> Step:
         return Step(epoch, self.config.train.epochs, self.global_step, self.total_steps)
@@ -641,12 +638,15 @@ def evaluate_model(
             k = min(5, logits.shape[-1])
             top = logits.topk(k, dim=-1).indices
             hits = top == batch.targets.unsqueeze(1)
-            totals += torch.tensor([  # .item()-style reads: the totals stay on the CPU
-                float(F.cross_entropy(logits, batch.targets, reduction="sum")),
-                float(hits[:, 0].sum()),
-                float(hits.any(1).sum()),
-                float(len(batch)),
-            ], dtype=torch.float64)
+            totals += torch.tensor(
+                [  # .item()-style reads: the totals stay on the CPU
+                    float(F.cross_entropy(logits, batch.targets, reduction="sum")),
+                    float(hits[:, 0].sum()),
+                    float(hits.any(1).sum()),
+                    float(len(batch)),
+                ],
+                dtype=torch.float64,
+            )
     model.train(was_training)
     if reduce is not None:
         totals = reduce(totals)

@@ -71,8 +71,12 @@ class PixelSpaceDistiller(Distiller):
     def __init__(self, student, teachers=(), params=None, normalization: Normalization | None = None):
         super().__init__(student, teachers, params)
         mean, std = normalization if normalization is not None else ((0.0,), (1.0,))
-        self.register_buffer("pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     def to_pixels(self, image: Tensor) -> Tensor:
         """A normalized batch back in [0, 1] pixels."""
@@ -92,7 +96,12 @@ class PixelSpaceDistiller(Distiller):
         return p.eps * min(step.progress / p.eps_ramp, 1.0)
 
     def attack(
-        self, x: Tensor, y: Tensor, loss_fn=None, delta_init: Tensor | None = None, eval_mode: bool = False,
+        self,
+        x: Tensor,
+        y: Tensor,
+        loss_fn=None,
+        delta_init: Tensor | None = None,
+        eval_mode: bool = False,
         step: Step | None = None,
     ) -> Tensor:
         """PGD on the student from pixel inputs ``x``; returns pixel inputs (detached)."""
@@ -102,8 +111,18 @@ class PixelSpaceDistiller(Distiller):
             return x.detach()
         step_size = p.step_size * eps / p.eps  # scaled with a ramped eps
         with student_mode(self.student, training=False) if eval_mode else nullcontext():
-            return pgd(self.pixel_student, x, y, eps, steps=p.steps, step_size=step_size, norm=p.norm,
-                       random_start=p.random_start, loss_fn=loss_fn, delta_init=delta_init)
+            return pgd(
+                self.pixel_student,
+                x,
+                y,
+                eps,
+                steps=p.steps,
+                step_size=step_size,
+                norm=p.norm,
+                random_start=p.random_start,
+                loss_fn=loss_fn,
+                delta_init=delta_init,
+            )
 
 
 @contextmanager
@@ -127,7 +146,7 @@ class AdvCEParams(AttackParams):
     clean_weight: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _trades_attack(self) -> "AdvCEParams":
+    def _trades_attack(self) -> AdvCEParams:
         """With ``trades: true``, steps and step size not given default to TRADES' CIFAR-10 attack
         (10 steps of 0.007, ``TRADES/train_trades_cifar10.py``), not Madry's 7 of 2/255."""
         if self.trades:
@@ -168,8 +187,9 @@ class AdversarialCE(PixelSpaceDistiller):
 
         # TRADES reference: start at x + 0.001 * N(0, 1), attack in eval mode
         start = 0.001 * torch.randn_like(x) if p.random_start else torch.zeros_like(x)
-        x_adv = self.attack(x, clean_probs, loss_fn=kl_to_clean, delta_init=start,
-                            eval_mode=p.attack_mode != "train", step=step)
+        x_adv = self.attack(
+            x, clean_probs, loss_fn=kl_to_clean, delta_init=start, eval_mode=p.attack_mode != "train", step=step
+        )
         clean_logits = self.student(batch.image)
         adv_logits = self.pixel_student(x_adv)
         # the robust term keeps gradients through both sides, as in the reference
@@ -220,8 +240,9 @@ class ARD(_ARDLoss, PixelSpaceDistiller):
         x_adv = self.attack(x, y, eval_mode=p.attack_mode == "eval", step=step)  # maximizes the student's CE
         (teacher_logits,) = self.teacher_logits(batch)  # clean inputs
         adv_logits = self.pixel_student(x_adv)
-        return Output(adv_logits, self.ard_losses(adv_logits, teacher_logits, batch),
-                      {"adv_top1": batch_accuracy(adv_logits, y)})
+        return Output(
+            adv_logits, self.ard_losses(adv_logits, teacher_logits, batch), {"adv_top1": batch_accuracy(adv_logits, y)}
+        )
 
 
 # ----------------------------------------------------------------------------- fast_ard

@@ -31,9 +31,7 @@ from kdforge.methods.features import FeatureDistiller, FeatureParams, full_preci
 class ATParams(FeatureParams):
     weight: float = Field(1000.0, ge=0)
     p: float = Field(2.0, gt=0)
-    student_layers: list[str] = Field(
-        default_factory=lambda: ["stage1", "stage2", "stage3"], min_length=1
-    )
+    student_layers: list[str] = Field(default_factory=lambda: ["stage1", "stage2", "stage3"], min_length=1)
 
 
 def at_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:

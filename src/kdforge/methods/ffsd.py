@@ -46,15 +46,14 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.core.errors import ConfigError
-from kdforge.data.batch import Batch
 from kdforge.core.schedules import consistency_rampup
+from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, OptimizerGroup, Output, Step
 from kdforge.methods.common import attention_map
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import kd_loss
 from kdforge.models import FeatureTap
 from kdforge.models.branches import fresh_copy, reinitialise
-from kdforge.core.schedules import consistency_rampup
 
 
 class FFSDParams(MethodParams):
@@ -188,8 +187,13 @@ class Decoder(nn.Module):
             blocks.append(
                 nn.Sequential(
                     nn.ConvTranspose2d(
-                        c_in, c_out, 3, stride=(stride_h, stride_w), padding=1,
-                        output_padding=(pad_h, pad_w), bias=False,
+                        c_in,
+                        c_out,
+                        3,
+                        stride=(stride_h, stride_w),
+                        padding=1,
+                        output_padding=(pad_h, pad_w),
+                        bias=False,
                     ),
                     *_bn_relu(c_out),
                 )
@@ -208,8 +212,9 @@ class Members(nn.Module):
     """Evaluation wrapper: ``ensemble`` (mean of the students' logits) or ``fusion`` (the fusion
     classifier on the students' last maps)."""
 
-    def __init__(self, students: Sequence[nn.Module], taps: Sequence[FeatureTap], layer: str,
-                 fusion: FusionModule | None = None) -> None:
+    def __init__(
+        self, students: Sequence[nn.Module], taps: Sequence[FeatureTap], layer: str, fusion: FusionModule | None = None
+    ) -> None:
         super().__init__()
         self.students = nn.ModuleList(students)
         self.fusion = fusion

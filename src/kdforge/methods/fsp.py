@@ -39,7 +39,6 @@ from collections.abc import Sequence
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
@@ -52,15 +51,12 @@ from kdforge.methods.features import (
     guess_input_shape,
     probe_feature_shapes,
 )
-from kdforge.models.taps import FeatureTap
 
 
 class FSPParams(HintStageParams):
     weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0)
-    student_layers: list[str] = Field(
-        default_factory=lambda: ["stem", "stage1", "stage2", "stage3"], min_length=2
-    )
+    student_layers: list[str] = Field(default_factory=lambda: ["stem", "stage1", "stage2", "stage3"], min_length=2)
     teacher_layers: list[str] | None = Field(None, min_length=2)
 
 

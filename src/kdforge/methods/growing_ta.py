@@ -89,13 +89,13 @@ class GrowingTAParams(MethodParams):
     reduction: Literal["batchmean", "elementmean"] = "batchmean"
 
     @model_validator(mode="after")
-    def _student_learns(self) -> "GrowingTAParams":
+    def _student_learns(self) -> GrowingTAParams:
         if self.ce_weight + self.kd_weight == 0:
             raise ValueError("ce_weight and kd_weight are both 0: the student would not train")
         return self
 
     @model_validator(mode="after")
-    def _teacher_init_needs_teacher_architecture(self) -> "GrowingTAParams":
+    def _teacher_init_needs_teacher_architecture(self) -> GrowingTAParams:
         if self.ta_init == "teacher" and self.ta is not None:
             raise ValueError(
                 "ta_init 'teacher' copies the teacher's weights, so the assistant must have the teacher's "

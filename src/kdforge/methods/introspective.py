@@ -33,7 +33,7 @@ reconstructing it (similarity temperature 0.5 of {0.1, 0.5, 1}, alpha 0.5 of {0.
 tau' = 1 (no value is suggested; the target is not a logit vector);
 ``label_mix`` 0.1, because without it the target's label mass is about 0.28 and accuracy drops
 (measured; see the docs page).
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 

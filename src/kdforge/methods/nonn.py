@@ -68,7 +68,9 @@ class NoNNParams(MethodParams):
     louvain_underfull: Literal["split", "error"] = Field(
         "split", description="fewer communities than students: split the largest group, or fail"
     )
-    partition_images: int | None = Field(None, ge=1, description="N training images (seeded, class-balanced); None: all")
+    partition_images: int | None = Field(
+        None, ge=1, description="N training images (seeded, class-balanced); None: all"
+    )
     partition_seed: int = 0
     redundancy: float = Field(0.0, ge=0, lt=1, description="share of the neighbours' attention in a target")
     fill: Literal["zeros", "neighbors"] | None = Field(
@@ -99,7 +101,7 @@ def mixing_matrix(count: int, redundancy: float) -> Tensor:
 
 @METHODS.register("nonn")
 class NoNN(Distiller):
-    """NoNN (Bhardwaj et al. 2019): N disjoint students mimic the attention of the teacher's filter groups; + KD on their joint head."""
+    """NoNN (Bhardwaj et al. 2019): N disjoint students mimic the attention of the teacher's filter groups; + KD on their joint head."""  # noqa: E501
 
     name = "nonn"
     Params = NoNNParams
@@ -175,8 +177,12 @@ class NoNN(Distiller):
             info = dict(system.partition or {})
             num_filters = info.get("num_filters") or self._teacher_channels(train_data)
             return Partition(
-                system.groups, int(num_filters), info.get("method", "given"),
-                info.get("settings", {}), info.get("statistics", {}), info.get("source", {}),
+                system.groups,
+                int(num_filters),
+                info.get("method", "given"),
+                info.get("settings", {}),
+                info.get("statistics", {}),
+                info.get("source", {}),
             )
         if train_data is None:
             raise ValueError(

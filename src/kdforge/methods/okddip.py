@@ -47,12 +47,12 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.core.errors import ConfigError
+from kdforge.core.schedules import consistency_rampup
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import soft_kl
 from kdforge.models.branches import BranchedNetwork
-from kdforge.core.schedules import consistency_rampup
 
 
 class OKDDipParams(MethodParams):
@@ -63,8 +63,11 @@ class OKDDipParams(MethodParams):
     rampup_epochs: float = Field(80.0, ge=0, description="ramp-up length L in epochs (0: no ramp)")
     rampup_by: Literal["step", "epoch"] = "step"
     aggregation: Literal["attention", "uniform"] = "attention"
-    attend_self: bool = Field(True, description="peer i's attention includes itself (reference code); "
-                              "false masks it out (the paper's 'other peers')")
+    attend_self: bool = Field(
+        True,
+        description="peer i's attention includes itself (reference code); "
+        "false masks it out (the paper's 'other peers')",
+    )
     projection_factor: int = Field(8, ge=1, description="query/key width = d // factor")
     detach_targets: bool = Field(False, description="ablation: stop gradients through the targets")
     target_epsilon: float = Field(1e-7, ge=0, description="added to target probabilities before the log")
@@ -97,9 +100,7 @@ def peer_diversity(peer_logits: Tensor) -> Tensor:
     m = probs.shape[1]
     if m < 2:
         return probs.new_zeros(())
-    distances = [
-        (probs[:, i] - probs[:, j]).norm(dim=-1) for i in range(m) for j in range(i + 1, m)
-    ]
+    distances = [(probs[:, i] - probs[:, j]).norm(dim=-1) for i in range(m) for j in range(i + 1, m)]
     return torch.stack(distances).mean()
 
 
@@ -133,9 +134,7 @@ def _feature_width(group: BranchedNetwork, model: nn.Module, input_shape: Sequen
     last = group.heads[0][group.head_names[-1]]
     if isinstance(last, nn.Linear):
         return last.in_features
-    raise ConfigError(
-        f"okddip: cannot tell the feature width of {type(model).__name__}; pass input_shape=(C, H, W)"
-    )
+    raise ConfigError(f"okddip: cannot tell the feature width of {type(model).__name__}; pass input_shape=(C, H, W)")
 
 
 @METHODS.register("okddip")

@@ -26,12 +26,12 @@ from pydantic import Field, ValidationError, model_validator
 from torch import Tensor, nn
 
 from kdforge.core.errors import ConfigError
+from kdforge.core.schedules import consistency_rampup
 from kdforge.core.validation import validation_message
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import soft_kl
 from kdforge.models.branches import BranchedNetwork, fresh_copy, scale_gradient
-from kdforge.core.schedules import consistency_rampup
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -83,7 +83,7 @@ class DMLParams(MethodParams):
     deploy: int = 0
 
     @model_validator(mode="after")
-    def _check(self) -> "DMLParams":
+    def _check(self) -> DMLParams:
         if self.peers < 2:
             raise ValueError(f"DML needs at least 2 peers, got peers={self.peers}; set method.peers to 2 or more")
         if not 0 <= self.deploy < self.peers:
@@ -103,7 +103,7 @@ def mutual_losses(
         probs = [p.detach() for p in probs]
     ce = [F.cross_entropy(z, targets) for z in logits]
     kl = [
-        sum(soft_kl(logits[k], probs[l], temperature) for l in range(K) if l != k) / (K - 1)  # type: ignore[operator]
+        sum(soft_kl(logits[k], probs[l], temperature) for l in range(K) if l != k) / (K - 1)  # type: ignore[operator]  # noqa: E741
         for k in range(K)
     ]
     return ce, kl
@@ -174,7 +174,7 @@ class BranchParams(MethodParams):
     deploy: int = 0
 
     @model_validator(mode="after")
-    def _check(self) -> "BranchParams":
+    def _check(self) -> BranchParams:
         if self.branches < 2:
             raise ValueError(
                 f"an online group needs at least 2 branches, got branches={self.branches}; "
@@ -182,8 +182,7 @@ class BranchParams(MethodParams):
             )
         if not 0 <= self.deploy < self.branches:
             raise ValueError(
-                f"deploy={self.deploy} is not a branch index (0..{self.branches - 1}); "
-                "set method.deploy in that range"
+                f"deploy={self.deploy} is not a branch index (0..{self.branches - 1}); set method.deploy in that range"
             )
         return self
 
@@ -326,7 +325,7 @@ class OnTheFlyNativeEnsemble(BranchedDistiller):
     (shared stem + stage1 + stage2 of a CIFAR ResNet), T = 3, lambda = 1, ramp-up over 80 epochs
     (OKDDip ``--length 80``: scale it with the run length), deploy branch 0. That code's KL adds
     1e-7 to the target probabilities; ours does not (the difference is ~1e-7 in the loss).
-    """
+    """  # noqa: E501
 
     name = "one"
 

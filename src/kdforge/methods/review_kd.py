@@ -60,8 +60,7 @@ from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.common import warmup_factor
-from kdforge.methods.features import full_precision, resolve_layers
-from kdforge.methods.features import guess_input_shape, probe_feature_shapes
+from kdforge.methods.features import full_precision, guess_input_shape, probe_feature_shapes, resolve_layers
 from kdforge.methods.losses import kd_loss
 from kdforge.models.taps import FeatureTap
 

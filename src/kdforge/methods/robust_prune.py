@@ -74,7 +74,7 @@ class RobustPruneParams(AttackParams):
     exclude: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _target(self) -> "RobustPruneParams":
+    def _target(self) -> RobustPruneParams:
         if self.prox == "project" and self.sparsity is None:
             raise ValueError("robust_prune: prox 'project' needs a target 'sparsity' (e.g. 0.75)")
         return self
@@ -86,9 +86,11 @@ def layer_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
     positions: dict[str, int] = {}
     handles = []
     for name, module in prunable_layers(model):
+
         def hook(mod: nn.Module, inputs: Any, output: Tensor, name: str = name) -> None:
             features = output.shape[1] if isinstance(mod, nn.Conv2d) else output.shape[-1]
             positions[name] = positions.get(name, 0) + output.numel() // max(features, 1)
+
         handles.append(module.register_forward_hook(hook))
     try:
         count_flops(model, input_shape)  # one eval-mode forward of a single sample
@@ -99,7 +101,9 @@ def layer_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
 
 
 def compression_report(
-    model: nn.Module, input_shape: tuple[int, ...] | None = None, positions: dict[str, int] | None = None,
+    model: nn.Module,
+    input_shape: tuple[int, ...] | None = None,
+    positions: dict[str, int] | None = None,
     dense_flops: int | None = None,
 ) -> dict[str, Any]:
     """Sparsity, parameter and FLOP counts of ``model`` against its dense self::
@@ -235,8 +239,11 @@ class RobustPrune(PixelSpaceDistiller):
         return metrics
 
     def summary_metrics(self) -> dict[str, Any]:
-        report = compression_report(self.student, positions=self.positions, dense_flops=self.dense_flops) \
-            if self.positions is not None else compression_report(self.student)
+        report = (
+            compression_report(self.student, positions=self.positions, dense_flops=self.dense_flops)
+            if self.positions is not None
+            else compression_report(self.student)
+        )
         return {"pruning": report}
 
     # ------------------------------------------------------------------ loss
@@ -259,7 +266,10 @@ class RobustPrune(PixelSpaceDistiller):
             T = p.temperature
             target = F.softmax(teacher_logits.float().clone() / T, dim=-1)
             losses["kd"] = p.kd_weight * soft_kl(logits, target, T, reduction=p.reduction)
-        metrics: dict[str, float | Tensor] = {**self._rates(), "prune_strength": 0.0 if self.masks is not None else self._strength(step)}
+        metrics: dict[str, float | Tensor] = {
+            **self._rates(),
+            "prune_strength": 0.0 if self.masks is not None else self._strength(step),
+        }
         if p.adversarial:
             metrics["adv_top1"] = batch_accuracy(logits, y)
         return Output(logits, losses, metrics)

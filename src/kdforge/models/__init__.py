@@ -12,16 +12,16 @@ from kdforge.core.plugins import import_submodules
 
 import_submodules(__name__, __path__)  # every model file registers itself; a new file needs no edit here
 
-from kdforge.models import cifar_resnet, mobilenetv2, nonn, shufflenet, small, vgg, wide_resnet  # noqa: E402
-from kdforge.models.factory import MODELS, accepted_arguments, create, list_models
-from kdforge.models.profile import (
+from kdforge.models import cifar_resnet, mobilenetv2, nonn, shufflenet, small, vgg, wide_resnet  # noqa: E402, F401
+from kdforge.models.factory import MODELS, accepted_arguments, create, list_models  # noqa: E402
+from kdforge.models.profile import (  # noqa: E402
     count_flops,
     count_macs,
     count_parameters,
     measure_latency,
     profile_model,
 )
-from kdforge.models.taps import FeatureTap, module_names
+from kdforge.models.taps import FeatureTap, module_names  # noqa: E402
 
 __all__ = [
     "MODELS",

@@ -414,11 +414,23 @@ def partition_filters(
     if method == "louvain":
         report: dict[str, Any] = {}
         groups = louvain_groups(
-            w, num_groups, percentile=percentile, resolution=resolution, seed=seed,
-            discard_largest=discard_largest, underfull=underfull, report=report,
+            w,
+            num_groups,
+            percentile=percentile,
+            resolution=resolution,
+            seed=seed,
+            discard_largest=discard_largest,
+            underfull=underfull,
+            report=report,
         )
-        used = {"percentile": percentile, "resolution": resolution, "seed": seed,
-                "discard_largest": discard_largest, "underfull": underfull, **report}
+        used = {
+            "percentile": percentile,
+            "resolution": resolution,
+            "seed": seed,
+            "discard_largest": discard_largest,
+            "underfull": underfull,
+            **report,
+        }
     elif method == "spectral":
         groups, used = spectral_groups(w, num_groups, normalized), {"normalized": normalized}
     elif method == "spectral_recursive":
