@@ -7,11 +7,12 @@ what is wrong and what is allowed (with the closest key when a name is misspelt)
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdforge.core.errors import ConfigError, closest
 from kdforge.core.plugins import import_all
@@ -33,7 +34,7 @@ class DataConfig(Strict):
     download: bool = False
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     train_subset: int | None = Field(None, gt=0, description="class-balanced subset of train")
-    seed: int = Field(0, description="seed of the validation split and the subset")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed of the validation split and the subset")
     augment: bool | AugmentConfig = Field(True, description="true: the dataset's default")
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
 
@@ -138,20 +139,34 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f/\\]|^\.{1,2}$")
+
+
 class RunConfig(Strict):
-    name: str = "run"
+    name: str = Field("run", min_length=1, max_length=120, description="run label; also the default run folder")
     imports: list[str] = Field(
         default_factory=list,
         description="modules or .py files imported before the recipe is validated: the user's own "
         "models, methods and datasets (kdforge.core.plugins)",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="0 <= seed < 2^32 (torch's generators take 64 bits; numpy's 32)")
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig
     teachers: list[ModelConfig] = Field(default_factory=list)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     teacher_bank: TeacherBankConfig = Field(default_factory=TeacherBankConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        """The name becomes a folder under runs/: no path separators, control characters, '.' or '..'."""
+        if _UNSAFE_NAME.search(value) or not value.strip():
+            raise ValueError(
+                "a run name must be a plain label (no '/', '\\', control characters, '.' or '..'); "
+                "use --out to choose the run folder"
+            )
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude_none=False)
