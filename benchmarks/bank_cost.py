@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
+from kdforge.core.checkpoint import atomic_save, model_record
 from kdforge.data import BatchLoader, DatasetInfo, TensorData, default_augmentation, load_dataset
 from kdforge.data.batch import Batch
 from kdforge.engine.bank import TeacherBank
-from kdforge.engine.checkpoint import atomic_save, model_record
 from kdforge.methods import METHODS, Step
 from kdforge.models import create
 
@@ -49,8 +49,9 @@ def cifar10() -> tuple[TensorData, DatasetInfo, str]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (50000,), generator=generator)
-    info = DatasetInfo("cifar10", 10, 3, (32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                       [str(i) for i in range(10)])
+    info = DatasetInfo(
+        "cifar10", 10, 3, (32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), [str(i) for i in range(10)]
+    )
     return TensorData(images, labels, name="cifar10/train"), info, "random images of CIFAR-10's shape"
 
 
@@ -83,8 +84,9 @@ def make_kd_step(student: torch.nn.Module, teacher: torch.nn.Module, batch: Batc
     batch = Batch(inputs=dict(batch.inputs), targets=batch.targets, index=batch.index)
     distiller = METHODS.get("kd")(student, [teacher])
     distiller.train()
-    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.01,
-                                momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(
+        [p for p in distiller.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=5e-4
+    )
     step_info = Step()
 
     def step():
@@ -119,10 +121,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = create("resnet20", num_classes=10)
         teacher_file = Path(tmp) / "resnet20.pt"
-        atomic_save(model_record(teacher, name="resnet20", kwargs={}, num_classes=10, in_channels=3,
-                                 input_size=(32, 32)), teacher_file)
-        bank = TeacherBank(args.bank_dir or Path(tmp) / "bank", [teacher], [teacher_file], data, info.name,
-                           augmentation, seed=0)
+        atomic_save(
+            model_record(teacher, name="resnet20", kwargs={}, num_classes=10, in_channels=3, input_size=(32, 32)),
+            teacher_file,
+        )
+        bank = TeacherBank(
+            args.bank_dir or Path(tmp) / "bank", [teacher], [teacher_file], data, info.name, augmentation, seed=0
+        )
         started = time.perf_counter()
         bank.ensure_epoch(0)
         fill_seconds = time.perf_counter() - started
@@ -178,8 +183,10 @@ def main() -> None:
         "",
         "| step | ms / batch | images / s | x plain step |",
         "| --- | ---: | ---: | ---: |",
-        *[f"| {name} | {seconds * 1000:.1f} | {bs / seconds:,.0f} | {ratio[name]:.3f} |"
-          for name, seconds in per_batch.items()],
+        *[
+            f"| {name} | {seconds * 1000:.1f} | {bs / seconds:,.0f} | {ratio[name]:.3f} |"
+            for name, seconds in per_batch.items()
+        ],
         f"| bank lookup alone (K x B x C float32) | {lookup_ms:.3f} | | {lookup_ms / 1000 / plain:.4f} |",
         "",
         f"- KD step with the bank / plain student step: **{bank_ratio:.3f}x** (target <= 1.05x)",

@@ -26,8 +26,13 @@ TEACHER = {
     "data": {"name": "digits", "augment": False},
     "student": {"name": "lenet", "kwargs": {"width": 4}},
     "method": {"name": "ce"},
-    "train": {"epochs": 30, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.002, "weight_decay": 0.0},
-              "scheduler": {"name": "cosine"}, "progress": "none"},
+    "train": {
+        "epochs": 30,
+        "batch_size": 64,
+        "optimizer": {"name": "adam", "lr": 0.002, "weight_decay": 0.0},
+        "scheduler": {"name": "cosine"},
+        "progress": "none",
+    },
 }
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 ADAM = {"name": "adam", "lr": 0.001, "weight_decay": 0.0}
@@ -36,9 +41,15 @@ VARIANTS = {
     "student alone": ({"name": "ce"}, SGD, 0),
     "kd (T=4, 0.9/0.1)": (KD, SGD, 1),
     "kd, temperature annealed 10 -> 1": (
-        {**KD, "temperature": {"kind": "exponential", "start": 10, "end": 1, "by": "epoch"}}, SGD, 1),
+        {**KD, "temperature": {"kind": "exponential", "start": 10, "end": 1, "by": "epoch"}},
+        SGD,
+        1,
+    ),
     "kd, alpha annealed 0.95 -> 0.1": (
-        {**KD, "kd_weight": {"kind": "cosine", "start": 0.95, "end": 0.1}, "ce_weight": "complement"}, SGD, 1),
+        {**KD, "kd_weight": {"kind": "cosine", "start": 0.95, "end": 0.1}, "ce_weight": "complement"},
+        SGD,
+        1,
+    ),
     "kd, selective (teacher correct)": ({**KD, "select": "correct"}, SGD, 1),
     "ensemble_kd, 2 teachers (mean of probs)": ({**KD, "name": "ensemble_kd"}, SGD, 2),
     "student alone, Adam": ({"name": "ce"}, ADAM, 0),
@@ -53,8 +64,13 @@ def student_recipe(method: dict, optimizer: dict, teachers: list[str], seed: int
         "student": {"name": "mlp", "kwargs": {"hidden": [64]}},
         "teachers": [{"checkpoint": t} for t in teachers],
         "method": method,
-        "train": {"epochs": 100, "batch_size": 64, "optimizer": optimizer, "scheduler": {"name": "constant"},
-                  "progress": "none"},
+        "train": {
+            "epochs": 100,
+            "batch_size": 64,
+            "optimizer": optimizer,
+            "scheduler": {"name": "constant"},
+            "progress": "none",
+        },
     }
 
 
@@ -98,7 +114,7 @@ def main() -> None:
     print(table)
     if args.record:
         results = Path(__file__).resolve().parent / "RESULTS.md"
-        section = f"\n## Vanilla-KD family on digits (`python benchmarks/digits_kd.py --record`), {time.strftime('%Y-%m-%d')}\n\n{table}\n"
+        section = f"\n## Vanilla-KD family on digits (`python benchmarks/digits_kd.py --record`), {time.strftime('%Y-%m-%d')}\n\n{table}\n"  # noqa: E501
         results.write_text((results.read_text() if results.exists() else "# Benchmark results\n") + section)
 
 

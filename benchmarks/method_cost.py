@@ -6,8 +6,8 @@ batch 128, SGD. Every method does the same full step (teacher forward where the 
 student forward and backward, optimizer step); steps are timed in interleaved rounds so machine
 noise falls on every method alike, and the median per method is divided by ``kd``'s.
 
-Targets (issue 4): ``review_kd`` at most 1.4x ``kd``, ``crd`` at most 1.6x (the mdistiller paper's
-GPU table shows 2.4x and 3.7x).
+The project's cost goals: ``review_kd`` at most 1.4x ``kd``, ``crd`` at most 1.6x (the mdistiller
+paper's GPU table shows 2.4x and 3.7x).
 
     python benchmarks/method_cost.py [--rounds 5] [--repeats 3] [--negatives 4096] [--record]
 """
@@ -44,7 +44,7 @@ VARIANTS: dict[str, dict] = {
     "review_kd": {},
     "fsp": {},
     "crosslayer": {},
-    # online, self-distillation and assistant methods (issue 5); the deployed network is a resnet8
+    # online, self-distillation and assistant methods; the deployed network is a resnet8
     "dml": {},
     "one": {},
     "cl_ilr": {},
@@ -141,7 +141,9 @@ def main() -> None:
     print(table)
     if args.record:
         results = Path(__file__).resolve().parent / "RESULTS.md"
-        section = f"\n## Method cost (`python benchmarks/method_cost.py --record`), {time.strftime('%Y-%m-%d')}\n\n{table}\n"
+        section = (
+            f"\n## Method cost (`python benchmarks/method_cost.py --record`), {time.strftime('%Y-%m-%d')}\n\n{table}\n"
+        )
         results.write_text((results.read_text() if results.exists() else "# Benchmark results\n") + section)
 
 

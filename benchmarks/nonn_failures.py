@@ -52,24 +52,42 @@ LABELS = {
 # --------------------------------------------------------------------------- recipes
 def quick_recipe() -> dict[str, Any]:
     """Digits: a LeNet teacher trained here, then four NoNN systems of LeNet (width 0.5) students."""
-    train = {"batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
-             "scheduler": {"name": "cosine"}, "grad_clip": 5.0, "progress": "none"}
+    train = {
+        "batch_size": 64,
+        "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9},
+        "scheduler": {"name": "cosine"},
+        "grad_clip": 5.0,
+        "progress": "none",
+    }
     data = {"name": "digits", "augment": False}
     student = {"name": "nonn", "kwargs": {"student": "lenet", "student_kwargs": {"width": 0.5}, "num_students": 4}}
     teacher = [{"checkpoint": "{teacher}/checkpoints/model_last.pt"}]
     louvain = {"name": "nonn", "partition": "louvain", "graph": "hebbian", "top_k": 8, "percentile": 80, "beta": 100}
     spectral = {"name": "nonn", "partition": "spectral", "graph": "correlation", "beta": 100}
     redundant = {"redundancy": 0.5, "fill": "neighbors"}
-    stage = lambda name, method: {"name": f"digits_nonn_{name}", "data": data, "student": student,
-                                  "teachers": teacher, "method": method, "train": {**train, "epochs": 6}}
-    return {"pipeline": {
-        "teacher": {"name": "digits_lenet", "data": data, "student": {"name": "lenet"}, "method": {"name": "ce"},
-                    "train": {**train, "epochs": 10, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}},
-        "louvain": stage("louvain", louvain),
-        "louvain_avg": stage("louvain_avg", {**louvain, **redundant}),
-        "spectral": stage("spectral", spectral),
-        "spectral_avg": stage("spectral_avg", {**spectral, **redundant}),
-    }}
+    stage = lambda name, method: {  # noqa: E731
+        "name": f"digits_nonn_{name}",
+        "data": data,
+        "student": student,
+        "teachers": teacher,
+        "method": method,
+        "train": {**train, "epochs": 6},
+    }
+    return {
+        "pipeline": {
+            "teacher": {
+                "name": "digits_lenet",
+                "data": data,
+                "student": {"name": "lenet"},
+                "method": {"name": "ce"},
+                "train": {**train, "epochs": 10, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
+            },
+            "louvain": stage("louvain", louvain),
+            "louvain_avg": stage("louvain_avg", {**louvain, **redundant}),
+            "spectral": stage("spectral", spectral),
+            "spectral_avg": stage("spectral_avg", {**spectral, **redundant}),
+        }
+    }
 
 
 def train_systems(recipe: dict[str, Any], recipe_dir: Path, out: Path, students: int) -> dict[str, dict]:
@@ -128,7 +146,7 @@ def failure_curve(system, features, labels, max_combos: int, seed: int) -> dict[
 
 # --------------------------------------------------------------------------- partitions
 def partition_table(teacher_path: str, data, normalize, students: list[int], settings: dict) -> list[dict]:
-    from kdforge.engine.checkpoint import load_weights, read_model_file
+    from kdforge.core.checkpoint import load_weights, read_model_file
     from kdforge.methods.features import resolve_layers
     from kdforge.models import create
     from kdforge.nonn.graph import filter_graph, pooled_activations
@@ -136,8 +154,13 @@ def partition_table(teacher_path: str, data, normalize, students: list[int], set
 
     record = read_model_file(teacher_path)
     spec = record["model"]
-    teacher = create(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                     input_size=tuple(spec["input_size"]) if spec.get("input_size") else None, **spec.get("kwargs", {}))
+    teacher = create(
+        spec["name"],
+        num_classes=spec["num_classes"],
+        in_channels=spec["in_channels"],
+        input_size=tuple(spec["input_size"]) if spec.get("input_size") else None,
+        **spec.get("kwargs", {}),
+    )
     load_weights(teacher, record["state_dict"], teacher_path)
     layer = resolve_layers(teacher, ["last_stage"])[0]
     activations = pooled_activations(teacher, data.train.images, layer, normalize=normalize)
@@ -147,16 +170,26 @@ def partition_table(teacher_path: str, data, normalize, students: list[int], set
         for n in students:
             for method in ("louvain", "spectral", "spectral_recursive", "spectral_kway"):
                 try:
-                    part = partition_filters(weights, n, method, percentile=settings["percentile"],
-                                             resolution=settings["resolution"])
+                    part = partition_filters(
+                        weights, n, method, percentile=settings["percentile"], resolution=settings["resolution"]
+                    )
                 except Exception as exc:  # noqa: BLE001 - a row that says why
                     rows.append({"graph": graph, "students": n, "method": method, "error": str(exc)})
                     continue
                 s = part.statistics
-                rows.append({"graph": graph, "students": n, "method": method, "sizes": s["sizes"],
-                             "discarded": s["discarded"], "balance": s["balance"],
-                             "within_fraction": s["within_fraction"], "modularity": s["modularity"],
-                             "splits": part.settings.get("splits")})
+                rows.append(
+                    {
+                        "graph": graph,
+                        "students": n,
+                        "method": method,
+                        "sizes": s["sizes"],
+                        "discarded": s["discarded"],
+                        "balance": s["balance"],
+                        "within_fraction": s["within_fraction"],
+                        "modularity": s["modularity"],
+                        "splits": part.settings.get("splits"),
+                    }
+                )
     return rows
 
 
@@ -197,8 +230,10 @@ def serve_check(model_path: Path, data, normalize, images: int, deadline: float,
                     received += answer.bytes_received
                     failed_seen.add(tuple(answer.failed))
                 result[phase] = {
-                    "top1": 100.0 * hits / len(x_all), "agreement": 100.0 * agree / len(x_all),
-                    "max_seconds": worst, "within_deadline": worst <= deadline + 0.05,
+                    "top1": 100.0 * hits / len(x_all),
+                    "agreement": 100.0 * agree / len(x_all),
+                    "max_seconds": worst,
+                    "within_deadline": worst <= deadline + 0.05,
                     "bytes_sent_per_inference": sent / len(x_all),
                     "bytes_received_per_inference": received / len(x_all),
                     "failed_sets": sorted(failed_seen),
@@ -214,11 +249,13 @@ def markdown(results: dict[str, Any]) -> str:
         k_max = n // 2
         combos = block["combos"]
         head = " | ".join(
-            f"{k} failed ({combos[str(k)] if str(k) in combos else combos[k]}{'' if block['exhaustive'].get(str(k), block['exhaustive'].get(k)) else ' sampled'})"
+            f"{k} failed ({combos[str(k)] if str(k) in combos else combos[k]}{'' if block['exhaustive'].get(str(k), block['exhaustive'].get(k)) else ' sampled'})"  # noqa: E501
             for k in range(k_max + 1)
         )
-        lines.append(f"\n**{n} devices.** Test top-1 (%) as mean (min-max) over the sets of failed devices; "
-                     f"teacher {results['teacher_top1']:.2f}%.\n")
+        lines.append(
+            f"\n**{n} devices.** Test top-1 (%) as mean (min-max) over the sets of failed devices; "
+            f"teacher {results['teacher_top1']:.2f}%.\n"
+        )
         lines.append(f"| system | fill | train min | {head} |")
         lines.append("| --- | --- | ---: | " + " | ".join(["---:"] * (k_max + 1)) + " |")
         for stage in STAGES:
@@ -253,18 +290,24 @@ def markdown(results: dict[str, Any]) -> str:
                 f"in-process inference {up['agreement']:.0f}% / {down['agreement']:.0f}%; bytes received per "
                 f"inference {up['bytes_received_per_inference']:.0f} / {down['bytes_received_per_inference']:.0f}."
             )
-    lines.append("\nPartition statistics on the teacher's training activations "
-                 "(within = share of the graph's weight inside groups; discarded = filters no student mimics):\n")
+    lines.append(
+        "\nPartition statistics on the teacher's training activations "
+        "(within = share of the graph's weight inside groups; discarded = filters no student mimics):\n"
+    )
     lines.append("| graph | devices | method | sizes | discarded | balance | within (%) | modularity |")
     lines.append("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |")
     for row in results["partitions"]:
         if "error" in row:
-            lines.append(f"| {row['graph']} | {row['students']} | {row['method']} | error: {row['error'][:60]} | | | | |")
+            lines.append(
+                f"| {row['graph']} | {row['students']} | {row['method']} | error: {row['error'][:60]} | | | | |"
+            )
             continue
         split = f" ({row['splits']} split)" if row.get("splits") else ""
         mod = "—" if row["modularity"] is None else f"{row['modularity']:.3f}"
-        lines.append(f"| {row['graph']} | {row['students']} | {row['method']}{split} | {row['sizes']} | "
-                     f"{row['discarded']} | {row['balance']:.2f} | {100 * row['within_fraction']:.1f} | {mod} |")
+        lines.append(
+            f"| {row['graph']} | {row['students']} | {row['method']}{split} | {row['sizes']} | "
+            f"{row['discarded']} | {row['balance']:.2f} | {100 * row['within_fraction']:.1f} | {mod} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -339,8 +382,11 @@ def main() -> int:
     for n in students:
         out_n = out / f"n{n}"
         summaries = train_systems(recipe, recipe_dir, out_n, n)
-        teacher_ckpt = (out_n / "teacher" / "checkpoints" / "model_last.pt") if args.quick else Path(
-            first["teachers"][0]["checkpoint"])
+        teacher_ckpt = (
+            (out_n / "teacher" / "checkpoints" / "model_last.pt")
+            if args.quick
+            else Path(first["teachers"][0]["checkpoint"])
+        )
         block: dict[str, Any] = {"stages": {}}
         for stage in STAGES:
             model_path = out_n / stage / "checkpoints" / "model_last.pt"
@@ -357,56 +403,77 @@ def main() -> int:
                 "train_minutes": summary.get("train_seconds", float("nan")) / 60,
                 "top1_trainer": ((summary.get("final") or {}).get("test") or {}).get("top1"),
             }
-            print(f"[n={n}] {stage}: " + ", ".join(f"{r['failed']} failed {r['mean']:.2f}" for r in curve[system.fill]),
-                  flush=True)
+            print(
+                f"[n={n}] {stage}: " + ", ".join(f"{r['failed']} failed {r['mean']:.2f}" for r in curve[system.fill]),
+                flush=True,
+            )
         block["bytes"] = bytes_per_inference(system.student_dim, n, tuple(data.test.images.shape[1:]))
         if args.serve_images:
             serve_model = out_n / "spectral_avg" / "checkpoints" / "model_last.pt"
             block["serve"] = serve_check(serve_model, data, normalize, args.serve_images, args.deadline, args.seed)
             block["serve"]["images"] = args.serve_images
-            print(f"[n={n}] served: {json.dumps({k: block['serve'][k] for k in ('all_up', 'half_killed')})}", flush=True)
+            print(
+                f"[n={n}] served: {json.dumps({k: block['serve'][k] for k in ('all_up', 'half_killed')})}", flush=True
+            )
         results["systems"][str(n)] = block
 
-    from kdforge.engine.checkpoint import load_weights, read_model_file
+    from kdforge.core.checkpoint import load_weights, read_model_file
     from kdforge.models import create
 
     record = read_model_file(teacher_ckpt)
     spec = record["model"]
-    teacher = create(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                     input_size=tuple(spec["input_size"]) if spec.get("input_size") else None, **spec.get("kwargs", {}))
+    teacher = create(
+        spec["name"],
+        num_classes=spec["num_classes"],
+        in_channels=spec["in_channels"],
+        input_size=tuple(spec["input_size"]) if spec.get("input_size") else None,
+        **spec.get("kwargs", {}),
+    )
     load_weights(teacher, record["state_dict"], str(teacher_ckpt))
     results["teacher_top1"] = evaluate_model(teacher, data.test, Augmentation.for_dataset(data.info), 500)["top1"]
     louvain_method = first["method"]
     results["partitions"] = partition_table(
-        str(teacher_ckpt), data, normalize, students,
-        {"top_k": louvain_method.get("top_k", 50), "percentile": louvain_method.get("percentile", 99.0),
-         "resolution": louvain_method.get("resolution", 0.7)},
+        str(teacher_ckpt),
+        data,
+        normalize,
+        students,
+        {
+            "top_k": louvain_method.get("top_k", 50),
+            "percentile": louvain_method.get("percentile", 99.0),
+            "resolution": louvain_method.get("resolution", 0.7),
+        },
     )
     results["seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)
     (out / "results.md").write_text(table)
-    plot_path = ROOT / "benchmarks" / "nonn_failures.png" if args.record and not args.quick else out / "nonn_failures.png"
+    plot_path = (
+        ROOT / "benchmarks" / "nonn_failures.png" if args.record and not args.quick else out / "nonn_failures.png"
+    )
     plot(results, plot_path)
     print(table)
     print(f"results in {out} (plot {plot_path}); {results['seconds'] / 60:.1f} min")
     if args.record:
-        command = "python benchmarks/nonn_failures.py" + (" --quick" if args.quick else "") + (
-            f" --students {' '.join(map(str, students))}" if args.students else "") + " --record"
+        command = (
+            "python benchmarks/nonn_failures.py"
+            + (" --quick" if args.quick else "")
+            + (f" --students {' '.join(map(str, students))}" if args.students else "")
+            + " --record"
+        )
         setting = (
             "Quick mode: bundled digits, a LeNet teacher trained by the script, LeNet (width 0.5) students, "
             f"6 epochs; mechanics only. Plot: `{plot_path}`."
-            if args.quick else
-            "Recipe `configs/recipes/nonn_cifar10.yaml` (teacher resnet20, students resnet8 at half width, "
+            if args.quick
+            else "Recipe `configs/recipes/nonn_cifar10.yaml` (teacher resnet20, students resnet8 at half width, "
             "10,000-image subset, 15 epochs). Plot: `benchmarks/nonn_failures.png`."
         )
         section = (
             f"\n## NoNN failure study (`{command}`), {time.strftime('%Y-%m-%d')}\n\n"
             f"{setting} Full test set; failure sets exhaustive when there are at most {args.max_combos} "
             f"for a count, else a seeded sample of {args.max_combos}; `*` marks the fill the system was "
-            f"trained for. Bar (from the issue): with half of 8 devices failed, accuracy stays high "
-            f"(Jeong, Park, Yang 2021; METHODS.md 9.2 records no number).\n"
+            f"trained for. Bar: with half of 8 devices failed, accuracy stays high (the qualitative "
+            f"claim of Jeong, Park, Yang, Electronics 2021; the abstract gives no number).\n"
             f"{table}"
         )
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as handle:

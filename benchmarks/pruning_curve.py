@@ -50,19 +50,33 @@ def settings(quick: bool, args: argparse.Namespace) -> dict[str, Any]:
                 "data": {"name": "digits", "augment": False},
                 "student": {"name": "resnet8"},
                 "method": {"name": "ce"},
-                "train": {"epochs": 4, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05},
-                          "scheduler": {"name": "cosine"}, "progress": "none"},
+                "train": {
+                    "epochs": 4,
+                    "batch_size": 64,
+                    "optimizer": {"name": "sgd", "lr": 0.05},
+                    "scheduler": {"name": "cosine"},
+                    "progress": "none",
+                },
             },
-            "train": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.01},
-                      "scheduler": {"name": "cosine"}, "progress": "none"},
+            "train": {
+                "epochs": 1,
+                "batch_size": 64,
+                "optimizer": {"name": "sgd", "lr": 0.01},
+                "scheduler": {"name": "cosine"},
+                "progress": "none",
+            },
             "teacher_bank": False,
         }
     return {
         "data": {"name": "cifar10", "root": args.root, "train_subset": args.subset},
         "dense": args.dense,
-        "train": {"epochs": args.epochs, "batch_size": 128,
-                  "optimizer": {"name": "sgd", "lr": args.lr, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-                  "scheduler": {"name": "cosine"}, "progress": "none"},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": 128,
+            "optimizer": {"name": "sgd", "lr": args.lr, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+            "scheduler": {"name": "cosine"},
+            "progress": "none",
+        },
         "teacher_bank": True,
     }
 
@@ -108,8 +122,11 @@ def main() -> None:
     else:
         dense = Path(setup["dense"])
     reference = evaluate_file(dense, setup["data"])
-    print(f"dense: top-1 {reference['top1']:.2f}%, {reference['parameters']:,} parameters, "
-          f"{reference['flops'] / 1e6:.1f}M FLOPs", flush=True)
+    print(
+        f"dense: top-1 {reference['top1']:.2f}%, {reference['parameters']:,} parameters, "
+        f"{reference['flops'] / 1e6:.1f}M FLOPs",
+        flush=True,
+    )
 
     rows = []
     previous = {"ce": dense, "kd": dense}
@@ -149,13 +166,19 @@ def main() -> None:
             }
             previous[variant] = run_dir / "checkpoints" / "model_last.pt"
         rows.append(row)
-        print(f"stage {stage}: width x{row['width']:.2f}, {row['kd']['flops'] / 1e6:.1f}M FLOPs, "
-              f"no fine-tune {row['no_finetune']['top1']:.2f}%, CE {row['ce']['top1']:.2f}%, "
-              f"KD {row['kd']['top1']:.2f}%", flush=True)
+        print(
+            f"stage {stage}: width x{row['width']:.2f}, {row['kd']['flops'] / 1e6:.1f}M FLOPs, "
+            f"no fine-tune {row['no_finetune']['top1']:.2f}%, CE {row['ce']['top1']:.2f}%, "
+            f"KD {row['kd']['top1']:.2f}%",
+            flush=True,
+        )
 
     minutes = (time.perf_counter() - started) / 60
-    data_text = ("digits (quick mechanics check)" if args.quick else
-                 f"CIFAR-10, {args.subset:,}-image class-balanced training subset, full 10,000-image test set")
+    data_text = (
+        "digits (quick mechanics check)"
+        if args.quick
+        else f"CIFAR-10, {args.subset:,}-image class-balanced training subset, full 10,000-image test set"
+    )
     intro = (
         f"Dense network: `{Path(dense).name if not args.quick else 'resnet8 (4 epochs on digits)'}`, top-1 "
         f"{reference['top1']:.2f}%, {reference['parameters']:,} parameters, {reference['flops'] / 1e6:.1f}M FLOPs. "
@@ -167,11 +190,15 @@ def main() -> None:
     lines = [
         intro,
         "",
-        ("| stage | width | parameters | FLOPs (M) | computation rate | top-1 pruned, no fine-tune (%) "
-         "| top-1 fine-tuned, CE (%) | top-1 fine-tuned, KD (%) | KD − CE |"),
+        (
+            "| stage | width | parameters | FLOPs (M) | computation rate | top-1 pruned, no fine-tune (%) "
+            "| top-1 fine-tuned, CE (%) | top-1 fine-tuned, KD (%) | KD − CE |"
+        ),
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        (f"| 0 (dense) | 1.00 | {reference['parameters']:,} | {reference['flops'] / 1e6:.1f} | 1.00× "
-         f"| {reference['top1']:.2f} | — | — | — |"),
+        (
+            f"| 0 (dense) | 1.00 | {reference['parameters']:,} | {reference['flops'] / 1e6:.1f} | 1.00× "
+            f"| {reference['top1']:.2f} | — | — | — |"
+        ),
     ]
     for row in rows:
         kd, ce = row["kd"], row["ce"]

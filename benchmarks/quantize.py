@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
+from kdforge.commands.export import calibration_batches
 from kdforge.compress.arch import input_shape_of, load_model_file
-from kdforge.compress.export import calibration_batches
-from kdforge.compress.quantize import OnnxModule, quantize_model, require_onnxruntime
-from kdforge.compress.report import size_on_disk
+from kdforge.compress.export import quantize_model
+from kdforge.compress.footprint import size_on_disk
+from kdforge.compress.quantize import OnnxModule, require_onnxruntime
 from kdforge.config import DataConfig, build_config
 from kdforge.engine.build import build_augmentation, build_data
 from kdforge.engine.trainer import Trainer, evaluate_model
@@ -52,7 +53,9 @@ def train_if_missing(run_dir: Path, recipe: dict[str, Any]) -> Path:
     return run_dir / "checkpoints" / "model_last.pt"
 
 
-def measure(network: torch.nn.Module, shape: tuple, split, augmentation, threads: int, repeats: int) -> dict[str, float]:
+def measure(
+    network: torch.nn.Module, shape: tuple, split, augmentation, threads: int, repeats: int
+) -> dict[str, float]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -77,16 +80,19 @@ def rows_for(label: str, checkpoint: Path, out: Path, data, augmentation, data_c
     ):
         result = measure(network, shape, data.test, augmentation, args.threads, args.repeats)
         found.append((label, kind, result, size))
-        print(f"{label} {kind}: top-1 {result['top1']:.2f}%, b1 {result['b1']:.2f} ms, b64 {result['b64']:.1f} ms",
-              flush=True)
+        print(
+            f"{label} {kind}: top-1 {result['top1']:.2f}%, b1 {result['b1']:.2f} ms, b64 {result['b64']:.1f} ms",
+            flush=True,
+        )
     return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="digits and a tiny budget: a mechanics check")
-    parser.add_argument("--student", help=f"student model file (default: {SUITE_STUDENT.relative_to(ROOT)}, "
-                                          "trained here when missing)")
+    parser.add_argument(
+        "--student", help=f"student model file (default: {SUITE_STUDENT.relative_to(ROOT)}, trained here when missing)"
+    )
     parser.add_argument("--teacher", default=str(HERE / "teachers" / "cifar10_resnet20.pt"))
     parser.add_argument("--root", default=str(ROOT / "data"), help="folder holding cifar-10-batches-py")
     parser.add_argument("--qat-epochs", type=int, default=3)
@@ -104,31 +110,58 @@ def main() -> None:
 
     if args.quick:
         data_cfg = {"name": "digits", "augment": False}
-        small = {"epochs": 4, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05}, "scheduler": {"name": "cosine"},
-                 "progress": "none"}
-        teacher = train_if_missing(out / "teacher", {"data": data_cfg, "student": {"name": "resnet8"},
-                                                     "method": {"name": "ce"}, "train": small})
-        student = train_if_missing(out / "student", {"data": data_cfg, "student": {"name": "lenet"}, "method": KD,
-                                                     "teachers": [{"checkpoint": str(teacher)}], "train": small})
+        small = {
+            "epochs": 4,
+            "batch_size": 64,
+            "optimizer": {"name": "sgd", "lr": 0.05},
+            "scheduler": {"name": "cosine"},
+            "progress": "none",
+        }
+        teacher = train_if_missing(
+            out / "teacher",
+            {"data": data_cfg, "student": {"name": "resnet8"}, "method": {"name": "ce"}, "train": small},
+        )
+        student = train_if_missing(
+            out / "student",
+            {
+                "data": data_cfg,
+                "student": {"name": "lenet"},
+                "method": KD,
+                "teachers": [{"checkpoint": str(teacher)}],
+                "train": small,
+            },
+        )
         args.calibration_batches, args.repeats = min(args.calibration_batches, 4), min(args.repeats, 5)
         qat_train = {**small, "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}}
     else:
         data_cfg = {"name": "cifar10", "root": args.root}
         teacher = Path(args.teacher)
-        cifar = {"data": {**data_cfg, "train_subset": 10000},
-                 "train": {"epochs": 15, "batch_size": 128, "progress": "none", "scheduler": {"name": "onecycle"},
-                           "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
-                                         "weight_decay": 5e-4}},
-                 "teacher_bank": {"enabled": True}}
+        cifar = {
+            "data": {**data_cfg, "train_subset": 10000},
+            "train": {
+                "epochs": 15,
+                "batch_size": 128,
+                "progress": "none",
+                "scheduler": {"name": "onecycle"},
+                "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+            },
+            "teacher_bank": {"enabled": True},
+        }
         if args.student:
             student = Path(args.student)
         elif SUITE_STUDENT.is_file():
             student = SUITE_STUDENT
         else:  # the suite's recipe (cifar10-lite, KD from the resnet20 teacher, seed 0)
-            student = train_if_missing(out / "student", {**cifar, "student": {"name": "resnet8"}, "method": KD,
-                                                         "teachers": [{"checkpoint": str(teacher)}]})
-        qat_train = {**cifar["train"], "epochs": args.qat_epochs, "scheduler": {"name": "cosine"},
-                     "optimizer": {**cifar["train"]["optimizer"], "lr": 0.01}}
+            student = train_if_missing(
+                out / "student",
+                {**cifar, "student": {"name": "resnet8"}, "method": KD, "teachers": [{"checkpoint": str(teacher)}]},
+            )
+        qat_train = {
+            **cifar["train"],
+            "epochs": args.qat_epochs,
+            "scheduler": {"name": "cosine"},
+            "optimizer": {**cifar["train"]["optimizer"], "lr": 0.01},
+        }
 
     cfg = DataConfig(**{**data_cfg, "augment": False})
     data = build_data(cfg)
@@ -152,14 +185,18 @@ def main() -> None:
     rows += rows_for("teacher", teacher, out, data, augmentation, data_cfg, args)
 
     minutes = (time.perf_counter() - started) / 60
-    names = {"student": f"student ({load_model_file(student)[1]['model']['name']})",
-             "student_qat": f"student + QAT {qat_train['epochs']} ep. (KD from float teacher)",
-             "teacher": f"teacher ({load_model_file(teacher)[1]['model']['name']})"}
-    base = {label: next(r for r in rows if r[0] == label and r[1] == "float, ONNX Runtime")
-            for label in ("student", "teacher")}
+    names = {
+        "student": f"student ({load_model_file(student)[1]['model']['name']})",
+        "student_qat": f"student + QAT {qat_train['epochs']} ep. (KD from float teacher)",
+        "teacher": f"teacher ({load_model_file(teacher)[1]['model']['name']})",
+    }
+    base = {
+        label: next(r for r in rows if r[0] == label and r[1] == "float, ONNX Runtime")
+        for label in ("student", "teacher")
+    }
     intro = (
         f"Data: {'digits (quick mechanics check)' if args.quick else 'CIFAR-10, full 10,000-image test set'}; "
-        f"student `{student.name if args.quick else student.relative_to(ROOT) if student.is_relative_to(ROOT) else student}`, "
+        f"student `{student.name if args.quick else student.relative_to(ROOT) if student.is_relative_to(ROOT) else student}`, "  # noqa: E501
         f"teacher `{teacher.name}`. int8 = ONNX Runtime static quantization (QDQ; int8 weights per output channel, "
         f"uint8 activations per tensor; min/max calibration on {args.calibration_batches} training batches of 64). "
         f"Latency: median of {args.repeats} forwards, {args.threads} thread(s), PyTorch and ONNX Runtime alike. "
@@ -168,7 +205,7 @@ def main() -> None:
     lines = [
         intro,
         "",
-        "| network | runtime | top-1 (%) | Δ vs float | size (MB) | CPU ms, batch 1 | CPU ms, batch 64 | speed-up b64 vs ORT float |",
+        "| network | runtime | top-1 (%) | Δ vs float | size (MB) | CPU ms, batch 1 | CPU ms, batch 64 | speed-up b64 vs ORT float |",  # noqa: E501
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, kind, result, size in rows:

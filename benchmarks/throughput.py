@@ -9,8 +9,8 @@ Measures, in one process and interleaved rounds (so machine noise hits every var
   and resnet20->resnet8;
 * the end-to-end loop of the real Trainer (data + KD step) for resnet20->resnet8.
 
-Targets (issue 2): the data pipeline costs under 5% of a resnet8 training step; a KD step costs at
-most 1.1x (student step + teacher forward) measured separately.
+The project's speed goals: the data pipeline costs under 5% of a resnet8 training step; a KD step
+costs at most 1.1x (student step + teacher forward) measured separately.
 
 Real CIFAR-10 is used when ``../shared/data`` has it (materialised once into the official format
 under ``benchmarks/.cache``); otherwise random images of the same shape (said in the output).
@@ -43,8 +43,11 @@ def cifar10() -> tuple[TensorData, object, str]:
     """The CIFAR-10 training split, its info and where it came from."""
     if not (CACHE / "cifar-10-batches-py").is_dir() and (SHARED / "data" / "cifar10_jpeg_bytes.npz").is_file():
         CACHE.mkdir(exist_ok=True)
-        subprocess.run([sys.executable, str(SHARED / "tools" / "materialize_datasets.py"), str(CACHE),
-                        "--only", "cifar10"], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(SHARED / "tools" / "materialize_datasets.py"), str(CACHE), "--only", "cifar10"],
+            check=True,
+            capture_output=True,
+        )
     if (CACHE / "cifar-10-batches-py").is_dir():
         splits = load_dataset("cifar10", root=str(CACHE))
         return splits.train, splits.info, "real CIFAR-10 (../shared/data)"
@@ -53,8 +56,9 @@ def cifar10() -> tuple[TensorData, object, str]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (50000,), generator=generator)
-    info = DatasetInfo("cifar10", 10, 3, (32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                       [str(i) for i in range(10)])
+    info = DatasetInfo(
+        "cifar10", 10, 3, (32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), [str(i) for i in range(10)]
+    )
     return TensorData(images, labels), info, "random images of CIFAR-10's shape (no ../shared/data)"
 
 
@@ -126,23 +130,32 @@ def trainer_loop(info_source: str, batch_size: int) -> float:
     import tempfile
 
     from kdforge.config import build_config
-    from kdforge.engine.checkpoint import atomic_save, model_record
+    from kdforge.core.checkpoint import atomic_save, model_record
     from kdforge.engine.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         teacher = create("resnet20", num_classes=10)
-        atomic_save(model_record(teacher, name="resnet20", kwargs={}, num_classes=10, in_channels=3,
-                                 input_size=(32, 32)), Path(tmp) / "teacher.pt")
+        atomic_save(
+            model_record(teacher, name="resnet20", kwargs={}, num_classes=10, in_channels=3, input_size=(32, 32)),
+            Path(tmp) / "teacher.pt",
+        )
         data = {"name": "cifar10", "root": str(CACHE), "train_subset": 40 * batch_size}
-        config = build_config({
-            "name": "throughput",
-            "data": data,
-            "student": {"name": "resnet8"},
-            "teachers": [{"checkpoint": str(Path(tmp) / "teacher.pt")}],
-            "method": {"name": "kd"},
-            "train": {"epochs": 2, "batch_size": batch_size, "eval_every": 100, "progress": "none",
-                      "eval_batch_size": 1000},
-        })
+        config = build_config(
+            {
+                "name": "throughput",
+                "data": data,
+                "student": {"name": "resnet8"},
+                "teachers": [{"checkpoint": str(Path(tmp) / "teacher.pt")}],
+                "method": {"name": "kd"},
+                "train": {
+                    "epochs": 2,
+                    "batch_size": batch_size,
+                    "eval_every": 100,
+                    "progress": "none",
+                    "eval_batch_size": 1000,
+                },
+            }
+        )
         Trainer(config, Path(tmp) / "run").fit()
         lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
         return json.loads(lines[-1])["train"]["images_per_second"]
@@ -199,12 +212,16 @@ def main() -> None:
         *[f"| {name} | {ms:.1f} | {ips:,.0f} |" for name, ms, ips in rows],
     ]
     if loop_images_per_second:
-        lines.append(f"| Trainer loop, KD resnet20->resnet8 (data + step) | {bs / loop_images_per_second * 1000:.1f} | {loop_images_per_second:,.0f} |")
+        lines.append(
+            f"| Trainer loop, KD resnet20->resnet8 (data + step) | {bs / loop_images_per_second * 1000:.1f} | {loop_images_per_second:,.0f} |"  # noqa: E501
+        )
     lines += [
         "",
         f"- data pipeline / resnet8 step: **{pipeline_share * 100:.1f}%** (target < 5%)",
-        *[f"- KD step / (student step + teacher forward), {pair}: **{ratio:.3f}x** (target <= 1.1x)"
-          for pair, ratio in kd_ratios.items()],
+        *[
+            f"- KD step / (student step + teacher forward), {pair}: **{ratio:.3f}x** (target <= 1.1x)"
+            for pair, ratio in kd_ratios.items()
+        ],
     ]
     table = "\n".join(lines)
     print(table)

@@ -10,8 +10,8 @@ from torch import nn
 
 import kdforge.methods.adversarial as adversarial
 from kdforge.config import build_config
+from kdforge.core.checkpoint import read_model_file
 from kdforge.data.batch import Batch
-from kdforge.engine.checkpoint import read_model_file
 from kdforge.engine.trainer import Trainer
 from kdforge.methods import METHODS, Step
 from kdforge.methods.robust_prune import compression_report
@@ -69,8 +69,12 @@ def spy_pgd(monkeypatch):
 @pytest.mark.parametrize("reduction", ["elementmean", "batchmean"])
 def test_ard_loss_pinned_and_attack_wiring(spy_pgd, reduction):
     student, teacher = tiny_net(0), Recorder(tiny_net(1))
-    ard = METHODS.get("ard")(student, [teacher], {"alpha": 0.7, "temperature": 4, "reduction": reduction,
-                                                  "eps": "8/255", "steps": 3}, normalization=(MEAN, STD))
+    ard = METHODS.get("ard")(
+        student,
+        [teacher],
+        {"alpha": 0.7, "temperature": 4, "reduction": reduction, "eps": "8/255", "steps": 3},
+        normalization=(MEAN, STD),
+    )
     ard.train()
     batch, pixels = make_batch()
     out = ard(batch, Step())
@@ -124,8 +128,12 @@ def test_ard_at_alpha_one_lets_batchnorm_see_the_clean_batch(clean_bn_pass):
         torch.manual_seed(seed)
         return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
 
-    ard = METHODS.get("ard")(bn_net(0), [bn_net(1)], {"steps": 0, "random_start": False,
-                                                    "clean_bn_pass": clean_bn_pass}, normalization=(MEAN, STD))
+    ard = METHODS.get("ard")(
+        bn_net(0),
+        [bn_net(1)],
+        {"steps": 0, "random_start": False, "clean_bn_pass": clean_bn_pass},
+        normalization=(MEAN, STD),
+    )
     ard.train()
     batch, _ = make_batch(32)
     ard(batch, Step())
@@ -158,8 +166,12 @@ def test_adv_ce_madry_loss_and_modes(spy_pgd):
     with torch.no_grad():
         adv = student(((pixels + 0.02).clamp(0, 1) - MEAN[0]) / STD[0])
         clean = student(batch.image)
-    assert float(out.losses["adv_ce"].detach()) == pytest.approx(0.75 * float(F.cross_entropy(adv, batch.targets)), rel=1e-5)
-    assert float(out.losses["ce"].detach()) == pytest.approx(0.25 * float(F.cross_entropy(clean, batch.targets)), rel=1e-5)
+    assert float(out.losses["adv_ce"].detach()) == pytest.approx(
+        0.75 * float(F.cross_entropy(adv, batch.targets)), rel=1e-5
+    )
+    assert float(out.losses["ce"].detach()) == pytest.approx(
+        0.25 * float(F.cross_entropy(clean, batch.targets)), rel=1e-5
+    )
     assert student.training
 
 
@@ -187,8 +199,9 @@ def test_trades_loss_and_attack(spy_pgd):
 # ----------------------------------------------------------------------------- fast_ard
 def test_fast_ard_free_replays_mechanics():
     teacher = Recorder(tiny_net(1))
-    method = METHODS.get("fast_ard")(tiny_net(0), [teacher], {"replays": 3, "eps": 0.1, "step_size": 0.04},
-                                     normalization=(MEAN, STD))
+    method = METHODS.get("fast_ard")(
+        tiny_net(0), [teacher], {"replays": 3, "eps": 0.1, "step_size": 0.04}, normalization=(MEAN, STD)
+    )
     assert method.batch_replays == 3
     method.train()
     batch, pixels = make_batch(6)
@@ -217,8 +230,9 @@ def test_fast_ard_free_replays_mechanics():
 
 
 def test_fast_ard_ce_delta_loss_uses_the_student_ce_gradient():
-    method = METHODS.get("fast_ard")(tiny_net(0), [tiny_net(1)], {"eps": 0.1, "delta_loss": "ce"},
-                                     normalization=(MEAN, STD))
+    method = METHODS.get("fast_ard")(
+        tiny_net(0), [tiny_net(1)], {"eps": 0.1, "delta_loss": "ce"}, normalization=(MEAN, STD)
+    )
     method.train()
     batch, pixels = make_batch(6)
     leaf = pixels.clone().requires_grad_(True)
@@ -232,8 +246,13 @@ def test_fast_ard_ce_delta_loss_uses_the_student_ce_gradient():
 # ----------------------------------------------------------------------------- robust_prune units
 def test_robust_prune_prox_steps_are_exact():
     student = tiny_net(0)
-    method = METHODS.get("robust_prune")(student, [], {"prox": "l1", "rho": 0.5, "ramp": 0.5, "exclude": ["3"]},
-                                         normalization=(MEAN, STD), input_shape=(1, 4, 4))
+    method = METHODS.get("robust_prune")(
+        student,
+        [],
+        {"prox": "l1", "rho": 0.5, "ramp": 0.5, "exclude": ["3"]},
+        normalization=(MEAN, STD),
+        input_shape=(1, 4, 4),
+    )
     w1, w3 = student[1].weight.detach().clone(), student[3].weight.detach().clone()
     method.after_optimizer_step(Step(global_step=2, total_steps=5, lr=0.1))  # progress 0.5: full strength
     lam = 0.1 * 0.5
@@ -276,15 +295,23 @@ def test_compression_report_by_hand():
 
 # ----------------------------------------------------------------------------- end to end
 def recipe(method, teachers=(), epochs=2, **train):
-    return build_config({
-        "name": "adv",
-        "data": {"name": "digits", "augment": False, "train_subset": 192},
-        "student": {"name": "mlp", "kwargs": {"hidden": [32]}},
-        "teachers": [{"checkpoint": t} for t in teachers],
-        "method": method,
-        "train": {"epochs": epochs, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                  "scheduler": {"name": "constant"}, "progress": "none", **train},
-    })
+    return build_config(
+        {
+            "name": "adv",
+            "data": {"name": "digits", "augment": False, "train_subset": 192},
+            "student": {"name": "mlp", "kwargs": {"hidden": [32]}},
+            "teachers": [{"checkpoint": t} for t in teachers],
+            "method": method,
+            "train": {
+                "epochs": epochs,
+                "batch_size": 64,
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                "scheduler": {"name": "constant"},
+                "progress": "none",
+                **train,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -295,22 +322,30 @@ def teacher(tmp_path_factory):
 
 
 def test_methods_train_through_the_engine(tmp_path, teacher, monkeypatch):
-    trainer = Trainer(recipe({"name": "adv_ce", "eps": "0.1", "step_size": 0.05, "steps": 2}, epochs=1), tmp_path / "adv")
+    trainer = Trainer(
+        recipe({"name": "adv_ce", "eps": "0.1", "step_size": 0.05, "steps": 2}, epochs=1), tmp_path / "adv"
+    )
     summary = trainer.fit()
     assert summary["status"] == "finished"
     info = trainer.info
     assert torch.allclose(trainer.distiller.pixel_std.flatten(), torch.tensor(info.std, dtype=torch.float32))
     line = json.loads((tmp_path / "adv" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "loss_adv_ce" in line["train"] and "adv_top1" in line["train"]
-    summary = Trainer(recipe({"name": "ard", "eps": 0.1, "step_size": 0.05, "steps": 2}, [teacher], epochs=1),
-                      tmp_path / "ard").fit()
-    assert summary["status"] == "finished" and "loss_kd" in json.loads(
-        (tmp_path / "ard" / "metrics.jsonl").read_text())["train"]
+    summary = Trainer(
+        recipe({"name": "ard", "eps": 0.1, "step_size": 0.05, "steps": 2}, [teacher], epochs=1), tmp_path / "ard"
+    ).fit()
+    assert (
+        summary["status"] == "finished"
+        and "loss_kd" in json.loads((tmp_path / "ard" / "metrics.jsonl").read_text())["train"]
+    )
     # fast_ard: the trainer takes `replays` optimizer steps per batch, schedules advance per batch
     calls = []
     original = adversarial.FastARD.after_optimizer_step
-    monkeypatch.setattr(adversarial.FastARD, "after_optimizer_step",
-                        lambda self, step: (calls.append(step.global_step), original(self, step))[1])
+    monkeypatch.setattr(
+        adversarial.FastARD,
+        "after_optimizer_step",
+        lambda self, step: (calls.append(step.global_step), original(self, step))[1],
+    )
     trainer = Trainer(recipe({"name": "fast_ard", "eps": 0.1, "replays": 3}, [teacher], epochs=1), tmp_path / "fast")
     summary = trainer.fit()
     assert summary["global_step"] == trainer.steps_per_epoch == 3
@@ -320,8 +355,18 @@ def test_methods_train_through_the_engine(tmp_path, teacher, monkeypatch):
 
 @pytest.mark.parametrize("prox", ["project", "l1", "group"])
 def test_robust_prune_reaches_the_sparsity_after_the_finetune(tmp_path, teacher, prox):
-    method = {"name": "robust_prune", "prox": prox, "sparsity": 0.75, "rho": 2.0, "finetune_epochs": 1,
-              "eps": 0.1, "step_size": 0.05, "steps": 2, "ramp": 0.5, "exclude": ["classifier"]}
+    method = {
+        "name": "robust_prune",
+        "prox": prox,
+        "sparsity": 0.75,
+        "rho": 2.0,
+        "finetune_epochs": 1,
+        "eps": 0.1,
+        "step_size": 0.05,
+        "steps": 2,
+        "ramp": 0.5,
+        "exclude": ["classifier"],
+    }
     summary = Trainer(recipe(method, [teacher], epochs=2), tmp_path).fit()
     report = summary["method_summary"]["pruning"]
     record = read_model_file(tmp_path / "checkpoints" / "model_last.pt")["state_dict"]
@@ -353,8 +398,9 @@ def test_robust_prune_natural_training_without_teacher(tmp_path):
 
 
 def test_eps_warmup_scales_eps_and_step(spy_pgd):
-    method = METHODS.get("adv_ce")(tiny_net(0), [], {"eps": 0.2, "step_size": 0.05, "eps_ramp": 0.5},
-                                   normalization=(MEAN, STD))
+    method = METHODS.get("adv_ce")(
+        tiny_net(0), [], {"eps": 0.2, "step_size": 0.05, "eps_ramp": 0.5}, normalization=(MEAN, STD)
+    )
     assert method.current_eps(Step(global_step=0, total_steps=11)) == 0.0
     assert method.current_eps(Step(global_step=2, total_steps=11)) == pytest.approx(0.08)
     assert method.current_eps(Step(global_step=9, total_steps=11)) == pytest.approx(0.2)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdforge.core.checkpoint import atomic_save, model_record
+from kdforge.core.errors import KDForgeError
 from kdforge.data import Augmentation, BatchLoader, load_dataset
 from kdforge.engine.bank import TeacherBank, TeacherBankError, default_bank_directory, file_digest
-from kdforge.engine.checkpoint import atomic_save, model_record
-from kdforge.errors import KDForgeError
 from kdforge.methods import METHODS, Step
 from kdforge.models import create
 
@@ -35,9 +35,7 @@ def make_teacher(name, path, seed=0, scale=1.0):
         with torch.no_grad():
             for param in model.parameters():
                 param.mul_(scale)
-    atomic_save(
-        model_record(model, name=name, kwargs={}, num_classes=10, in_channels=1, input_size=(8, 8)), path
-    )
+    atomic_save(model_record(model, name=name, kwargs={}, num_classes=10, in_channels=1, input_size=(8, 8)), path)
     return model.eval()
 
 
@@ -122,11 +120,13 @@ def test_key_identity(tmp_path, digits, augmentation, lenet, mlp):
     variants = {
         "seed": bank_of(tmp_path, [lenet], digits, augmentation, seed=SEED + 1),
         "top_k": bank_of(tmp_path, [lenet], digits, augmentation, top_k=3),
-        "crop": bank_of(tmp_path, [lenet], digits, Augmentation(crop_padding=2, horizontal_flip=True,
-                                                                  mean=info.mean, std=info.std)),
+        "crop": bank_of(
+            tmp_path, [lenet], digits, Augmentation(crop_padding=2, horizontal_flip=True, mean=info.mean, std=info.std)
+        ),
         "flip": bank_of(tmp_path, [lenet], digits, Augmentation(crop_padding=1, mean=info.mean, std=info.std)),
-        "mean": bank_of(tmp_path, [lenet], digits, Augmentation(crop_padding=1, horizontal_flip=True,
-                                                                  mean=(0.5,), std=info.std)),
+        "mean": bank_of(
+            tmp_path, [lenet], digits, Augmentation(crop_padding=1, horizontal_flip=True, mean=(0.5,), std=info.std)
+        ),
         "none": bank_of(tmp_path, [lenet], digits, None),
         "subset": TeacherBank(tmp_path, [lenet[0]], [lenet[1]], other_subset.train, "digits", augmentation, SEED),
         "teacher": bank_of(tmp_path, [mlp], digits, augmentation),
@@ -214,7 +214,9 @@ def test_two_teachers_keep_their_order(tmp_path, digits, augmentation, lenet, ml
     batch.extras["teacher_logits"] = replay
     replayed_loss = distiller(batch, Step()).loss
     torch.testing.assert_close(replayed_loss, live_loss, rtol=1e-2, atol=1e-3)
-    assert abs(float(swapped_loss.detach() - live_loss.detach())) > 10 * abs(float(replayed_loss.detach() - live_loss.detach()))
+    assert abs(float(swapped_loss.detach() - live_loss.detach())) > 10 * abs(
+        float(replayed_loss.detach() - live_loss.detach())
+    )
 
 
 def test_corrupt_file_gives_one_clear_error(tmp_path, digits, augmentation, lenet):
@@ -228,9 +230,17 @@ def test_corrupt_file_gives_one_clear_error(tmp_path, digits, augmentation, lene
     message = str(caught.value)
     assert str(file) in message and "delete the bank folder" in message and "\n" not in message
     # a readable file with the wrong shape (N differs) is refused the same way
-    wrong = {"format": "kdforge-teacher-bank", "version": 1, "key": bank.key, "epoch": 0, "num_samples": 150,
-             "num_teachers": 1, "num_classes": 10, "storage": "full",
-             "logits": torch.zeros(150, 1, 10, dtype=torch.float16)}
+    wrong = {
+        "format": "kdforge-teacher-bank",
+        "version": 1,
+        "key": bank.key,
+        "epoch": 0,
+        "num_samples": 150,
+        "num_teachers": 1,
+        "num_classes": 10,
+        "storage": "full",
+        "logits": torch.zeros(150, 1, 10, dtype=torch.float16),
+    }
     atomic_save(wrong, file)
     with pytest.raises(TeacherBankError, match="N=150"):
         bank_of(tmp_path, [lenet], digits, augmentation).lookup(0, torch.arange(4))

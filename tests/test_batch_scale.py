@@ -13,55 +13,14 @@ last batch.
 
 import pytest
 import torch
+from conftest import build_method
 
 from kdforge.config import build_config
 from kdforge.data.batch import Batch
-from kdforge.data.types import DatasetInfo, TensorData
-from kdforge.engine.build import build_distiller
 from kdforge.methods import METHODS, Step
 
 #: a loss term of a batch-size independent method moves by less than this between B = 16 and B = 128
 FACTOR = 2.0
-CLASSES, CHANNELS, SIZE, SAMPLES = 10, 3, 8, 256
-
-#: recipe overrides for methods that cannot run on a plain student, and cheaper attacks (the number
-#: of PGD steps does not change how a loss scales with the batch)
-OVERRIDES = {
-    "nonn": {"student": {"name": "nonn", "kwargs": {"student": "resnet8", "num_students": 2}}},
-    "adv_ce": {"method": {"steps": 2}},
-    "ard": {"method": {"steps": 2}},
-    "robust_prune": {"method": {"steps": 2}},
-}
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """Images with class structure (a prototype per class plus noise), uint8 like a real split."""
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(SAMPLES) % CLASSES
-    prototypes = torch.rand(CLASSES, CHANNELS, SIZE, SIZE, generator=g)
-    images = prototypes[labels] * 0.6 + torch.rand(SAMPLES, CHANNELS, SIZE, SIZE, generator=g) * 0.4
-    train = TensorData((images * 255).to(torch.uint8), labels)
-    info = DatasetInfo("toy", CLASSES, CHANNELS, (SIZE, SIZE), (0.5,) * CHANNELS, (0.25,) * CHANNELS,
-                       [str(c) for c in range(CLASSES)])
-    normalised = (train.images.float() / 255 - 0.5) / 0.25
-    return train, info, normalised
-
-
-def build(name, train, info):
-    minimum = METHODS.get(name).teachers_required[0]
-    recipe = {
-        "data": {"name": "digits"},
-        "student": {"name": "resnet8"},
-        "teachers": [{"name": "resnet14"}] * minimum,
-        "method": {"name": name},
-        "train": {"epochs": 10},
-    }
-    for key, value in OVERRIDES.get(name, {}).items():
-        recipe[key] = {**recipe[key], **value}
-    torch.manual_seed(0)
-    distiller, _ = build_distiller(build_config(recipe), info, train)
-    return distiller.train()
 
 
 def mean_terms(distiller, normalised, labels, batch_size, start, count):
@@ -78,9 +37,9 @@ def mean_terms(distiller, normalised, labels, batch_size, start, count):
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_loss_scale_across_batch_sizes_matches_the_declaration(name, toy):
-    train, info, normalised = toy
-    distiller = build(name, train, info)
+def test_loss_scale_across_batch_sizes_matches_the_declaration(name, toy_data):
+    train, info, normalised = toy_data
+    distiller = build_method(name, train, info)
     small = mean_terms(distiller, normalised, train.labels, 16, 0, 128)
     large = mean_terms(distiller, normalised, train.labels, 128, 128, 128)
     assert small.keys() == large.keys(), name
@@ -103,8 +62,8 @@ def test_loss_scale_across_batch_sizes_matches_the_declaration(name, toy):
 
 @pytest.mark.parametrize("name", ["sp", "pkt"])
 def test_trainer_refuses_a_partial_last_batch_for_batch_size_dependent_methods(name, tmp_path):
+    from kdforge.core.errors import ConfigError
     from kdforge.engine.trainer import Trainer
-    from kdforge.errors import ConfigError
 
     recipe = {
         "data": {"name": "digits", "train_subset": 100, "augment": False},

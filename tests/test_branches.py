@@ -4,15 +4,20 @@ import pytest
 import torch
 from torch import nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models import create
 from kdforge.models.branches import BranchedNetwork, check_sequential, fresh_copy, scale_gradient, split_index
 
 
 @pytest.mark.parametrize(
     "name,split,shape",
-    [("resnet8", "stage2", (3, 16, 16)), ("vgg8", "stage2", (3, 16, 16)), ("wrn_16_2", "stage1", (3, 16, 16)),
-     ("mobilenetv2", "stage3", (3, 16, 16)), ("mlp", "stage1", (1, 8, 8))],
+    [
+        ("resnet8", "stage2", (3, 16, 16)),
+        ("vgg8", "stage2", (3, 16, 16)),
+        ("wrn_16_2", "stage1", (3, 16, 16)),
+        ("mobilenetv2", "stage3", (3, 16, 16)),
+        ("mlp", "stage1", (1, 8, 8)),
+    ],
 )
 def test_branches_share_the_trunk_and_deploy_as_the_zoo_model(name, split, shape):
     torch.manual_seed(0)

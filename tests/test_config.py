@@ -3,7 +3,7 @@
 import pytest
 
 from kdforge.config import apply_override, build_config, load_config, parse_override
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 MINIMAL = {"student": {"name": "mlp"}}
 
@@ -17,8 +17,10 @@ def error_of(data, overrides=()):
 
 
 def test_defaults_and_overrides():
-    c = build_config(MINIMAL, ["train.epochs=3", "train.optimizer.lr=0.1", "method.name=kd",
-                                "method.temperature=2", "teachers.0.name=lenet"])
+    c = build_config(
+        MINIMAL,
+        ["train.epochs=3", "train.optimizer.lr=0.1", "method.name=kd", "method.temperature=2", "teachers.0.name=lenet"],
+    )
     assert c.train.epochs == 3 and c.train.optimizer.lr == 0.1
     assert c.method.name == "kd" and c.method.params() == {"temperature": 2}
     assert c.teachers[0].name == "lenet"
@@ -42,7 +44,9 @@ def test_bad_values_name_the_path_and_the_value():
     msg = error_of(MINIMAL, ["train.optimizer.name=rmsprop"])
     assert "train.optimizer.name" in msg and "sgd" in msg
     assert "train.epochs" in error_of(MINIMAL, ["train.epochs=0"])
-    assert "method.temperature" in error_of({**MINIMAL, "method": {"name": "kd", "temperature": {"kind": "linear", "start": 4}}})
+    assert "method.temperature" in error_of(
+        {**MINIMAL, "method": {"name": "kd", "temperature": {"kind": "linear", "start": 4}}}
+    )
 
 
 def test_unknown_method_lists_the_available_ones():

@@ -9,22 +9,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of
 from torch import nn
 
 import kdforge.methods.crd  # noqa: F401  (registration)
 import kdforge.methods.hkd  # noqa: F401
-from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
-from kdforge.methods.crd import crd_nce_loss, estimate_log_z
-from kdforge.methods.hkd import OneHopGraphConv, knn_adjacency
-from kdforge.methods.losses import kd_loss
-from kdforge.methods.memory import (
+from kdforge.methods.contrastive import (
     MemoryBank,
     bank_scores,
     sample_other_classes,
     sample_other_indices,
 )
+from kdforge.methods.crd import crd_nce_loss, estimate_log_z
+from kdforge.methods.hkd import OneHopGraphConv, knn_adjacency
+from kdforge.methods.losses import kd_loss
 from kdforge.models import create
 
 
@@ -42,13 +42,9 @@ class Tiny(nn.Module):
 
 def tiny_distiller(method, n=10, params=None, **kwargs):
     base = {"student_layers": ["body"], "feature_dim": 4, "num_negatives": 3}
-    return METHODS.get(method)(Tiny(5), [Tiny(7)], {**base, **(params or {})},
-                               input_shape=(3, 2, 2), num_samples=n, **kwargs)
-
-
-def batch_of(x, y, index, negatives=None):
-    extras = {} if negatives is None else {"contrast_index": torch.as_tensor(negatives)}
-    return Batch({"image": x}, torch.as_tensor(y), torch.as_tensor(index), extras)
+    return METHODS.get(method)(
+        Tiny(5), [Tiny(7)], {**base, **(params or {})}, input_shape=(3, 2, 2), num_samples=n, **kwargs
+    )
 
 
 def unit(a):
@@ -343,11 +339,13 @@ def test_hkd_method_matches_independent_computation(negative_bank):
     neg_s = bank_s if negative_bank == "own" else bank_t  # negatives of the student anchors
     neg_t = bank_t if negative_bank == "own" else bank_s
     individual = info_nce_by_hand(es, bank_t[index], neg_s[negatives], tau) + info_nce_by_hand(
-        et, bank_s[index], neg_t[negatives], tau)
+        et, bank_s[index], neg_t[negatives], tau
+    )
     gs = gnn_by_hand(d.gnn_student, es, zs, 2, True)
     gt = gnn_by_hand(d.gnn_teacher, et, zt, 2, True)
     holistic = info_nce_by_hand(gs, unit(0.75 * bank_t[index] + 0.25 * gt), neg_s[negatives], tau) + info_nce_by_hand(
-        gt, unit(0.75 * bank_s[index] + 0.25 * gs), neg_t[negatives], tau)
+        gt, unit(0.75 * bank_s[index] + 0.25 * gs), neg_t[negatives], tau
+    )
     assert out.losses["hkd_individual"].item() == pytest.approx(beta * individual, rel=1e-4)
     assert out.losses["hkd_holistic"].item() == pytest.approx(beta * holistic, rel=1e-4)
     assert set(out.losses) == {"ce", "hkd_individual", "hkd_holistic"}
@@ -428,9 +426,16 @@ def test_gradient_reaches_student_and_heads_never_the_teacher(method):
     out = d(zoo_batch(), Step())
     out.loss.backward()
     trainable = {name: p for name, p in d.named_parameters() if not name.startswith("teachers.")}
-    for prefix in ["student.stem", "student.stage3", "embed_student", "embed_teacher",
-                   *(["gnn_student", "gnn_teacher"] if method == "hkd" else [])]:
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items() if n.startswith(prefix)), prefix
+    for prefix in [
+        "student.stem",
+        "student.stage3",
+        "embed_student",
+        "embed_teacher",
+        *(["gnn_student", "gnn_teacher"] if method == "hkd" else []),
+    ]:
+        assert any(
+            p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items() if n.startswith(prefix)
+        ), prefix
     # the classifier only feeds the (detached) graph: without CE and KD it gets no gradient
     assert all(p.grad is None for n, p in trainable.items() if n.startswith("student.classifier"))
     assert all(p.grad is None for p in teacher.parameters())
@@ -476,13 +481,34 @@ def test_losses_stay_float32_under_autocast(method):
 
 def test_registered_with_paper_defaults():
     defaults = {
-        "crd": {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "beta": 0.8, "feature_dim": 128,
-                "num_negatives": 16384, "nce_temperature": 0.07, "momentum": 0.5, "negatives": "other_classes",
-                "student_layers": ["pool"]},
-        "hkd": {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "beta": 3.0, "feature_dim": 128,
-                "num_negatives": 16384, "nce_temperature": 0.07, "momentum": 0.9, "negatives": "other_classes",
-                "knn": 8, "knn_include_self": True, "holistic_bank_weight": 0.75, "negative_bank": "own",
-                "student_layers": ["pool"]},
+        "crd": {
+            "ce_weight": 1.0,
+            "kd_weight": 0.0,
+            "temperature": 4.0,
+            "beta": 0.8,
+            "feature_dim": 128,
+            "num_negatives": 16384,
+            "nce_temperature": 0.07,
+            "momentum": 0.5,
+            "negatives": "other_classes",
+            "student_layers": ["pool"],
+        },
+        "hkd": {
+            "ce_weight": 1.0,
+            "kd_weight": 0.0,
+            "temperature": 4.0,
+            "beta": 3.0,
+            "feature_dim": 128,
+            "num_negatives": 16384,
+            "nce_temperature": 0.07,
+            "momentum": 0.9,
+            "negatives": "other_classes",
+            "knn": 8,
+            "knn_include_self": True,
+            "holistic_bank_weight": 0.75,
+            "negative_bank": "own",
+            "student_layers": ["pool"],
+        },
     }
     for name, expected in defaults.items():
         cls = METHODS.get(name)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdforge.core.errors import ConfigError, DataError
 from kdforge.data import (
     DATASETS,
     DOWNLOADS,
@@ -40,7 +41,6 @@ from kdforge.data.hashing import (
 )
 from kdforge.data.sources.common import channel_stats
 from kdforge.data.splits import balanced_quota, balanced_subset, stratified_split
-from kdforge.errors import ConfigError, DataError
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 MATERIALIZE = SHARED_DATA.parent / "tools" / "materialize_datasets.py"
@@ -124,12 +124,18 @@ def write_cifar10(folder: Path, style: str = "str", per_batch: int = 4, test: in
     train_labels = np.arange(5 * per_batch) % 10
     for number in range(5):
         part = slice(number * per_batch, (number + 1) * per_batch)
-        content = {"batch_label": f"training batch {number + 1} of 5", "data": cifar_rows(train_images[part]),
-                   "labels": [int(v) for v in train_labels[part]]}
+        content = {
+            "batch_label": f"training batch {number + 1} of 5",
+            "data": cifar_rows(train_images[part]),
+            "labels": [int(v) for v in train_labels[part]],
+        }
         dump_cifar_pickle(folder / f"data_batch_{number + 1}", content, style)
     test_images = random_images(rng, test, 3, 32, 32)
-    dump_cifar_pickle(folder / "test_batch",
-                      {"data": cifar_rows(test_images), "labels": [int(v) for v in np.arange(test) % 10]}, style)
+    dump_cifar_pickle(
+        folder / "test_batch",
+        {"data": cifar_rows(test_images), "labels": [int(v) for v in np.arange(test) % 10]},
+        style,
+    )
     dump_cifar_pickle(folder / "batches.meta", {"label_names": CIFAR10_NAMES, "num_vis": 3072}, style)
     return {"train_images": train_images, "train_labels": train_labels, "test_images": test_images}
 
@@ -141,12 +147,18 @@ def write_cifar100(folder: Path, style: str = "str", train: int = 40, test: int 
     for split, count in (("train", train), ("test", test)):
         fine = np.arange(count) % 100
         images = random_images(rng, count, 3, 32, 32)
-        content = {"data": cifar_rows(images), "fine_labels": [int(v) for v in fine],
-                   "coarse_labels": [int(v) // 5 for v in fine], "filenames": [f"{i}.png" for i in range(count)]}
+        content = {
+            "data": cifar_rows(images),
+            "fine_labels": [int(v) for v in fine],
+            "coarse_labels": [int(v) // 5 for v in fine],
+            "filenames": [f"{i}.png" for i in range(count)],
+        }
         dump_cifar_pickle(folder / split, content, style)
         result[split] = (images, fine)
-    meta = {"fine_label_names": [f"fine{i}" for i in range(100)],
-            "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"fine{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse{i}" for i in range(20)],
+    }
     dump_cifar_pickle(folder / "meta", meta, style)
     return result
 
@@ -163,8 +175,15 @@ def md5_of(path: Path) -> str:
 
 
 def info_for(name: str = "test", channels: int = 3) -> DatasetInfo:
-    return DatasetInfo(name=name, num_classes=10, in_channels=channels, image_size=(32, 32),
-                       mean=(0.5,) * channels, std=(0.25,) * channels, class_names=[str(i) for i in range(10)])
+    return DatasetInfo(
+        name=name,
+        num_classes=10,
+        in_channels=channels,
+        image_size=(32, 32),
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        class_names=[str(i) for i in range(10)],
+    )
 
 
 # --------------------------------------------------------------------------- registry and options
@@ -228,8 +247,12 @@ def test_missing_mnist_error_names_folders_files_and_remedy(tmp_path):
     message = str(caught.value)
     assert "\n" not in message
     assert str(tmp_path / "MNIST" / "raw") in message and str(tmp_path) in message
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz"):
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         assert name in message
     assert "download: true" in message and "materialize_datasets.py" in message
 
@@ -304,8 +327,14 @@ def test_npz_layouts_are_detected(tmp_path, layout):
     x_train, expected = _npz_images(rng, layout)
     x_test, _ = _npz_images(rng, layout)
     path = tmp_path / "set.npz"
-    np.savez(path, x_train=x_train, y_train=np.arange(8) % 4, x_test=x_test, y_test=np.arange(8) % 4,
-             class_names=np.array(["a", "b", "c", "d"]))
+    np.savez(
+        path,
+        x_train=x_train,
+        y_train=np.arange(8) % 4,
+        x_test=x_test,
+        y_test=np.arange(8) % 4,
+        class_names=np.array(["a", "b", "c", "d"]),
+    )
     splits = load_dataset("npz", path=path)
     assert torch.equal(splits.train.images, torch.from_numpy(expected))
     assert splits.info.class_names == ["a", "b", "c", "d"] and splits.info.num_classes == 4
@@ -689,8 +718,11 @@ def materialize_jobs(request, tmp_path_factory):
         return
     root = tmp_path_factory.mktemp("official")
     jobs = [
-        subprocess.Popen([sys.executable, str(MATERIALIZE), str(root), "--only", only],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, str(MATERIALIZE), str(root), "--only", only],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for only in ("mnist", "cifar10")
     ]
     yield root, jobs

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdforge.data.batch import Batch
 from kdforge.methods import METHODS, Step
-from kdforge.methods.memory import NEGATIVES_KEY
+from kdforge.methods.contrastive import NEGATIVES_KEY
 from kdforge.models import create
 
 SAMPLES, GLOBAL_BATCH, STEPS, NEGATIVES = 64, 16, 4, 8
@@ -32,8 +32,9 @@ def build(name):
     student, teacher = mlp([16]), mlp([24])
     params = {"num_negatives": NEGATIVES, "student_layers": ["stage1"], "feature_dim": 8}
     torch.manual_seed(1)
-    return METHODS.get(name)(student, [teacher], params, input_shape=(1, 4, 4), num_samples=SAMPLES,
-                             train_labels=torch.arange(SAMPLES) % 4)
+    return METHODS.get(name)(
+        student, [teacher], params, input_shape=(1, 4, 4), num_samples=SAMPLES, train_labels=torch.arange(SAMPLES) % 4
+    )
 
 
 def global_batches():
@@ -42,7 +43,7 @@ def global_batches():
     images = torch.randn(SAMPLES, 1, 4, 4, generator=g)
     labels = torch.arange(SAMPLES) % 4
     out = []
-    for step in range(STEPS):
+    for step in range(STEPS):  # noqa: B007
         index = torch.randperm(SAMPLES, generator=g)[:GLOBAL_BATCH]
         negatives = (index.unsqueeze(1) + torch.randint(1, SAMPLES, (GLOBAL_BATCH, NEGATIVES), generator=g)) % SAMPLES
         out.append((images[index], labels[index], index, negatives))
@@ -93,7 +94,9 @@ def test_banks_under_two_gloo_processes_equal_one_process(name, tmp_path):
     for which in range(2):
         assert torch.equal(rank0[which], rank1[which]), "the ranks' banks differ"
         # every row of a global batch moved, including those only rank 1 saw
-        moved = (rank0[which][seen] - (initial.memory_student, initial.memory_teacher)[which].memory[seen]).abs().amax(1)
+        moved = (
+            (rank0[which][seen] - (initial.memory_student, initial.memory_teacher)[which].memory[seen]).abs().amax(1)
+        )
         assert bool((moved > 1e-6).all())
         if name == "crd":  # no batch-level term: two half batches give exactly one process's banks
             torch.testing.assert_close(rank0[which], single[which], rtol=1e-4, atol=1e-5)

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from kdforge.config import build_config
-from kdforge.engine.checkpoint import read_model_file
+from kdforge.core.checkpoint import read_model_file
+from kdforge.core.errors import CheckpointError, ConfigError
 from kdforge.engine.trainer import RunInterrupted, Trainer
-from kdforge.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,15 @@ def teacher_dir(tmp_path_factory):
 def test_run_directory_contents(tmp_path):
     summary = Trainer(recipe(), tmp_path).fit()
     assert summary["status"] == "finished" and summary["epochs_done"] == 4
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png",
-                 "checkpoints/state.pt", "checkpoints/model_last.pt", "checkpoints/model_best.pt"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "checkpoints/state.pt",
+        "checkpoints/model_last.pt",
+        "checkpoints/model_best.pt",
+    ):
         assert (tmp_path / name).is_file(), name
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1, 2, 3]
@@ -137,8 +144,10 @@ def test_resume_may_change_how_often_it_evaluates_but_trains_the_same(tmp_path):
 
 
 def test_kd_with_teacher_checkpoint(tmp_path, teacher_dir):
-    config = recipe(teachers=[{"checkpoint": str(teacher_dir / "checkpoints/model_last.pt")}],
-                    method={"name": "kd", "temperature": 2, "kd_weight": 0.7, "ce_weight": 0.3})
+    config = recipe(
+        teachers=[{"checkpoint": str(teacher_dir / "checkpoints/model_last.pt")}],
+        method={"name": "kd", "temperature": 2, "kd_weight": 0.7, "ce_weight": 0.3},
+    )
     summary = Trainer(config, tmp_path).fit()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_kd", "loss_ce", "temperature"} <= set(lines[0]["train"])
@@ -170,8 +179,9 @@ def test_val_split_selects_the_best_epoch(tmp_path):
 
 def run_cli(*args, cwd=None, timeout=240):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, "-m", "kdforge", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kdforge", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def test_cli_train_eval_and_errors(tmp_path):
@@ -202,9 +212,18 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     path.write_text(yaml.safe_dump(recipe().to_dict()))
     single = run_cli("train", str(path), "--out", str(tmp_path / "one"), "--set", "train.epochs=2")
     assert single.returncode == 0, single.stderr[-2000:]
-    result = run_cli("train", str(path), "--out", str(tmp_path / "ddp"),
-                     "--set", "train.devices=2", "train.strategy=ddp", "train.epochs=2",
-                     "train.batch_size=16", timeout=120)
+    result = run_cli(
+        "train",
+        str(path),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--set",
+        "train.devices=2",
+        "train.strategy=ddp",
+        "train.epochs=2",
+        "train.batch_size=16",
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
@@ -217,9 +236,11 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
 
 
 def test_channels_last_and_bf16_mixed_precision_run(tmp_path):
-    config = recipe(student={"name": "resnet8"}, data={"name": "digits", "augment": False, "train_subset": 64},
-                    train={**recipe().train.model_dump(), "epochs": 1, "channels_last": True,
-                           "precision": "bf16-mixed"})
+    config = recipe(
+        student={"name": "resnet8"},
+        data={"name": "digits", "augment": False, "train_subset": 64},
+        train={**recipe().train.model_dump(), "epochs": 1, "channels_last": True, "precision": "bf16-mixed"},
+    )
     summary = Trainer(config, tmp_path).fit()
     assert summary["status"] == "finished"
     assert 0.0 <= summary["final"]["test"]["top1"] <= 100.0
@@ -229,8 +250,9 @@ def test_pipeline_runs_stages_in_order_and_skips_finished_ones(tmp_path):
     from kdforge.engine.pipeline import run_pipeline
 
     teacher = recipe(student={"name": "lenet"}).to_dict()
-    student = recipe(teachers=[{"checkpoint": "{teacher}/checkpoints/model_last.pt"}],
-                     method={"name": "kd", "temperature": 2}).to_dict()
+    student = recipe(
+        teachers=[{"checkpoint": "{teacher}/checkpoints/model_last.pt"}], method={"name": "kd", "temperature": 2}
+    ).to_dict()
     calls = []
 
     def train(config, out, resume=False):
@@ -255,20 +277,26 @@ def test_demo_command_end_to_end(tmp_path):
     assert "student_kd" in result.stdout and "top-1" in result.stdout
 
 
-@pytest.mark.parametrize("method", [
-    {"name": "dkd", "warmup_epochs": 0.5},
-    {"name": "at", "student_layers": ["stage1", "stage2"], "teacher_layers": ["stage1", "stage2"]},
-    {"name": "fitnet"},
-    {"name": "rkd"},
-    {"name": "pkt"},
-    {"name": "sp"},
-    {"name": "crd", "num_negatives": 64},
-    {"name": "hkd", "num_negatives": 64},
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "dkd", "warmup_epochs": 0.5},
+        {"name": "at", "student_layers": ["stage1", "stage2"], "teacher_layers": ["stage1", "stage2"]},
+        {"name": "fitnet"},
+        {"name": "rkd"},
+        {"name": "pkt"},
+        {"name": "sp"},
+        {"name": "crd", "num_negatives": 64},
+        {"name": "hkd", "num_negatives": 64},
+    ],
+)
 def test_every_method_trains_through_the_engine(tmp_path, teacher_dir, method):
-    config = recipe(student={"name": "lenet", "kwargs": {"width": 0.5}},
-                    teachers=[{"checkpoint": str(teacher_dir / "checkpoints/model_last.pt")}],
-                    method=method, train={**recipe().train.model_dump(), "epochs": 1})
+    config = recipe(
+        student={"name": "lenet", "kwargs": {"width": 0.5}},
+        teachers=[{"checkpoint": str(teacher_dir / "checkpoints/model_last.pt")}],
+        method=method,
+        train={**recipe().train.model_dump(), "epochs": 1},
+    )
     summary = Trainer(config, tmp_path).fit()
     assert summary["status"] == "finished" and summary["method"] == method["name"]
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
@@ -283,8 +311,9 @@ def test_teacher_bank_run_matches_a_live_teacher_run(tmp_path, teacher_dir):
     method = {"name": "kd", "temperature": 4}
     data = {"name": "digits", "augment": {"crop_padding": 1, "horizontal_flip": False}, "train_subset": 200}
     live = Trainer(recipe(teachers=teachers, method=method, data=data), tmp_path / "live").fit()
-    banked_config = recipe(teachers=teachers, method=method, data=data,
-                           teacher_bank={"enabled": True, "directory": str(tmp_path / "bank")})
+    banked_config = recipe(
+        teachers=teachers, method=method, data=data, teacher_bank={"enabled": True, "directory": str(tmp_path / "bank")}
+    )
     banked = Trainer(banked_config, tmp_path / "banked").fit()
     assert any((tmp_path / "bank").rglob("*.pt"))
     assert banked["final"]["test"]["top1"] == pytest.approx(live["final"]["test"]["top1"], abs=1.0)
@@ -319,8 +348,13 @@ def test_sigterm_saves_the_run_as_interrupted_and_it_resumes(tmp_path):
     path.write_text(yaml.safe_dump(recipe(train={**recipe().to_dict()["train"], "epochs": 150}).to_dict()))
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    process = subprocess.Popen([sys.executable, "-m", "kdforge", "train", str(path), "--out", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdforge", "train", str(path), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     _wait_for_epochs(out / "metrics.jsonl", 2, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

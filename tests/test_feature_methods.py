@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of
 from torch import nn
 
 import kdforge.methods.at  # noqa: F401  (registration)
@@ -17,11 +18,11 @@ import kdforge.methods.fitnet  # noqa: F401
 import kdforge.methods.pkt  # noqa: F401
 import kdforge.methods.rkd  # noqa: F401
 import kdforge.methods.sp  # noqa: F401
-from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.methods.at import at_loss
 from kdforge.methods.base import METHODS, Step
-from kdforge.methods.dkd import dkd_terms, warmup_factor
+from kdforge.methods.common import warmup_factor
+from kdforge.methods.dkd import dkd_terms
 from kdforge.methods.features import resolve_layers
 from kdforge.methods.fitnet import HintRegressor
 from kdforge.methods.losses import kd_loss
@@ -32,10 +33,6 @@ from kdforge.models import FeatureTap, create
 
 FEATURE_METHODS = ["at", "fitnet", "rkd", "pkt", "sp"]
 ALL_METHODS = ["dkd", *FEATURE_METHODS]
-
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 
 
 def zoo_batch(n=4, classes=10):
@@ -62,8 +59,11 @@ class Custom(nn.Module):
     def __init__(self, width=8, classes=10):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
         )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(2 * width, classes)
@@ -196,8 +196,9 @@ def test_pkt_loss_matches_loops():
     a, b = fs.double().numpy(), ft.double().numpy()
 
     def probs(f):
-        k = np.array([[(1 + f[i] @ f[j] / np.linalg.norm(f[i]) / np.linalg.norm(f[j])) / 2 for j in range(5)]
-                      for i in range(5)])
+        k = np.array(
+            [[(1 + f[i] @ f[j] / np.linalg.norm(f[i]) / np.linalg.norm(f[j])) / 2 for j in range(5)] for i in range(5)]
+        )
         return k / k.sum(1, keepdims=True)
 
     ps, pt = probs(a), probs(b)
@@ -227,8 +228,7 @@ def test_rkd_losses_match_loops():
 
     ds, dt = dists(s), dists(t)
     l_d = sum(huber(ds[i, j] - dt[i, j]) for i in range(B) for j in range(B)) / B**2
-    l_a = sum(huber(angle(s, i, j, k) - angle(t, i, j, k))
-              for i in range(B) for j in range(B) for k in range(B)) / B**3
+    l_a = sum(huber(angle(s, i, j, k) - angle(t, i, j, k)) for i in range(B) for j in range(B) for k in range(B)) / B**3
     distance, ang = rkd_losses(fs, ft)
     assert distance.item() == pytest.approx(l_d, rel=1e-5)
     assert ang.item() == pytest.approx(l_a, rel=1e-5)
@@ -271,13 +271,17 @@ def test_gradient_reaches_exactly_the_tapped_path(method, layers, reached, untou
     d = build(method, create("resnet8", num_classes=10), teacher, {"ce_weight": 0, "student_layers": layers})
     d.train()
     out = d(zoo_batch(), Step())
-    assert set(out.losses) == ({"rkd_distance", "rkd_angle"} if method == "rkd" else {
-        "at": {"at"}, "fitnet": {"hint"}, "sp": {"sp"}, "pkt": {"pkt"}}[method])
+    assert set(out.losses) == (
+        {"rkd_distance", "rkd_angle"}
+        if method == "rkd"
+        else {"at": {"at"}, "fitnet": {"hint"}, "sp": {"sp"}, "pkt": {"pkt"}}[method]
+    )
     out.loss.backward()
     grads = {name: p.grad for name, p in d.named_parameters() if not name.startswith("teachers.")}
     for prefix in reached:
-        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items()
-                   if n.startswith((prefix, f"student.{prefix}"))), prefix
+        assert any(
+            g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith((prefix, f"student.{prefix}"))
+        ), prefix
     for prefix in untouched:
         assert all(g is None for n, g in grads.items() if n.startswith(f"student.{prefix}")), prefix
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
@@ -314,8 +318,12 @@ CUSTOM_LAYERS = {
 def test_custom_student_with_explicit_layer_names(method):
     student_layers, teacher_layers = CUSTOM_LAYERS[method]
     student = Custom()
-    d = build(method, student, create("resnet20", num_classes=10),
-              {"student_layers": student_layers, "teacher_layers": teacher_layers})
+    d = build(
+        method,
+        student,
+        create("resnet20", num_classes=10),
+        {"student_layers": student_layers, "teacher_layers": teacher_layers},
+    )
     out = d(zoo_batch(), Step())
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -330,8 +338,11 @@ def test_method_loss_equals_the_formula_on_tapped_features():
     d = build("at", student, teacher)
     d.eval()
     out = d(b, Step())
-    with torch.no_grad(), FeatureTap(student, ["stage1", "stage2", "stage3"]) as ts, \
-            FeatureTap(teacher, ["stage1", "stage2", "stage3"]) as tt:
+    with (
+        torch.no_grad(),
+        FeatureTap(student, ["stage1", "stage2", "stage3"]) as ts,
+        FeatureTap(teacher, ["stage1", "stage2", "stage3"]) as tt,
+    ):
         logits, fs = ts(b.image)
         _, ft = tt(b.image)
         expected = 1000 * sum(at_loss(fs[k], ft[k]).item() for k in fs)
@@ -361,7 +372,9 @@ def test_fitnet_regressor_choice(s_shape, t_shape, kind, count):
 
 def test_fitnet_same_size_kernel_and_errors():
     assert HintRegressor((8, 4, 4), (8, 4, 4), same_size_kernel=3).kind == "conv3x3"  # the former default
-    assert sum(p.numel() for p in HintRegressor((8, 4, 4), (8, 4, 4), same_size_kernel=3).parameters()) == 8 * 8 * 9 + 16
+    assert (
+        sum(p.numel() for p in HintRegressor((8, 4, 4), (8, 4, 4), same_size_kernel=3).parameters()) == 8 * 8 * 9 + 16
+    )
     assert METHODS.get("fitnet").Params().same_size_kernel == 1
     with pytest.raises(ConfigError, match="odd"):
         HintRegressor((8, 4, 4), (8, 4, 4), same_size_kernel=2)
@@ -373,8 +386,9 @@ def test_fitnet_builds_from_shapes_and_counts_the_regressor():
     student, teacher = create("resnet8", num_classes=10), create("resnet8x4", num_classes=10)
     student.train()
     stats = [b.running_mean.clone() for b in student.modules() if isinstance(b, nn.BatchNorm2d)]
-    d = METHODS.get("fitnet")(student, [teacher], {"student_layers": ["stage1"], "teacher_layers": ["stage2"]},
-                              input_shape=(3, 16, 16))
+    d = METHODS.get("fitnet")(
+        student, [teacher], {"student_layers": ["stage1"], "teacher_layers": ["stage2"]}, input_shape=(3, 16, 16)
+    )
     assert student.training  # the shape probe restores the mode...
     after = [b.running_mean for b in student.modules() if isinstance(b, nn.BatchNorm2d)]
     assert all(torch.equal(a, b) for a, b in zip(stats, after))  # ...and leaves BN statistics alone

@@ -8,26 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of
 from torch import nn
 
 import kdforge.methods.growing_ta  # noqa: F401  (registration)
 import kdforge.methods.introspective  # noqa: F401
 import kdforge.methods.takd  # noqa: F401
 from kdforge.config import build_config, read_yaml
-from kdforge.data.batch import Batch
+from kdforge.core.errors import ConfigError
 from kdforge.engine.pipeline import _substitute, stage_recipes
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
 from kdforge.methods.growing_ta import active_count, growth_epochs
 from kdforge.methods.introspective import gradcam_similarities
 from kdforge.models import FeatureTap, create
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 
 
 def images(n=4, size=16, channels=3):
@@ -166,8 +162,14 @@ def introspective_expected(model, x, y, k, tau, tau_s, alpha, floor, label_mix=N
 def test_introspective_loss_against_independent_computation(floor, label_mix):
     model = create("resnet8", num_classes=10)
     x, y = images(4), torch.tensor([3, 1, 7, 0])
-    params = {"top_k": 3, "similarity_temperature": 0.5, "temperature": 2.0, "alpha": 0.7,
-              "floor": floor, "label_mix": label_mix}
+    params = {
+        "top_k": 3,
+        "similarity_temperature": 0.5,
+        "temperature": 2.0,
+        "alpha": 0.7,
+        "floor": floor,
+        "label_mix": label_mix,
+    }
     d = METHODS.get("introspective")(model, [], params).eval()
     out = d(batch_of(x, y), Step())
     expected, q = introspective_expected(model, x, y, 3, 0.5, 2.0, 0.7, floor, label_mix)
@@ -317,8 +319,12 @@ def test_growing_ta_losses_and_gradient_routing():
         z_t = teacher(x)
     z_ta, z_s = d.ta(x), student(x)  # same batch, train mode: identical forwards
     kl = lambda s, t: F.kl_div(F.log_softmax(s / 2, 1), F.softmax(t / 2, 1), reduction="batchmean") * 4  # noqa: E731
-    expected = {"ta_ce": 0.2 * F.cross_entropy(z_ta, y), "ta_kd": 0.8 * kl(z_ta, z_t),
-                "ce": 0.4 * F.cross_entropy(z_s, y), "kd": 0.6 * kl(z_s, z_ta)}
+    expected = {
+        "ta_ce": 0.2 * F.cross_entropy(z_ta, y),
+        "ta_kd": 0.8 * kl(z_ta, z_t),
+        "ce": 0.4 * F.cross_entropy(z_s, y),
+        "kd": 0.6 * kl(z_s, z_ta),
+    }
     assert set(out.losses) == set(expected)
     for key, value in expected.items():
         assert out.losses[key].item() == pytest.approx(value.item(), rel=1e-5), key
@@ -335,9 +341,12 @@ def test_growing_ta_losses_and_gradient_routing():
 
 def test_growing_ta_assistant_from_params_and_errors():
     teacher = create("resnet20", num_classes=10)
-    d = METHODS.get("growing_ta")(create("resnet8", num_classes=10), [teacher],
-                                  {"ta": {"name": "resnet", "kwargs": {"depth": 14, "width_multiplier": 2}}},
-                                  input_shape=(3, 16, 16))
+    d = METHODS.get("growing_ta")(
+        create("resnet8", num_classes=10),
+        [teacher],
+        {"ta": {"name": "resnet", "kwargs": {"depth": 14, "width_multiplier": 2}}},
+        input_shape=(3, 16, 16),
+    )
     assert d.ta.depth == 14 and d.ta.stage_channels == [32, 64, 128] and d.start_fraction == pytest.approx(0.5)
     assert d.ta.classifier.out_features == 10
     with pytest.raises(ConfigError, match="resnet, wrn or vgg"):
@@ -375,16 +384,23 @@ def test_growing_ta_can_start_from_the_teachers_weights():
 
 # ----------------------------------------------------------------------------- end to end
 def digits_recipe(method, teachers=()):
-    return build_config({
-        "name": "t",
-        "data": {"name": "digits", "augment": False, "train_subset": 80},
-        "student": {"name": "resnet8"},
-        "teachers": list(teachers),
-        "method": method,
-        "train": {"epochs": 2, "batch_size": 8, "eval_batch_size": 512,
-                  "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                  "scheduler": {"name": "constant"}, "progress": "none"},
-    })
+    return build_config(
+        {
+            "name": "t",
+            "data": {"name": "digits", "augment": False, "train_subset": 80},
+            "student": {"name": "resnet8"},
+            "teachers": list(teachers),
+            "method": method,
+            "train": {
+                "epochs": 2,
+                "batch_size": 8,
+                "eval_batch_size": 512,
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                "scheduler": {"name": "constant"},
+                "progress": "none",
+            },
+        }
+    )
 
 
 def test_introspective_trains_end_to_end_on_digits(tmp_path):

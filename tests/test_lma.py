@@ -7,8 +7,8 @@ from torch import nn
 from kdforge.compress import LMA, lma_student
 from kdforge.compress.arch import load_model_file
 from kdforge.config import build_config
+from kdforge.core.errors import ConfigError
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.models import count_parameters, create
 
 
@@ -113,12 +113,14 @@ def test_lma_student_swaps_every_relu_of_any_model():
 
 
 def test_recipe_switch_trains_an_lma_student_and_its_model_file_reloads(tmp_path):
-    config = build_config({
-        "data": {"name": "digits", "augment": False, "train_subset": 100},
-        "student": {"name": "resnet8", "lma": {"k": 8}},
-        "method": {"name": "ce"},
-        "train": {"epochs": 1, "batch_size": 50, "progress": "none"},
-    })
+    config = build_config(
+        {
+            "data": {"name": "digits", "augment": False, "train_subset": 100},
+            "student": {"name": "resnet8", "lma": {"k": 8}},
+            "method": {"name": "ce"},
+            "train": {"epochs": 1, "batch_size": 50, "progress": "none"},
+        }
+    )
     Trainer(config, tmp_path / "run").fit()
     model, record = load_model_file(tmp_path / "run" / "checkpoints" / "model_last.pt")
     assert record["model"]["architecture"] == [{"op": "lma", "k": 8, "momentum": 0.99}]

@@ -5,15 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of
 from torch import nn
 
-from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
-from kdforge.methods import METHODS, Step, kd_loss, soft_kl
-
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
+from kdforge.core.errors import ConfigError
+from kdforge.methods import METHODS, Step, kd_loss
 
 
 class Fixed(nn.Module):
@@ -107,8 +103,9 @@ def test_teacher_bank_logits_replace_the_live_teacher():
 
 
 def test_temperature_schedule_is_applied():
-    d = METHODS.get("kd")(nn.Linear(4, 3), [nn.Linear(4, 3)],
-                          {"temperature": {"kind": "linear", "start": 10, "end": 1, "by": "epoch"}})
+    d = METHODS.get("kd")(
+        nn.Linear(4, 3), [nn.Linear(4, 3)], {"temperature": {"kind": "linear", "start": 10, "end": 1, "by": "epoch"}}
+    )
     b = batch_of(torch.randn(4, 4), [0, 1, 2, 0])
     assert d(b, Step(epoch=0, epochs=10)).metrics["temperature"] == pytest.approx(10)
     assert d(b, Step(epoch=9, epochs=10)).metrics["temperature"] == pytest.approx(1)
@@ -118,9 +115,11 @@ def test_temperature_schedule_is_applied():
 def test_alpha_annealing_with_complement_ce_weight():
     student = Fixed([[1.0, 0.0]])
     teacher = Fixed([[0.0, 1.0]])
-    d = METHODS.get("kd")(student, [teacher],
-                          {"kd_weight": {"kind": "linear", "start": 1.0, "end": 0.0}, "ce_weight": "complement",
-                           "temperature": 1})
+    d = METHODS.get("kd")(
+        student,
+        [teacher],
+        {"kd_weight": {"kind": "linear", "start": 1.0, "end": 0.0}, "ce_weight": "complement", "temperature": 1},
+    )
     b = batch_of(torch.zeros(1, 1), [0])
     start = d(b, Step(global_step=0, total_steps=11))
     assert "ce" not in start.losses  # weight 0: no CE term
@@ -138,8 +137,9 @@ def test_selective_kd_distils_only_what_the_teacher_gets_right():
     per = kd_loss(student.logits.detach(), teacher.logits.detach(), 4.0, "none")
     assert out.losses["kd"].item() == pytest.approx(per[0].item() / 2, rel=1e-6)
     assert float(out.metrics["distilled_fraction"]) == pytest.approx(0.5)
-    confident = METHODS.get("kd")(student, [Fixed([[3.0, 0.0, 0.0], [0.4, 0.3, 0.3]])],
-                                  {"select": "confident", "confidence_threshold": 0.8})
+    confident = METHODS.get("kd")(
+        student, [Fixed([[3.0, 0.0, 0.0], [0.4, 0.3, 0.3]])], {"select": "confident", "confidence_threshold": 0.8}
+    )
     assert float(confident(b, Step()).metrics["distilled_fraction"]) == pytest.approx(0.5)
 
 
@@ -150,19 +150,25 @@ def test_ensemble_mean_of_probabilities_by_hand():
     out = d(batch_of(torch.zeros(1, 1), [0]), Step())
     # mean of [e^2, 1]/(e^2+1) and its mirror is uniform: KL(uniform || uniform) = 0
     assert out.losses["kd"].item() == pytest.approx(0.0, abs=1e-7)
-    logits_mode = METHODS.get("ensemble_kd")(student, [t1, Fixed([[0.0, 0.0]])],
-                                             {"temperature": 1, "ce_weight": 0, "kd_weight": 1, "aggregate": "logits"})
+    logits_mode = METHODS.get("ensemble_kd")(
+        student, [t1, Fixed([[0.0, 0.0]])], {"temperature": 1, "ce_weight": 0, "kd_weight": 1, "aggregate": "logits"}
+    )
     target = F.softmax(torch.tensor([[1.0, 0.0]]), -1)
     expected = (target * (target.log() - math.log(0.5))).sum().item()
-    assert logits_mode(batch_of(torch.zeros(1, 1), [0]), Step()).losses["kd"].item() == pytest.approx(expected, rel=1e-6)
+    assert logits_mode(batch_of(torch.zeros(1, 1), [0]), Step()).losses["kd"].item() == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 def test_ensemble_fixed_learned_and_confidence_weights():
     student = Fixed([[0.0, 0.0]])
     t1, t2 = Fixed([[2.0, 0.0]]), Fixed([[0.0, 0.0]])
     b = batch_of(torch.zeros(1, 1), [0])
-    fixed = METHODS.get("ensemble_kd")(student, [t1, t2], {"weighting": "fixed", "teacher_weights": [3, 1],
-                                                           "temperature": 1, "ce_weight": 0, "kd_weight": 1})
+    fixed = METHODS.get("ensemble_kd")(
+        student,
+        [t1, t2],
+        {"weighting": "fixed", "teacher_weights": [3, 1], "temperature": 1, "ce_weight": 0, "kd_weight": 1},
+    )
     p1 = F.softmax(t1.logits.detach(), -1)
     target = 0.75 * p1 + 0.25 * torch.tensor([[0.5, 0.5]])
     expected = (target * (target.log() - math.log(0.5))).sum().item()

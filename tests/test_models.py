@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models import (
     MODELS,
     FeatureTap,
@@ -22,7 +22,6 @@ from kdforge.models import (
     profile_model,
 )
 from kdforge.models.shufflenet import ShuffleV2Unit
-
 
 ZOO = [
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
@@ -60,9 +59,7 @@ SUBSET = ["resnet20", "resnet8x4", "wrn_16_2", "vgg8", "mobilenetv2_half", "shuf
 def build(name: str, num_classes: int = 10, in_channels: int = 3, size: int = 32, **kwargs):
     torch.manual_seed(0)
     input_size = (size, size) if name == "mlp" else None
-    return create(
-        name, num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs
-    )
+    return create(name, num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs)
 
 
 def test_every_model_is_registered_with_a_description():
@@ -80,13 +77,9 @@ def test_parameter_count_matches_published(name):
 
 
 def test_generic_factories_reproduce_named_variants():
-    assert count_parameters(build("resnet", depth=32, width_multiplier=4)) == count_parameters(
-        build("resnet32x4")
-    )
+    assert count_parameters(build("resnet", depth=32, width_multiplier=4)) == count_parameters(build("resnet32x4"))
     assert count_parameters(build("resnet", depth=56)) == count_parameters(build("resnet56"))
-    assert count_parameters(build("wrn", depth=40, widen_factor=2)) == count_parameters(
-        build("wrn_40_2")
-    )
+    assert count_parameters(build("wrn", depth=40, widen_factor=2)) == count_parameters(build("wrn_40_2"))
     assert count_parameters(build("vgg", depth=13)) == count_parameters(build("vgg13"))
 
 
@@ -258,9 +251,7 @@ def test_latency_and_profile():
     model = build("resnet8")
     assert measure_latency(model, (3, 16, 16), batch_size=2, warmup=1, repeats=2) > 0
     threads = torch.get_num_threads()
-    report = profile_model(
-        model, (3, 16, 16), batch_sizes=(1, 4), warmup=1, repeats=2, num_threads=1
-    )
+    report = profile_model(model, (3, 16, 16), batch_sizes=(1, 4), warmup=1, repeats=2, num_threads=1)
     assert torch.get_num_threads() == threads and report["threads"] == 1
     assert report["parameters"] == count_parameters(model) > 0
     assert report["flops"] > 0 and report["macs"] == report["flops"] // 2

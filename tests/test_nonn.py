@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.config import build_config
+from kdforge.core.checkpoint import atomic_save, model_record, read_model_file
+from kdforge.core.errors import ConfigError
 from kdforge.data import load_dataset
-from kdforge.engine.checkpoint import atomic_save, model_record, read_model_file
-from kdforge.errors import ConfigError
 from kdforge.methods import METHODS, Step
 from kdforge.methods.nonn import NoNN, mixing_matrix
 from kdforge.models import create
@@ -144,16 +144,31 @@ def test_partition_file_round_trip_with_statistics(tmp_path):
 def digits_teacher(tmp_path: Path) -> Path:
     torch.manual_seed(1)
     teacher = create("lenet", num_classes=10, in_channels=1, input_size=(8, 8))
-    record = model_record(teacher, name="lenet", kwargs={}, num_classes=10, in_channels=1, input_size=(8, 8),
-                          dataset=dataclasses.asdict(INFO))
+    record = model_record(
+        teacher,
+        name="lenet",
+        kwargs={},
+        num_classes=10,
+        in_channels=1,
+        input_size=(8, 8),
+        dataset=dataclasses.asdict(INFO),
+    )
     path = tmp_path / "teacher.pt"
     atomic_save(record, path)
     return path
 
 
 def small_system(groups=None, students=3) -> NoNNSystem:
-    return create("nonn", num_classes=10, in_channels=1, input_size=(8, 8), student="lenet",
-                  student_kwargs={"width": 0.5}, num_students=None if groups else students, groups=groups)
+    return create(
+        "nonn",
+        num_classes=10,
+        in_channels=1,
+        input_size=(8, 8),
+        student="lenet",
+        student_kwargs={"width": 0.5},
+        num_students=None if groups else students,
+        groups=groups,
+    )
 
 
 def test_fill_missing_zeros_and_neighbors():
@@ -216,30 +231,59 @@ def test_method_computes_the_partition_from_training_images():
     torch.manual_seed(0)
     teacher = create("lenet", num_classes=10, in_channels=1, input_size=(8, 8))
     system = small_system(students=2)
-    distiller = NoNN(system, [teacher], {"partition": "spectral", "graph": "correlation"},
-                     train_data=DIGITS.train.select(torch.arange(200)), normalization=(INFO.mean, INFO.std))
+    distiller = NoNN(
+        system,
+        [teacher],
+        {"partition": "spectral", "graph": "correlation"},
+        train_data=DIGITS.train.select(torch.arange(200)),
+        normalization=(INFO.mean, INFO.std),
+    )
     assert len(system.groups) == 2 and sorted(len(g) for g in system.groups) == [8, 8]
     assert system.saved_kwargs["partition"]["statistics"]["sizes"] == [8, 8]
     assert distiller.members.shape == (2, 16) and "members" not in distiller.state_dict()
     from kdforge.data import Augmentation
 
-    same = partition_teacher(teacher, DIGITS.train.images[:200], "stage2", 2, graph="correlation",
-                             normalize=Augmentation.for_dataset(INFO).normalize)
+    same = partition_teacher(
+        teacher,
+        DIGITS.train.images[:200],
+        "stage2",
+        2,
+        graph="correlation",
+        normalize=Augmentation.for_dataset(INFO).normalize,
+    )
     assert same.groups == system.groups
 
 
 # --------------------------------------------------------------------------- end to end
 def test_two_epoch_training_saves_a_loadable_system(tmp_path):
     teacher = digits_teacher(tmp_path)
-    config = build_config({
-        "name": "nonn", "data": {"name": "digits", "augment": False, "train_subset": 300},
-        "student": {"name": "nonn", "kwargs": {"student": "lenet", "student_kwargs": {"width": 0.5}, "num_students": 2}},
-        "teachers": [{"checkpoint": str(teacher)}],
-        "method": {"name": "nonn", "partition": "louvain", "graph": "correlation", "percentile": 80,
-                   "redundancy": 0.5, "beta": 100},
-        "train": {"epochs": 2, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.02},
-                  "scheduler": {"name": "cosine"}, "grad_clip": 5.0, "progress": "none"},
-    })
+    config = build_config(
+        {
+            "name": "nonn",
+            "data": {"name": "digits", "augment": False, "train_subset": 300},
+            "student": {
+                "name": "nonn",
+                "kwargs": {"student": "lenet", "student_kwargs": {"width": 0.5}, "num_students": 2},
+            },
+            "teachers": [{"checkpoint": str(teacher)}],
+            "method": {
+                "name": "nonn",
+                "partition": "louvain",
+                "graph": "correlation",
+                "percentile": 80,
+                "redundancy": 0.5,
+                "beta": 100,
+            },
+            "train": {
+                "epochs": 2,
+                "batch_size": 64,
+                "optimizer": {"name": "sgd", "lr": 0.02},
+                "scheduler": {"name": "cosine"},
+                "grad_clip": 5.0,
+                "progress": "none",
+            },
+        }
+    )
     from kdforge.engine.trainer import Trainer
 
     trainer = Trainer(config, tmp_path / "run")
@@ -268,14 +312,28 @@ def test_nonn_partition_command_writes_the_file(tmp_path, capsys):
     from kdforge.cli import main
 
     teacher = digits_teacher(tmp_path)
-    code = main(["nonn-partition", str(teacher), "--students", "3", "--method", "spectral_kway",
-                 "--graph", "correlation", "--images", "300", "--out", str(tmp_path / "p.json")])
+    code = main(
+        [
+            "nonn-partition",
+            str(teacher),
+            "--students",
+            "3",
+            "--method",
+            "spectral_kway",
+            "--graph",
+            "correlation",
+            "--images",
+            "300",
+            "--out",
+            str(tmp_path / "p.json"),
+        ]
+    )
     assert code == 0 and "spectral_kway partition of 16 'stage2' filters" in capsys.readouterr().out
     part = Partition.load(tmp_path / "p.json")
     assert part.num_groups == 3 and part.statistics["balance"] <= 6 / 5
     assert part.source["images"] == 300 and part.source["layer"] == "stage2"
     # a recipe can point the method at the file instead of computing a partition
-    from kdforge.engine.checkpoint import load_weights
+    from kdforge.core.checkpoint import load_weights
 
     lenet = create("lenet", num_classes=10, in_channels=1, input_size=(8, 8))
     load_weights(lenet, read_model_file(teacher)["state_dict"], "teacher")
@@ -296,14 +354,21 @@ def served(tmp_path_factory):
     torch.manual_seed(0)
     system = small_system([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]])
     system.fill = "neighbors"
-    record = model_record(system, name="nonn", kwargs={"student": "lenet", "student_kwargs": {"width": 0.5},
-                                                         **system.saved_kwargs},
-                          num_classes=10, in_channels=1, input_size=(8, 8), dataset=dataclasses.asdict(INFO))
+    record = model_record(
+        system,
+        name="nonn",
+        kwargs={"student": "lenet", "student_kwargs": {"width": 0.5}, **system.saved_kwargs},
+        num_classes=10,
+        in_channels=1,
+        input_size=(8, 8),
+        dataset=dataclasses.asdict(INFO),
+    )
     path = folder / "system.pt"
     atomic_save(record, path)
     slow = subprocess.Popen(
-        [sys.executable, "-m", "kdforge.nonn.serve", "device", "--model", str(path), "--index", "2",
-         "--delay", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "kdforge.nonn.serve", "device", "--model", str(path), "--index", "2", "--delay", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     cluster = DeviceCluster(path).start()
@@ -410,9 +475,28 @@ def test_serve_nonn_command_evaluates_with_a_killed_device(served):
     path, _, _ = served
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run(
-        [sys.executable, "-m", "kdforge", "serve-nonn", str(path), "--eval", "60", "--batch-size", "20",
-         "--kill", "0", "--deadline", "2", "--uint8", "--json"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "kdforge",
+            "serve-nonn",
+            str(path),
+            "--eval",
+            "60",
+            "--batch-size",
+            "20",
+            "--kill",
+            "0",
+            "--deadline",
+            "2",
+            "--uint8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -7,23 +7,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of
 
 from kdforge.config import OptimizerConfig, build_config
-from kdforge.data.batch import Batch
-from kdforge.engine.checkpoint import read_model_file
+from kdforge.core.checkpoint import read_model_file
+from kdforge.core.errors import ConfigError
 from kdforge.engine.optim import build_optimizer
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.methods.base import Step
 from kdforge.methods.ffsd import FFSD, Decoder, diversity_loss, diversity_shift, inverted_target, warmup_factor
 from kdforge.methods.okddip import OKDDip, epoch_position, rampup_weight
 from kdforge.models import create
 
 SHAPE = (3, 16, 16)
-
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 
 
 def tiny_batch(n=4, seed=1):
@@ -361,19 +357,21 @@ def test_ffsd_deploys_the_leader_as_a_zoo_network():
 
 # ====================================================================== end to end
 def recipe(student, method):
-    return build_config({
-        "name": "t",
-        "data": {"name": "digits", "augment": False, "train_subset": 64},
-        "student": student,
-        "method": method,
-        "train": {
-            "epochs": 2,
-            "batch_size": 16,
-            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
-            "scheduler": {"name": "constant"},
-            "progress": "none",
-        },
-    })
+    return build_config(
+        {
+            "name": "t",
+            "data": {"name": "digits", "augment": False, "train_subset": 64},
+            "student": student,
+            "method": method,
+            "train": {
+                "epochs": 2,
+                "batch_size": 16,
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+                "scheduler": {"name": "constant"},
+                "progress": "none",
+            },
+        }
+    )
 
 
 def read_metrics(out):
@@ -381,8 +379,9 @@ def read_metrics(out):
 
 
 def test_okddip_trains_end_to_end_on_digits(tmp_path):
-    config = recipe({"name": "mlp", "kwargs": {"hidden": [32, 32]}},
-                    {"name": "okddip", "split_at": "stage1", "rampup_epochs": 1})
+    config = recipe(
+        {"name": "mlp", "kwargs": {"hidden": [32, 32]}}, {"name": "okddip", "split_at": "stage1", "rampup_epochs": 1}
+    )
     trainer = Trainer(config, tmp_path)
     summary = trainer.fit()
     assert summary["status"] == "finished"

@@ -7,21 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of
 from torch import nn
 
 import kdforge.methods.online as online
 from kdforge.config import build_config
-from kdforge.data.batch import Batch
+from kdforge.core.errors import ConfigError
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
 from kdforge.models import create
 
 SHAPE = (3, 8, 8)
-
-
-def batch_of(x, y):
-    return Batch({"image": x}, torch.as_tensor(y), torch.arange(len(y)))
 
 
 class Fixed(nn.Module):
@@ -94,7 +90,7 @@ def test_dml_three_peers_average_the_kl_over_the_others():
     y = torch.tensor([0, 1, 2, 3])
     _, kl = online.mutual_losses(logits, y, 2.0)
     for k in range(3):
-        others = [ref_kl(logits[l], logits[k], 2.0) for l in range(3) if l != k]
+        others = [ref_kl(logits[l], logits[k], 2.0) for l in range(3) if l != k]  # noqa: E741
         assert kl[k].item() == pytest.approx(sum(others) / 2, rel=1e-5)
 
 

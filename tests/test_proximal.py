@@ -58,8 +58,9 @@ def test_group_soft_threshold_on_conv_filters_and_other_dims():
     assert torch.allclose(group_soft_threshold(m, 1.0, dim=1), torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
     # per-group thresholds (sqrt(|g|) weighting)
     lam = torch.tensor([1.0, 0.0])
-    assert torch.allclose(group_soft_threshold(torch.tensor([[3.0, 4.0], [1.0, 0.0]]), lam),
-                          torch.tensor([[2.4, 3.2], [1.0, 0.0]]))
+    assert torch.allclose(
+        group_soft_threshold(torch.tensor([[3.0, 4.0], [1.0, 0.0]]), lam), torch.tensor([[2.4, 3.2], [1.0, 0.0]])
+    )
 
 
 def test_magnitude_mask_unstructured_exact_count_and_ties():

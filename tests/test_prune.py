@@ -20,10 +20,10 @@ from kdforge.compress import (
 )
 from kdforge.compress.arch import load_model_file
 from kdforge.config import build_config
-from kdforge.engine.checkpoint import atomic_save, model_record
+from kdforge.core.checkpoint import atomic_save, model_record
+from kdforge.core.errors import ConfigError
 from kdforge.engine.pipeline import stage_recipes
 from kdforge.engine.trainer import Trainer
-from kdforge.errors import ConfigError
 from kdforge.models import count_flops, count_parameters, create
 
 SHAPE = (3, 16, 16)
@@ -63,7 +63,9 @@ def test_structured_pruning_physically_shrinks_and_equals_the_masked_original(na
 
 
 def test_filters_are_ranked_by_their_norm():
-    model = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.Flatten(), nn.Linear(2 * 9, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 1, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.Flatten(), nn.Linear(2 * 9, 3)
+    )
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([3.0, -0.5, 2.0, 1.0]).view(4, 1, 1, 1))
     plan = plan_filter_pruning(model, (1, 3, 3), amount=0.5, norm=1)
@@ -146,12 +148,14 @@ def test_prune_at_start_of_a_kd_fine_tune_run_and_reuse_as_teacher(tmp_path):
     }
     Trainer(build_config({**base, "student": {"name": "resnet8"}, "method": {"name": "ce"}}), tmp_path / "dense").fit()
     dense = str(tmp_path / "dense" / "checkpoints" / "model_last.pt")
-    tuned = build_config({
-        **base,
-        "student": {"checkpoint": dense, "prune": {"amount": 0.5, "norm": 1}},
-        "teachers": [{"checkpoint": dense}],
-        "method": {"name": "kd", "temperature": 4},
-    })
+    tuned = build_config(
+        {
+            **base,
+            "student": {"checkpoint": dense, "prune": {"amount": 0.5, "norm": 1}},
+            "teachers": [{"checkpoint": dense}],
+            "method": {"name": "kd", "temperature": 4},
+        }
+    )
     summary = Trainer(tuned, tmp_path / "pruned").fit()
     pruned_file = tmp_path / "pruned" / "checkpoints" / "model_last.pt"
     model, record = load_model_file(pruned_file)
@@ -164,12 +168,14 @@ def test_prune_at_start_of_a_kd_fine_tune_run_and_reuse_as_teacher(tmp_path):
     from kdforge.cli import main
 
     assert main(["eval", str(pruned_file), "--json"]) == 0
-    again = build_config({
-        **base,
-        "student": {"name": "resnet8"},
-        "teachers": [{"checkpoint": str(pruned_file)}],
-        "method": {"name": "kd"},
-    })
+    again = build_config(
+        {
+            **base,
+            "student": {"name": "resnet8"},
+            "teachers": [{"checkpoint": str(pruned_file)}],
+            "method": {"name": "kd"},
+        }
+    )
     student = Trainer(again, tmp_path / "from_pruned").fit()
     assert student["compression"]["compression_rate"] < 1  # the dense student is bigger than its pruned teacher
 

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from kdforge.commands.export import calibration_batches
 from kdforge.compress import LMA, OnnxModule, export_onnx, lma_student, prepare_qat, prune_filters, strip_qat
 from kdforge.compress.arch import load_model_file
-from kdforge.compress.export import calibration_batches, check_onnx
-from kdforge.compress.quantize import QATConv2d, QATLinear, quantize_model
+from kdforge.compress.export import check_onnx, quantize_model
+from kdforge.compress.quantize import QATConv2d, QATLinear
 from kdforge.config import DataConfig, build_config
 from kdforge.engine.build import build_augmentation, build_data
 from kdforge.engine.trainer import Trainer, evaluate_model
@@ -27,13 +28,19 @@ def trained(tmp_path_factory):
     """A LeNet trained on the bundled digits (about 95% top-1), as a model file."""
     out = tmp_path_factory.mktemp("lenet")
     torch.manual_seed(0)
-    config = build_config({
-        **BASE,
-        "student": {"name": "lenet"},
-        "method": {"name": "ce"},
-        "train": {**BASE["train"], "epochs": 5, "optimizer": {"name": "adam", "lr": 0.003, "weight_decay": 0.0},
-                  "scheduler": {"name": "constant"}},
-    })
+    config = build_config(
+        {
+            **BASE,
+            "student": {"name": "lenet"},
+            "method": {"name": "ce"},
+            "train": {
+                **BASE["train"],
+                "epochs": 5,
+                "optimizer": {"name": "adam", "lr": 0.003, "weight_decay": 0.0},
+                "scheduler": {"name": "constant"},
+            },
+        }
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures run before conftest's per-test single-thread setting
     try:
@@ -72,7 +79,9 @@ def test_int8_static_quantization_keeps_accuracy(tmp_path, trained):
     data = build_data(data_cfg)
     augmentation = build_augmentation(data_cfg, data.info)
     shape = (1, 8, 8)
-    float_path, int8_path = quantize_model(model, tmp_path / "lenet.int8.onnx", shape, calibration_batches("digits", batches=4))
+    float_path, int8_path = quantize_model(
+        model, tmp_path / "lenet.int8.onnx", shape, calibration_batches("digits", batches=4)
+    )
     float_top1 = evaluate_model(model, data.test, augmentation, 256)["top1"]
     int8_top1 = evaluate_model(OnnxModule(int8_path), data.test, augmentation, 256)["top1"]
     onnx_top1 = evaluate_model(OnnxModule(float_path), data.test, augmentation, 256)["top1"]
@@ -90,14 +99,16 @@ def test_int8_static_quantization_keeps_accuracy(tmp_path, trained):
 
 def test_qat_fake_quant_fine_tune_step_and_reload(tmp_path, trained):
     checkpoint, _ = trained
-    config = build_config({
-        **BASE,
-        "data": {"name": "digits", "augment": False, "train_subset": 128},
-        "student": {"checkpoint": str(checkpoint), "qat": {"weight_bits": 8, "activation_bits": 8}},
-        "teachers": [{"checkpoint": str(checkpoint)}],  # KD from the float network
-        "method": {"name": "kd", "temperature": 4},
-        "train": {**BASE["train"], "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}},
-    })
+    config = build_config(
+        {
+            **BASE,
+            "data": {"name": "digits", "augment": False, "train_subset": 128},
+            "student": {"checkpoint": str(checkpoint), "qat": {"weight_bits": 8, "activation_bits": 8}},
+            "teachers": [{"checkpoint": str(checkpoint)}],  # KD from the float network
+            "method": {"name": "kd", "temperature": 4},
+            "train": {**BASE["train"], "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}},
+        }
+    )
     summary = Trainer(config, tmp_path / "qat").fit()
     assert summary["final"]["test"]["top1"] > 80
     model, record = load_model_file(tmp_path / "qat" / "checkpoints" / "model_last.pt")
@@ -114,7 +125,9 @@ def test_qat_fake_quant_fine_tune_step_and_reload(tmp_path, trained):
 
 
 def test_qat_layers_round_weights_and_pass_gradients():
-    model = prepare_qat(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 2)), 4, 8)
+    model = prepare_qat(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 2)), 4, 8
+    )
     x = torch.randn(2, 3, 16, 16)
     model(x).sum().backward()
     conv = model[0]
@@ -134,11 +147,26 @@ def test_cli_export_onnx_int8_and_torchscript(tmp_path, trained, capsys):
     assert main(["export", str(checkpoint), "--format", "onnx", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert out.is_file() and result["max_abs_diff"] < 1e-4
-    assert main(["export", str(checkpoint), "--int8", "--out", str(tmp_path / "lenet.int8.onnx"),
-                 "--calibration-batches", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(checkpoint),
+                "--int8",
+                "--out",
+                str(tmp_path / "lenet.int8.onnx"),
+                "--calibration-batches",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert (tmp_path / "lenet.int8.onnx").is_file() and result["int8_agreement"] > 0.9
-    assert main(["export", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "lenet.ts"), "--json"]) == 0
+    assert (
+        main(["export", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "lenet.ts"), "--json"]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["max_abs_diff"] < 1e-5
     assert torch.jit.load(str(tmp_path / "lenet.ts"))(torch.randn(3, 1, 8, 8)).shape == (3, 10)
@@ -146,14 +174,16 @@ def test_cli_export_onnx_int8_and_torchscript(tmp_path, trained, capsys):
 
 def test_compression_report_in_a_one_epoch_digits_summary(tmp_path, trained, capsys):
     checkpoint, _ = trained
-    config = build_config({
-        **BASE,
-        "data": {"name": "digits", "augment": False, "train_subset": 100},
-        "student": {"name": "mlp", "kwargs": {"hidden": [32]}},
-        "teachers": [{"checkpoint": str(checkpoint)}],
-        "method": {"name": "kd"},
-        "train": {**BASE["train"], "epochs": 1},
-    })
+    config = build_config(
+        {
+            **BASE,
+            "data": {"name": "digits", "augment": False, "train_subset": 100},
+            "student": {"name": "mlp", "kwargs": {"hidden": [32]}},
+            "teachers": [{"checkpoint": str(checkpoint)}],
+            "method": {"name": "kd"},
+            "train": {**BASE["train"], "epochs": 1},
+        }
+    )
     Trainer(config, tmp_path / "kd").fit()
     summary = json.loads((tmp_path / "kd" / "summary.json").read_text())
     report = summary["compression"]
@@ -163,13 +193,29 @@ def test_compression_report_in_a_one_epoch_digits_summary(tmp_path, trained, cap
         assert set(fields["latency_ms"]) == {"1", "64"} and all(v > 0 for v in fields["latency_ms"].values())
         assert fields["size_bytes"] > 4 * fields["parameters"]
     assert report["student"]["parameters"] == summary["student_parameters"]
-    assert report["compression_rate"] == pytest.approx(report["teacher"]["parameters"] / report["student"]["parameters"])
+    assert report["compression_rate"] == pytest.approx(
+        report["teacher"]["parameters"] / report["student"]["parameters"]
+    )
     assert report["computation_rate"] == pytest.approx(report["teacher"]["flops"] / report["student"]["flops"])
     assert "compression" in report["text"] and "computation" in report["text"]
 
     from kdforge.cli import main
 
-    assert main(["profile", str(tmp_path / "kd" / "checkpoints" / "model_last.pt"), "--teacher", str(checkpoint),
-                 "--batch-sizes", "1", "4", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                str(tmp_path / "kd" / "checkpoints" / "model_last.pt"),
+                "--teacher",
+                str(checkpoint),
+                "--batch-sizes",
+                "1",
+                "4",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "compression" in printed and "CPU ms b4" in printed

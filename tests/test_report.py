@@ -52,14 +52,32 @@ def make_run(
     best = final if best is None else best
     teacher_entries = []
     for teacher in teachers:
-        teacher_entries.append(teacher if isinstance(teacher, dict) else {"name": teacher, "kwargs": {}, "checkpoint": None})
+        teacher_entries.append(
+            teacher if isinstance(teacher, dict) else {"name": teacher, "kwargs": {}, "checkpoint": None}
+        )
     config = {
         "name": name,
         "seed": seed,
-        "data": {"name": dataset, "root": "data", "download": False, "val_fraction": 0.1 if split == "val" else 0.0,
-                 "train_subset": None, "seed": 0, "augment": True, "options": {}, **(data or {})},
-        "student": {"name": student, "kwargs": {}, "checkpoint": None, "lma": None, "prune": None, "qat": None,
-                    **(student_options or {})},
+        "data": {
+            "name": dataset,
+            "root": "data",
+            "download": False,
+            "val_fraction": 0.1 if split == "val" else 0.0,
+            "train_subset": None,
+            "seed": 0,
+            "augment": True,
+            "options": {},
+            **(data or {}),
+        },
+        "student": {
+            "name": student,
+            "kwargs": {},
+            "checkpoint": None,
+            "lma": None,
+            "prune": None,
+            "qat": None,
+            **(student_options or {}),
+        },
         "teachers": teacher_entries,
         "method": {"name": method, **(params or {})},
         "train": {"epochs": epochs, "batch_size": 64, "progress": "none"},
@@ -68,8 +86,12 @@ def make_run(
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     curve = curve or [final - 5.0 + i for i in range(epochs - 1)] + [final]
     records = [
-        {"epoch": e, "train": {"loss": 1.0, "seconds": 1.0}, "lr": {"student": 0.1},
-         "test": {"top1": top1, "top5": 99.0, "loss": 0.5}}
+        {
+            "epoch": e,
+            "train": {"loss": 1.0, "seconds": 1.0},
+            "lr": {"student": 0.1},
+            "test": {"top1": top1, "top5": 99.0, "loss": 0.5},
+        }
         for e, top1 in enumerate(curve)
     ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -85,8 +107,12 @@ def make_run(
         "epochs_done": done,
         "epochs": epochs,
         "final": {"epoch": epochs - 1, "test": {"top1": final, "top5": 99.0, "loss": 0.5}, "val": None},
-        "best": {"epoch": best_epoch, "top1": best + (3.0 if split == "val" else 0.0), "split": split,
-                 "test": {"top1": best, "top5": 99.0, "loss": 0.4}},
+        "best": {
+            "epoch": best_epoch,
+            "top1": best + (3.0 if split == "val" else 0.0),
+            "split": split,
+            "test": {"top1": best, "top5": 99.0, "loss": 0.4},
+        },
         "selection_split": split,
         "student_parameters": 278324,
         "extra_parameters": extra_parameters,
@@ -95,8 +121,14 @@ def make_run(
         "seconds_per_batch": seconds_per_batch,
         "global_step": 100,
         "world_size": 1,
-        "record": {"kdforge_version": "0.1.0", "git_commit": commit, "git_dirty": False,
-                   "torch_version": "2.13.0+cpu", "device": device, "seed": seed},
+        "record": {
+            "kdforge_version": "0.1.0",
+            "git_commit": commit,
+            "git_dirty": False,
+            "torch_version": "2.13.0+cpu",
+            "device": device,
+            "seed": seed,
+        },
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
@@ -109,8 +141,14 @@ def rows_by_name(groups):
 # --------------------------------------------------------------------------- grouping and statistics
 def test_runs_differing_only_by_seed_form_one_group(tmp_path):
     for seed in range(3):
-        make_run(tmp_path, f"kd-s{seed}", name=f"kd-s{seed}", seed=seed, final=70.0 + seed,
-                 data={"root": f"/elsewhere/{seed}"})  # where the data lived does not split a group
+        make_run(
+            tmp_path,
+            f"kd-s{seed}",
+            name=f"kd-s{seed}",
+            seed=seed,
+            final=70.0 + seed,
+            data={"root": f"/elsewhere/{seed}"},
+        )  # where the data lived does not split a group
     for seed in range(2):
         make_run(tmp_path, f"kdt2-{seed}", name="kd_t2", seed=seed, params={"temperature": 2})
     make_run(tmp_path / "nested" / "deeper", "ce", name="alone", method="ce", teachers=())
@@ -154,15 +192,23 @@ def test_mean_and_sample_std_by_hand(tmp_path):
     # mean 72, sample std sqrt(((-2)^2 + 0 + 2^2) / (3 - 1)) = 2
     assert rows["kd"][FINAL_HEADER] == "72.00 ± 2.00"
     assert rows["single"][FINAL_HEADER] == "71.23 ± —"
-    assert Stat.of([1.0, 2.0]).std == pytest.approx(0.5 ** 0.5)
+    assert Stat.of([1.0, 2.0]).std == pytest.approx(0.5**0.5)
     assert Stat.of([None]).format() == "—"
 
 
 def test_final_and_best_are_separate_columns_never_mixed(tmp_path):
     for seed, (final, best) in enumerate([(70.0, 75.0), (72.0, 77.0)]):
         make_run(tmp_path, f"t{seed}", name="on-test", seed=seed, final=final, best=best)
-        make_run(tmp_path, f"v{seed}", name="on-val", method="fitnet", seed=seed, final=final - 10, best=best - 10,
-                 split="val")
+        make_run(
+            tmp_path,
+            f"v{seed}",
+            name="on-val",
+            method="fitnet",
+            seed=seed,
+            final=final - 10,
+            best=best - 10,
+            split="val",
+        )
     groups = group_runs(collect([tmp_path]))
     rows = rows_by_name(groups)
     test_col, val_col = best_header("test"), best_header("val")
@@ -200,8 +246,15 @@ def test_time_per_batch_relative_to_plain_kd(tmp_path):
     for seed, spb in enumerate([0.010, 0.012]):
         make_run(tmp_path, f"kd{seed}", name="kd", seed=seed, seconds_per_batch=spb)
     make_run(tmp_path, "crd", name="crd", method="crd", seconds_per_batch=0.0165, extra_parameters=12345)
-    make_run(tmp_path, "crd-gpu", name="crd-gpu", method="crd", seconds_per_batch=0.001, device="cuda: H100",
-             params={"tag": 1})
+    make_run(
+        tmp_path,
+        "crd-gpu",
+        name="crd-gpu",
+        method="crd",
+        seconds_per_batch=0.001,
+        device="cuda: H100",
+        params={"tag": 1},
+    )
     make_run(tmp_path, "at-r110", name="at-r110", method="at", teachers=("resnet110",), seconds_per_batch=0.02)
     make_run(tmp_path, "ce", name="alone", method="ce", teachers=(), seconds_per_batch=0.005)
     rows = rows_by_name(group_runs(collect([tmp_path])))
@@ -251,10 +304,20 @@ def test_teacher_named_from_checkpoint_run_and_seeds_of_a_pipeline_group(tmp_pat
         base = tmp_path / f"seed{seed}"
         make_run(base, "teacher", name="teacher", method="ce", teachers=(), student="resnet56", seed=seed)
         ckpt = str(base / "teacher" / "checkpoints" / "model_last.pt")  # the file itself is absent
-        make_run(base, "kd", name="kd", seed=seed, final=70.0 + seed,
-                 teachers=({"name": None, "kwargs": {}, "checkpoint": ckpt},))
-    make_run(tmp_path, "lost", name="kd-lost",
-             teachers=({"name": None, "kwargs": {}, "checkpoint": "gone/checkpoints/model_last.pt"},))
+        make_run(
+            base,
+            "kd",
+            name="kd",
+            seed=seed,
+            final=70.0 + seed,
+            teachers=({"name": None, "kwargs": {}, "checkpoint": ckpt},),
+        )
+    make_run(
+        tmp_path,
+        "lost",
+        name="kd-lost",
+        teachers=({"name": None, "kwargs": {}, "checkpoint": "gone/checkpoints/model_last.pt"},),
+    )
     groups = {g.name: g for g in group_runs(collect([tmp_path]))}
     assert groups["kd"].teachers == ("resnet56",)
     assert groups["kd"].n == 2  # different teacher files of the same teacher recipe: one group
@@ -267,11 +330,27 @@ def test_teacher_named_from_checkpoint_run_and_seeds_of_a_pipeline_group(tmp_pat
 def suite(tmp_path):
     runs = tmp_path / "runs"
     for seed in range(2):
-        make_run(runs, f"alone-{seed}", name=f"alone-seed{seed}", method="ce", teachers=(), seed=seed, final=69.0 + seed)
-        make_run(runs, f"kd-{seed}", name=f"kd-seed{seed}", seed=seed, final=71.0 + seed, best=72.0 + seed,
-                 commit="1111111111111111" if seed else "2222222222222222")
-    make_run(runs, "odd", name="<b>odd & \"quoted\"</b>", method="fitnet", final=70.0, extra_parameters=4096,
-             seconds_per_batch=0.02)
+        make_run(
+            runs, f"alone-{seed}", name=f"alone-seed{seed}", method="ce", teachers=(), seed=seed, final=69.0 + seed
+        )
+        make_run(
+            runs,
+            f"kd-{seed}",
+            name=f"kd-seed{seed}",
+            seed=seed,
+            final=71.0 + seed,
+            best=72.0 + seed,
+            commit="1111111111111111" if seed else "2222222222222222",
+        )
+    make_run(
+        runs,
+        "odd",
+        name='<b>odd & "quoted"</b>',
+        method="fitnet",
+        final=70.0,
+        extra_parameters=4096,
+        seconds_per_batch=0.02,
+    )
     make_run(runs, "half", name="half-done", status="running")
     make_run(runs, "stopped", name="stopped", status="interrupted")
     return runs
@@ -315,7 +394,7 @@ def test_report_files(suite):
     assert float(kd[0]["group_delta_vs_student_alone"]) == pytest.approx(2.0)
     assert kd[0]["student_alone_group"] == "alone" and kd[0]["best_selected_on"] == "test"
     odd = next(r for r in rows if r["method"] == "fitnet")
-    assert odd["run_name"] == "<b>odd & \"quoted\"</b>" and odd["group_final_top1_std"] == ""
+    assert odd["run_name"] == '<b>odd & "quoted"</b>' and odd["group_final_top1_std"] == ""
 
 
 def test_main_prints_the_table_and_defaults_to_the_first_folder(suite, capsys):
@@ -327,7 +406,7 @@ def test_main_prints_the_table_and_defaults_to_the_first_folder(suite, capsys):
 
 
 def test_errors_name_the_problem(tmp_path):
-    from kdforge.errors import KDForgeError
+    from kdforge.core.errors import KDForgeError
 
     with pytest.raises(KDForgeError, match="does not exist"):
         write_report([tmp_path / "missing"])
@@ -346,15 +425,17 @@ def test_strip_seed():
 # --------------------------------------------------------------------------- a real run
 def test_real_run_with_a_teacher_known_only_by_its_checkpoint(tmp_path):
     from kdforge.config import build_config
-    from kdforge.engine.checkpoint import atomic_save, model_record
+    from kdforge.core.checkpoint import atomic_save, model_record
     from kdforge.engine.trainer import Trainer
     from kdforge.models import create
 
     # a teacher file as `kdforge train` writes it (untrained: only its name matters here)
     teacher = create("lenet", num_classes=10, in_channels=1, input_size=(8, 8), width=2)
     checkpoint = tmp_path / "zoo" / "teacher.pt"
-    atomic_save(model_record(teacher, name="lenet", kwargs={"width": 2}, num_classes=10, in_channels=1,
-                             input_size=(8, 8)), checkpoint)
+    atomic_save(
+        model_record(teacher, name="lenet", kwargs={"width": 2}, num_classes=10, in_channels=1, input_size=(8, 8)),
+        checkpoint,
+    )
     recipe = {
         "name": "kd",
         "data": {"name": "digits", "augment": False, "train_subset": 100},

@@ -9,27 +9,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of
 
 import kdforge.methods.crosslayer  # noqa: F401  (registration)
 import kdforge.methods.fsp  # noqa: F401
 import kdforge.methods.review_kd  # noqa: F401
 from kdforge.config import build_config, read_yaml
-from kdforge.data.batch import Batch
+from kdforge.core.errors import ConfigError
 from kdforge.engine.pipeline import _substitute, stage_recipes
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Step
+from kdforge.methods.common import fsp_matrix, warmup_factor
 from kdforge.methods.crosslayer import adapted_gram, default_pairs
-from kdforge.methods.dkd import warmup_factor
-from kdforge.methods.fsp import fsp_matrix
 from kdforge.methods.review_kd import ABF, hcl_loss, nearest_resize
 from kdforge.models import create
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
-
-
-def batch_of(x, n_classes=10):
-    return Batch({"image": x}, torch.arange(len(x)) % n_classes, torch.arange(len(x)))
 
 
 def build(method, student, teacher, params=None, size=16):
@@ -172,8 +167,13 @@ def test_crosslayer_loss_by_hand_with_adapters_and_gradient_routing():
 
 def test_crosslayer_rejects_bad_pairs():
     with pytest.raises(ConfigError, match="not in student_layers"):
-        build_config({"student": {"name": "resnet8"}, "teachers": [{"name": "resnet20"}],
-                      "method": {"name": "crosslayer", "pairs": [["stage1", "stage9"]]}})
+        build_config(
+            {
+                "student": {"name": "resnet8"},
+                "teachers": [{"name": "resnet20"}],
+                "method": {"name": "crosslayer", "pairs": [["stage1", "stage9"]]},
+            }
+        )
     with pytest.raises(ConfigError, match="in no pair"):
         build("crosslayer", create("resnet8"), create("resnet20"), {"pairs": [["stage1", "stage2"]]})
 
@@ -317,8 +317,12 @@ def test_review_kd_explicit_layers_and_mismatched_input_shape():
     student, teacher = create("resnet8"), create("resnet20")
     with pytest.raises(ConfigError, match="both"):
         build("review_kd", student, teacher, {"student_layers": ["stage2", "stage3"]})
-    d = build("review_kd", student, teacher, {"student_layers": ["stage2", "stage3"],
-                                              "teacher_layers": ["stage2", "stage3"], "mid_channels": 8})
+    d = build(
+        "review_kd",
+        student,
+        teacher,
+        {"student_layers": ["stage2", "stage3"], "teacher_layers": ["stage2", "stage3"], "mid_channels": 8},
+    )
     assert [abf.reduce[0].out_channels for abf in d.abfs] == [8, 8]
     d(batch_of(torch.randn(2, 3, 16, 16)), Step()).loss.backward()
     with pytest.raises(ConfigError, match="input_shape"):
@@ -372,7 +376,7 @@ def test_shipped_recipes_validate(name):
 
 def test_crosslayer_digits_pipeline_runs_end_to_end(tmp_path):
     """Teachers -> cross-layer hint -> ensemble KD from the hinted student, 1 epoch each (~10 s)."""
-    from kdforge.engine.checkpoint import read_model_file
+    from kdforge.core.checkpoint import read_model_file
     from kdforge.engine.pipeline import run_pipeline
     from kdforge.engine.trainer import Trainer
 

@@ -29,7 +29,7 @@ def trained(digits):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(30):
         for start in range(0, len(y), 128):
-            loss = F.cross_entropy(model(x[start:start + 128]), y[start:start + 128])
+            loss = F.cross_entropy(model(x[start : start + 128]), y[start : start + 128])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -145,7 +145,9 @@ def test_fgsm_matches_the_closed_form_worst_case_on_a_linear_model():
 # ----------------------------------------------------------------------------- side effects
 def test_attacks_leave_mode_flags_and_gradients_alone():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 4, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 4, 3)
+    )
     model[0].bias.requires_grad_(False)
     model[4].weight.grad = torch.ones_like(model[4].weight)
     pixel = PixelModel(model, (0.5,), (0.25,))
@@ -174,15 +176,17 @@ def test_robust_evaluate(trained, digits):
     model, _, _, _ = trained
     model.train()
     before = torch.get_rng_state()
-    result = robust_evaluate(model, digits.test, digits.info.mean, digits.info.std, attack="pgd",
-                             eps=0.1, steps=5, limit=200, batch_size=64)
+    result = robust_evaluate(
+        model, digits.test, digits.info.mean, digits.info.std, attack="pgd", eps=0.1, steps=5, limit=200, batch_size=64
+    )
     assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is left alone
     assert model.training  # mode restored
     assert result["images"] == 200
     assert 90 <= result["clean_top1"] <= 100
     assert result["robust_top1"] <= result["clean_top1"] - 10
-    again = robust_evaluate(model, digits.test, digits.info.mean, digits.info.std, attack="pgd",
-                            eps=0.1, steps=5, limit=200, batch_size=64)
+    again = robust_evaluate(
+        model, digits.test, digits.info.mean, digits.info.std, attack="pgd", eps=0.1, steps=5, limit=200, batch_size=64
+    )
     assert again == result  # seeded: reproducible
     fast = robust_evaluate(model, digits.test, digits.info.mean, digits.info.std, attack="fgsm", eps=0.1, limit=200)
     assert result["robust_top1"] <= fast["robust_top1"] <= fast["clean_top1"]
@@ -197,19 +201,26 @@ def test_cli_eval_with_attack(tmp_path, capsys):
     from kdforge.config import build_config
     from kdforge.engine.trainer import Trainer
 
-    config = build_config({
-        "name": "tiny",
-        "data": {"name": "digits", "augment": False, "train_subset": 300},
-        "student": {"name": "mlp", "kwargs": {"hidden": [32]}},
-        "method": {"name": "ce"},
-        "train": {"epochs": 3, "batch_size": 32, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                  "progress": "none"},
-    })
+    config = build_config(
+        {
+            "name": "tiny",
+            "data": {"name": "digits", "augment": False, "train_subset": 300},
+            "student": {"name": "mlp", "kwargs": {"hidden": [32]}},
+            "method": {"name": "ce"},
+            "train": {
+                "epochs": 3,
+                "batch_size": 32,
+                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                "progress": "none",
+            },
+        }
+    )
     Trainer(config, tmp_path / "run").fit()
     checkpoint = str(tmp_path / "run" / "checkpoints" / "model_last.pt")
     capsys.readouterr()
-    assert main(["eval", checkpoint, "--attack", "pgd", "--eps", "8/255", "--steps", "5", "--limit", "100",
-                 "--json"]) == 0
+    assert (
+        main(["eval", checkpoint, "--attack", "pgd", "--eps", "8/255", "--steps", "5", "--limit", "100", "--json"]) == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["images"] == 100
     robust = result["robust"]

@@ -3,8 +3,8 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from kdforge.core.schedules import Schedule, as_schedule, consistency_rampup
 from kdforge.methods import Step
-from kdforge.schedules import Schedule, as_schedule, consistency_rampup
 
 
 def test_constant_from_a_number():

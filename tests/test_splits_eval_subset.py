@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.splits import evaluation_subset
-from kdforge.errors import ConfigError
 
 
 def test_class_sorted_split_gives_every_class():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.suite import load_suite, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,9 @@ def test_plan_expands_pairs_methods_and_seeds(tmp_path):
     assert labels[0] == "teachers/lenet4"
     assert len(runs) == 1 + len(spec.methods) * len(spec.seeds)
     kd = next(r for r in runs if r.label == "lenet4-mlp64/kd/seed1")
-    assert kd.recipe["seed"] == 1 and kd.recipe["teachers"][0]["checkpoint"].endswith("teachers/lenet4/checkpoints/model_last.pt")
+    assert kd.recipe["seed"] == 1 and kd.recipe["teachers"][0]["checkpoint"].endswith(
+        "teachers/lenet4/checkpoints/model_last.pt"
+    )
     assert kd.depends_on == ["teachers/lenet4"] and kd.recipe["teacher_bank"]["enabled"] is True
     alone = next(r for r in runs if r.label == "lenet4-mlp64/student_alone/seed0")
     assert alone.recipe["teachers"] == [] and alone.depends_on == []
@@ -51,8 +53,19 @@ def test_suite_errors_name_the_problem(tmp_path):
 def test_digits_smoke_suite_end_to_end(tmp_path):
     """`kdforge bench` runs every run, a second call skips them all, and the report is written."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, "-m", "kdforge", "bench", str(SMOKE), "--out", str(tmp_path / "s"), "--jobs", "2",
-               "--threads", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "kdforge",
+        "bench",
+        str(SMOKE),
+        "--out",
+        str(tmp_path / "s"),
+        "--jobs",
+        "2",
+        "--threads",
+        "1",
+    ]
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "s").rglob("summary.json")]
@@ -93,16 +106,26 @@ def test_sigterm_stops_the_suite_and_its_runs_resumably(tmp_path):
     import signal
     import time
 
-    path = write_suite(tmp_path, seeds=[0], teachers={}, pairs=[{"student": {"name": "mlp", "kwargs": {"hidden": [64]}}}],
-                       methods={"alone": {"method": {"name": "ce"}}, "alone_b": {"method": {"name": "ce"}}},
-                       teacher_bank=False)
+    path = write_suite(
+        tmp_path,
+        seeds=[0],
+        teachers={},
+        pairs=[{"student": {"name": "mlp", "kwargs": {"hidden": [64]}}}],
+        methods={"alone": {"method": {"name": "ce"}}, "alone_b": {"method": {"name": "ce"}}},
+        teacher_bank=False,
+    )
     data = yaml.safe_load(path.read_text())
     data["base"]["train"]["epochs"] = 3000
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "s"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    bench = subprocess.Popen([sys.executable, "-m", "kdforge", "bench", str(path), "--out", str(out), "--jobs", "2",
-                              "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "kdforge", "bench", str(path), "--out", str(out), "--jobs", "2", "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     metrics = sorted(out.glob("*/*/seed0/metrics.jsonl"))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and bench.poll() is None:

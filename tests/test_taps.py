@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models import FeatureTap, create, module_names
-
 
 
 class UserNet(nn.Module):

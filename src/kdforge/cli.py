@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import KDForgeError
+from kdforge.core.errors import KDForgeError
 
 
 def _quiet_libraries() -> None:
@@ -76,10 +76,10 @@ def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
 # ----------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from kdforge.config import DataConfig
+    from kdforge.core.checkpoint import read_model_file
+    from kdforge.core.errors import CheckpointError, ConfigError
     from kdforge.engine.build import build_augmentation, build_data
-    from kdforge.engine.checkpoint import read_model_file
     from kdforge.engine.trainer import evaluate_model
-    from kdforge.errors import CheckpointError, ConfigError
 
     record = read_model_file(args.checkpoint)
     spec = record.get("model") or {}
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = build_data(data_cfg)
     if data.info.num_classes != spec["num_classes"]:
         raise CheckpointError(
-            f"'{args.checkpoint}' predicts {spec['num_classes']} classes; dataset '{dataset}' has {data.info.num_classes}"
+            f"'{args.checkpoint}' predicts {spec['num_classes']} classes; dataset '{dataset}' has {data.info.num_classes}"  # noqa: E501
         )
     from kdforge.compress.arch import load_model_file  # zoo, LMA, pruned and QAT networks
 
@@ -103,26 +103,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         split = split.select(evaluation_subset(split.labels, args.limit))
     result = evaluate_model(model, split, build_augmentation(data_cfg, data.info), args.batch_size)
-    result = {"checkpoint": str(args.checkpoint), "model": spec["name"], "dataset": dataset,
-              "split": args.split, "images": len(split), **result}
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "model": spec["name"],
+        "dataset": dataset,
+        "split": args.split,
+        "images": len(split),
+        **result,
+    }
     if args.attack:
         from kdforge.robust import robust_evaluate
 
         result["robust"] = robust_evaluate(
-            model, split, data.info.mean, data.info.std, attack=args.attack, eps=args.eps, steps=args.steps,
-            step_size=args.step_size, norm=args.norm, restarts=args.restarts, batch_size=args.batch_size,
+            model,
+            split,
+            data.info.mean,
+            data.info.std,
+            attack=args.attack,
+            eps=args.eps,
+            steps=args.steps,
+            step_size=args.step_size,
+            norm=args.norm,
+            restarts=args.restarts,
+            batch_size=args.batch_size,
         )
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{spec['name']} on {dataset} {args.split} ({len(split)} images): "
-              f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+        print(
+            f"{spec['name']} on {dataset} {args.split} ({len(split)} images): "
+            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}"
+        )
         if args.attack:
             robust, attack = result["robust"], result["robust"]["attack"]
             label = f"PGD-{args.steps}" if args.attack == "pgd" else "FGSM"
             extra = f", step {attack['step_size']:.4g}, restarts {args.restarts}" if args.attack == "pgd" else ""
-            print(f"{label} ({args.norm}, eps {args.eps:.4g}{extra}): clean top-1 {robust['clean_top1']:.2f}%  "
-                  f"robust top-1 {robust['robust_top1']:.2f}%")
+            print(
+                f"{label} ({args.norm}, eps {args.eps:.4g}{extra}): clean top-1 {robust['clean_top1']:.2f}%  "
+                f"robust top-1 {robust['robust_top1']:.2f}%"
+            )
     return 0
 
 
@@ -161,36 +180,49 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    """Parameters, FLOPs, size on disk, CPU latency; rates against --teacher (kdforge.compress.report)."""
-    from kdforge.compress.report import format_report, profile_networks
+    """Parameters, FLOPs, size on disk, CPU latency; rates against --teacher (kdforge.commands.profile)."""
+    from kdforge.commands.profile import format_report, profile_networks
 
     shape = _parse_shape(args.input) if args.input else None
-    report, names = profile_networks(args.model, args.teacher, shape, args.classes, tuple(args.batch_sizes),
-                                     args.threads)
+    report, names = profile_networks(
+        args.model, args.teacher, shape, args.classes, tuple(args.batch_sizes), args.threads
+    )
     if args.json:
         print(json.dumps(report))
         return 0
     channels, height, width = report["input_shape"]
-    print(f"{names[0]}: {report['classes']} classes, input {channels}x{height}x{width}, cpu, "
-          f"{report['student']['threads']} threads")
+    print(
+        f"{names[0]}: {report['classes']} classes, input {channels}x{height}x{width}, cpu, "
+        f"{report['student']['threads']} threads"
+    )
     print(format_report(report, *names))
     return 0
 
 
 # ----------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a model file's network as ONNX (optionally int8) or TorchScript (kdforge.compress.export)."""
-    from kdforge.compress.export import export_checkpoint
+    """Write a model file's network as ONNX (optionally int8) or TorchScript (kdforge.commands.export)."""
+    from kdforge.commands.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.format, args.out, int8=args.int8, data=args.data, root=args.root,
-                               batches=args.calibration_batches, check=not args.no_check)
+    result = export_checkpoint(
+        args.checkpoint,
+        args.format,
+        args.out,
+        int8=args.int8,
+        data=args.data,
+        root=args.root,
+        batches=args.calibration_batches,
+        check=not args.no_check,
+    )
     if args.json:
         print(json.dumps(result))
         return 0
     check = f" (max |difference| vs PyTorch {result['max_abs_diff']:.2e})" if "max_abs_diff" in result else ""
     print(f"{args.format}: {result['path']}{check}")
     if args.int8:
-        agree = f", top-1 agreement with float {100 * result['int8_agreement']:.1f}%" if "int8_agreement" in result else ""
+        agree = (
+            f", top-1 agreement with float {100 * result['int8_agreement']:.1f}%" if "int8_agreement" in result else ""
+        )
         print(f"int8 (ONNX Runtime static, per-channel): {result['int8_path']}{agree}")
     return 0
 
@@ -214,8 +246,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from kdforge.suite import run_suite
 
-    result = run_suite(args.suite, args.out, jobs=args.jobs, threads=args.threads,
-                       methods=args.methods, seeds=args.seeds)
+    result = run_suite(
+        args.suite, args.out, jobs=args.jobs, threads=args.threads, methods=args.methods, seeds=args.seeds
+    )
     if not args.no_report:
         from kdforge.report import write_report
 
@@ -249,9 +282,11 @@ def cmd_teacher_bank(args: argparse.Namespace) -> int:
     epochs = args.epochs or config.train.epochs
     started = time.perf_counter()
     bank.precompute(epochs, progress=True)
-    print(f"teacher bank {bank.key[:12]}: {epochs} epochs for {len(data.train)} images, "
-          f"{bank.bytes_per_epoch() / 1e6:.1f} MB per stored epoch, in {bank.path} "
-          f"({time.perf_counter() - started:.0f} s)")
+    print(
+        f"teacher bank {bank.key[:12]}: {epochs} epochs for {len(data.train)} images, "
+        f"{bank.bytes_per_epoch() / 1e6:.1f} MB per stored epoch, in {bank.path} "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
     return 0
 
 
@@ -263,13 +298,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    from kdforge import __version__
+
     parser = argparse.ArgumentParser(prog="kdforge", description="Knowledge distillation for PyTorch")
+    parser.add_argument("--version", action="version", version=f"kdforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a recipe (or a pipeline of recipes)")
     train.add_argument("config", help="YAML recipe (see configs/)")
-    train.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
-                       help="override recipe values, e.g. --set train.epochs=5 method.temperature=2")
+    train.add_argument(
+        "--set",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override recipe values, e.g. --set train.epochs=5 method.temperature=2",
+    )
     train.add_argument("--out", help="run directory (default runs/<name>)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     train.set_defaults(func=cmd_train)
@@ -281,7 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["test", "train"], default="test")
     evaluate.add_argument("--batch-size", type=int, default=512)
     evaluate.add_argument("--json", action="store_true")
-    evaluate.add_argument("--limit", type=int, help="evaluate N images of the split only: a seeded class-balanced subset, the same every time")
+    evaluate.add_argument(
+        "--limit",
+        type=int,
+        help="evaluate N images of the split only: a seeded class-balanced subset, the same every time",
+    )
     evaluate.add_argument("--attack", choices=["fgsm", "pgd"], help="also report robust top-1 under this attack")
     evaluate.add_argument("--eps", type=_fraction, default=8 / 255, help="attack radius in [0, 1] pixel units (8/255)")
     evaluate.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
@@ -310,8 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jobs", type=int, default=1, help="runs at once, as separate processes")
     bench.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     bench.add_argument("--no-report", action="store_true")
-    bench.add_argument("--methods", nargs="+", metavar="LABEL",
-                       help="run only these method labels of the suite (and the teachers they need)")
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="LABEL",
+        help="run only these method labels of the suite (and the teachers they need)",
+    )
     bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds of the suite")
     bench.set_defaults(func=cmd_bench)
 
@@ -343,19 +395,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
 
-    from kdforge.nonn.commands import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
+    from kdforge.commands.nonn import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
 
     add_nonn_commands(sub)
+    for command in sub.choices.values():  # every command can load the user's own code
+        command.add_argument(
+            "--import",
+            dest="imports",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import a module or .py file first (the user's models, methods, datasets); repeatable",
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from kdforge.core.plugins import import_all
     from kdforge.engine.trainer import RunInterrupted
 
     previous = _stop_on_sigterm()
     try:
+        import_all(args.imports)  # the user's models, methods and datasets (kdforge.core.plugins)
         return args.func(args)
     except RunInterrupted as exc:
         print(f"kdforge: {exc}", file=sys.stderr)

@@ -1,19 +1,22 @@
 """Typed run configuration: YAML recipes validated by pydantic, ``--set key.path=value`` overrides.
 
-Every mistake becomes one :class:`~kdforge.errors.ConfigError` line that names the key path, what
-is wrong and what is allowed (with the closest key when a name is misspelt).
+Every mistake becomes one :class:`~kdforge.core.errors.ConfigError` line that names the key path,
+what is wrong and what is allowed (with the closest key when a name is misspelt).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdforge.errors import ConfigError, closest
+from kdforge.core.errors import ConfigError, closest
+from kdforge.core.plugins import import_all
+from kdforge.core.validation import validation_message
 
 
 class Strict(BaseModel):
@@ -31,7 +34,7 @@ class DataConfig(Strict):
     download: bool = False
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     train_subset: int | None = Field(None, gt=0, description="class-balanced subset of train")
-    seed: int = Field(0, description="seed of the validation split and the subset")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed of the validation split and the subset")
     augment: bool | AugmentConfig = Field(True, description="true: the dataset's default")
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
 
@@ -70,7 +73,7 @@ class ModelConfig(Strict):
     qat: QATConfig | None = None
 
     @model_validator(mode="after")
-    def _named(self) -> "ModelConfig":
+    def _named(self) -> ModelConfig:
         if self.name is None and self.checkpoint is None:
             raise ValueError("give the model's 'name' (see `kdforge list models`) or a 'checkpoint'")
         return self
@@ -136,15 +139,34 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f/\\]|^\.{1,2}$")
+
+
 class RunConfig(Strict):
-    name: str = "run"
-    seed: int = 0
+    name: str = Field("run", min_length=1, max_length=120, description="run label; also the default run folder")
+    imports: list[str] = Field(
+        default_factory=list,
+        description="modules or .py files imported before the recipe is validated: the user's own "
+        "models, methods and datasets (kdforge.core.plugins)",
+    )
+    seed: int = Field(0, ge=0, lt=2**32, description="0 <= seed < 2^32 (torch's generators take 64 bits; numpy's 32)")
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig
     teachers: list[ModelConfig] = Field(default_factory=list)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     teacher_bank: TeacherBankConfig = Field(default_factory=TeacherBankConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        """The name becomes a folder under runs/: no path separators, control characters, '.' or '..'."""
+        if _UNSAFE_NAME.search(value) or not value.strip():
+            raise ValueError(
+                "a run name must be a plain label (no '/', '\\', control characters, '.' or '..'); "
+                "use --out to choose the run folder"
+            )
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude_none=False)
@@ -160,50 +182,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-# --------------------------------------------------------------------------- errors
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    """The field names of the model found by following ``loc`` through nested models."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return None
-        current = _model_in(field.annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return None
-
-
-def _model_in(annotation: Any) -> Any:
-    """The BaseModel class inside an annotation such as ``list[ModelConfig]`` or ``X | None``."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def validation_message(error: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """Turn pydantic's first error into one line: key path, problem, what is allowed."""
-    first = error.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    path = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "config"
-    if first["type"] == "extra_forbidden":
-        allowed = _fields_at(model, loc[:-1]) or []
-        hint = closest(str(loc[-1]), allowed)
-        return f"unknown key '{path}'{hint}; allowed here: {', '.join(allowed)}"
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"bad value for '{path}': {message}{shown}"
 
 
 # --------------------------------------------------------------------------- loading
@@ -268,10 +246,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
     _rebase_checkpoints(data, path.parent)
+    rebase_imports(data, path.parent)
     if isinstance(data.get("base"), str):  # a recipe may extend another file
         base = data.pop("base")
         return deep_merge(read_yaml(path.parent / base), data)
     return data
+
+
+def rebase_imports(recipe: dict[str, Any], folder: Path) -> None:
+    """``.py`` files in ``imports:`` are tried against the working directory, then against the
+    recipe's folder: a file that only exists relative to the recipe is made absolute."""
+    entries = recipe.get("imports")
+    if isinstance(entries, str):
+        entries = recipe["imports"] = [entries]
+    if not isinstance(entries, list):
+        return
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str) and (entry.endswith(".py") or "/" in entry):
+            file = Path(entry).expanduser()
+            if not file.is_absolute() and not file.exists() and (folder / file).exists():
+                entries[i] = str((folder / file).resolve())
 
 
 def _rebase_checkpoints(recipe: dict[str, Any], folder: Path) -> None:
@@ -313,6 +307,10 @@ def build_config(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
     data = copy.deepcopy(data)
     for text in overrides:
         apply_override(data, *parse_override(text))
+    imports = data.get("imports")
+    if imports is not None and not (isinstance(imports, list) and all(isinstance(i, str) for i in imports)):
+        raise ConfigError(f"bad value for 'imports': a list of module names or .py paths, got {imports!r}")
+    import_all(imports)  # the user's models and methods register before the recipe is checked
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -41,8 +41,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdforge.config import build_config, deep_merge, read_yaml, validation_message
-from kdforge.errors import ConfigError, closest
+from kdforge.config import build_config, deep_merge, read_yaml, rebase_imports
+from kdforge.core.errors import ConfigError, closest
+from kdforge.core.plugins import import_all
+from kdforge.core.runlock import RunLock
+from kdforge.core.validation import validation_message
 
 
 class TeacherSpec(BaseModel):
@@ -51,7 +54,7 @@ class TeacherSpec(BaseModel):
     checkpoint: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TeacherSpec":
+    def _one_source(self) -> TeacherSpec:
         if (self.recipe is None) == (self.checkpoint is None):
             raise ValueError("a teacher needs exactly one of 'recipe' (train it) or 'checkpoint' (a model file)")
         return self
@@ -73,13 +76,16 @@ class SuiteSpec(BaseModel):
     pairs: list[PairSpec]
     methods: dict[str, dict[str, Any]]
     teacher_bank: bool = False
+    #: modules or .py files (relative to the suite file) with the user's models and methods,
+    #: imported before planning and added to every run's recipe
+    imports: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _teachers_exist(self) -> "SuiteSpec":
+    def _teachers_exist(self) -> SuiteSpec:
         for pair in self.pairs:
             if pair.teacher is not None and pair.teacher not in self.teachers:
                 raise ValueError(
-                    f"pair teacher '{pair.teacher}' is not defined under 'teachers'{closest(pair.teacher, self.teachers)}"
+                    f"pair teacher '{pair.teacher}' is not defined under 'teachers'{closest(pair.teacher, self.teachers)}"  # noqa: E501
                 )
         return self
 
@@ -116,7 +122,9 @@ def load_suite(path: str | Path) -> tuple[SuiteSpec, Path]:
 def _resolve_base(recipe: dict[str, Any], folder: Path) -> dict[str, Any]:
     recipe = dict(recipe)
     base = recipe.pop("base", None)
-    return deep_merge(read_yaml(folder / base), recipe) if base else recipe
+    merged = deep_merge(read_yaml(folder / base), recipe) if base else recipe
+    rebase_imports(merged, folder)
+    return merged
 
 
 def _student_label(student: dict[str, Any]) -> str:
@@ -129,6 +137,10 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
     """Expand the suite into runs: teachers first, then seeds x pairs x methods."""
     from kdforge.methods import METHODS
 
+    imports_holder: dict[str, Any] = {"imports": list(spec.imports)}
+    rebase_imports(imports_holder, folder)
+    suite_imports: list[str] = imports_holder["imports"]
+    import_all(suite_imports)  # the user's methods and models must be registered before planning
     runs: list[PlannedRun] = []
     teacher_files: dict[str, str] = {}
     for label, teacher in spec.teachers.items():
@@ -142,6 +154,8 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
             continue
         recipe = _resolve_base(teacher.recipe, folder)
         recipe.setdefault("name", f"teacher {label}")
+        if suite_imports:
+            recipe["imports"] = suite_imports + [i for i in recipe.get("imports", []) if i not in suite_imports]
         # a teacher distilled from other suite teachers (a teacher assistant) names them by label
         depends_on = []
         resolved_teachers = []
@@ -167,6 +181,7 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
         pair_label = pair.label or f"{pair.teacher or 'none'}-{_student_label(pair.student)}"
         for method_label, partial in spec.methods.items():
             partial = copy.deepcopy(partial)
+            import_all(deep_merge(base, partial).get("imports"))
             method = partial.get("method", {}).get("name", "ce")
             needs_teacher = METHODS.get(method).teachers_required[0] > 0
             teacher_labels = partial.pop("teachers", None)
@@ -185,14 +200,18 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
                 recipe["teachers"] = [{"checkpoint": teacher_files[t]} for t in teacher_labels]
                 recipe["seed"] = seed
                 recipe["name"] = f"{method_label} ({pair_label})"
+                if suite_imports:
+                    recipe["imports"] = suite_imports + [i for i in recipe.get("imports", []) if i not in suite_imports]
                 if spec.teacher_bank and teacher_labels:
                     recipe.setdefault("teacher_bank", {})["enabled"] = True
-                runs.append(PlannedRun(
-                    f"{pair_label}/{method_label}/seed{seed}",
-                    out / pair_label / method_label / f"seed{seed}",
-                    recipe,
-                    depends_on=[f"teachers/{t}" for t in teacher_labels if spec.teachers[t].recipe is not None],
-                ))
+                runs.append(
+                    PlannedRun(
+                        f"{pair_label}/{method_label}/seed{seed}",
+                        out / pair_label / method_label / f"seed{seed}",
+                        recipe,
+                        depends_on=[f"teachers/{t}" for t in teacher_labels if spec.teachers[t].recipe is not None],
+                    )
+                )
     # seed-major order: a suite stopped part-way has every method at the first seeds
     order = {seed: i for i, seed in enumerate(spec.seeds)}
     runs.sort(key=lambda r: -1 if r.is_teacher else order[r.recipe["seed"]])
@@ -266,9 +285,15 @@ def select(spec: SuiteSpec, methods: list[str] | None = None, seeds: list[int] |
     return spec
 
 
-def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, echo=print,
-              threads: int | None = None, methods: list[str] | None = None,
-              seeds: list[int] | None = None) -> dict[str, Any]:
+def run_suite(
+    path: str | Path,
+    out: str | Path | None = None,
+    jobs: int = 1,
+    echo=print,
+    threads: int | None = None,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
     """Run (or continue) a suite; returns counts and the failed runs.
 
     ``threads`` (torch threads per run) defaults to the cores divided by ``jobs``; set it lower to
@@ -291,13 +316,20 @@ def run_suite(path: str | Path, out: str | Path | None = None, jobs: int = 1, ec
         runs = [r for r in runs if not r.is_teacher or r.label in needed]
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "suite folder"):  # two benches on one folder would train the same runs twice
+        return _run_planned(spec, runs, out, log_dir, jobs, echo, threads)
+
+
+def _run_planned(spec, runs, out, log_dir, jobs, echo, threads) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs, cores))
     threads = max(1, threads if threads else cores // jobs)
 
     pending = [r for r in runs if r.status() != "finished"]
-    echo(f"suite {spec.name}: {len(runs)} runs ({len(runs) - len(pending)} already finished), "
-         f"{jobs} at a time x {threads} threads, into {out}")
+    echo(
+        f"suite {spec.name}: {len(runs)} runs ({len(runs) - len(pending)} already finished), "
+        f"{jobs} at a time x {threads} threads, into {out}"
+    )
     failed: dict[str, int] = {}
     done: set[str] = {r.label for r in runs if r.status() == "finished"}
     started = time.perf_counter()

@@ -5,7 +5,8 @@ See docs/compression.md.
 """
 
 from kdforge.compress.arch import load_model_file, materialize
-from kdforge.compress.export import check_onnx, export, export_onnx, export_torchscript
+from kdforge.compress.export import check_onnx, export, export_onnx, export_torchscript, quantize_model
+from kdforge.compress.footprint import compression_report, describe, size_on_disk
 from kdforge.compress.lma import LMA, lma_student
 from kdforge.compress.proximal import (
     group_soft_threshold,
@@ -28,8 +29,7 @@ from kdforge.compress.prune import (
     remove_zero_filters,
     zero_channels,
 )
-from kdforge.compress.quantize import OnnxModule, prepare_qat, quantize_model, quantize_onnx, strip_qat
-from kdforge.compress.report import compression_report, describe, size_on_disk
+from kdforge.compress.quantize import OnnxModule, prepare_qat, quantize_onnx, strip_qat
 
 __all__ = [
     "LMA",

@@ -26,7 +26,12 @@ from typing import Any
 
 from torch import nn
 
-from kdforge.errors import CheckpointError, ConfigError
+from kdforge.compress.lma import lma_student
+from kdforge.compress.prune import keep_masks, magnitude_prune, prune_filters, resize_module, zero_masks
+from kdforge.compress.quantize import prepare_qat
+from kdforge.core.checkpoint import load_weights, read_model_file
+from kdforge.core.errors import CheckpointError, ConfigError
+from kdforge.models import create
 
 STRUCTURAL = ("lma", "resize", "qat")
 KNOWN = (*STRUCTURAL, "sparse")
@@ -45,10 +50,6 @@ def _check(ops: Any, source: str) -> list[dict[str, Any]]:
 
 def rebuild(model: nn.Module, ops: Sequence[dict[str, Any]] | None, source: str = "model file") -> nn.Module:
     """Apply the structural steps (``lma``, ``resize``, ``qat``) to a freshly built zoo model, in place."""
-    from kdforge.compress.lma import lma_student
-    from kdforge.compress.prune import resize_module
-    from kdforge.compress.quantize import prepare_qat
-
     modules = None
     for op in _check(list(ops) if ops is not None else None, source):
         kind = op["op"]
@@ -67,8 +68,6 @@ def rebuild(model: nn.Module, ops: Sequence[dict[str, Any]] | None, source: str 
 
 def after_load(model: nn.Module, ops: Sequence[dict[str, Any]] | None) -> None:
     """Steps that need the loaded weights: hold the zeros of a ``sparse`` step during training."""
-    from kdforge.compress.prune import keep_masks, zero_masks
-
     if any(op.get("op") == "sparse" for op in ops or ()):
         keep_masks(model, zero_masks(model))
 
@@ -85,9 +84,6 @@ def transform(
     Arguments are the recipe sections (pydantic models or dicts, None when absent). Returns the
     steps to append to the model file's ``architecture``.
     """
-    from kdforge.compress.lma import lma_student
-    from kdforge.compress.prune import keep_masks, magnitude_prune, prune_filters
-    from kdforge.compress.quantize import prepare_qat
 
     def plain(section: Any) -> dict[str, Any]:
         return section.model_dump() if hasattr(section, "model_dump") else dict(section)
@@ -114,8 +110,13 @@ def transform(
     if qat is not None:
         settings = plain(qat)
         prepare_qat(model, int(settings.get("weight_bits", 8)), int(settings.get("activation_bits", 8)))
-        steps.append({"op": "qat", "weight_bits": int(settings.get("weight_bits", 8)),
-                      "activation_bits": int(settings.get("activation_bits", 8))})
+        steps.append(
+            {
+                "op": "qat",
+                "weight_bits": int(settings.get("weight_bits", 8)),
+                "activation_bits": int(settings.get("activation_bits", 8)),
+            }
+        )
     return steps
 
 
@@ -128,8 +129,6 @@ def materialize(
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Zoo model -> the network a recipe asks for: rebuild the checkpoint's architecture, load its
     weights, apply the recipe's ``lma``/``prune``/``qat`` switches. Returns the model and its steps."""
-    from kdforge.engine.checkpoint import load_weights
-
     saved = _check(((record or {}).get("model") or {}).get("architecture"), source)
     rebuild(model, saved, source)
     if record is not None:
@@ -151,13 +150,14 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     Returns ``(model in eval mode, the file's record)``.
     """
-    from kdforge.engine.checkpoint import read_model_file
-    from kdforge.models import create
-
     record = read_model_file(path)
     spec = record.get("model") or {}
     if not spec.get("name"):
         raise CheckpointError(f"'{path}' is a plain state dict; give a kdforge model file (checkpoints/model_*.pt)")
+    from kdforge.core.plugins import require_registered
+    from kdforge.models import MODELS
+
+    require_registered(MODELS, spec["name"], record, str(path))
     model = create(
         spec["name"],
         num_classes=spec["num_classes"],

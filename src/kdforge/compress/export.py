@@ -1,4 +1,6 @@
-"""Deployable students: ONNX and TorchScript files (``kdforge export CHECKPOINT --format onnx``).
+"""Deployable students: ONNX and TorchScript files, and the float ONNX file quantized to int8.
+
+The ``kdforge export`` command that applies these to a model file is :mod:`kdforge.commands.export`.
 
 The exported network is the model file's inference network in eval mode (BN and LMA use their
 running statistics; QAT layers are stripped back to float), with a dynamic batch dimension.
@@ -14,14 +16,16 @@ import importlib.util
 import io
 import logging
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from kdforge.compress.quantize import deployable, session
-from kdforge.errors import KDForgeError
+from kdforge.compress.quantize import deployable, quantize_onnx, session
+from kdforge.core.errors import KDForgeError
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -49,15 +53,28 @@ def export_onnx(
         if dynamo:
             batch = torch.export.Dim("batch", min=1)
             torch.onnx.export(
-                network, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False,
-                external_data=False, optimize=True,
+                network,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+                optimize=True,
             )
         else:
             torch.onnx.export(
-                network, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                network,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=min(opset, 17), dynamo=False,
+                opset_version=min(opset, 17),
+                dynamo=False,
             )
     return path
 
@@ -106,80 +123,22 @@ def export(
     raise KDForgeError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
 
 
-def calibration_batches(
-    dataset: str, root: str | None = None, batches: int = 8, batch_size: int = 64, seed: int = 0
-) -> list[torch.Tensor]:
-    """``batches`` shuffled training batches of ``dataset``, normalised as at test time (no augmentation)."""
-    from kdforge.config import DataConfig
-    from kdforge.data import BatchLoader
-    from kdforge.engine.build import build_augmentation, build_data
+def quantize_model(
+    model: nn.Module,
+    int8_path: str | Path,
+    input_shape: tuple[int, ...],
+    calibration: Iterable[Tensor | np.ndarray],
+    per_channel: bool = True,
+    method: str = "minmax",
+) -> tuple[Path, Path]:
+    """Export ``model`` (QAT layers stripped) to ONNX next to ``int8_path`` and quantize it.
 
-    cfg = DataConfig(name=dataset, root=root, augment=False)
-    data = build_data(cfg)
-    loader = BatchLoader(data.train, batch_size, shuffle=True, seed=seed, augmentation=build_augmentation(cfg, data.info),
-                         train=False)
-    found = []
-    for batch in loader:
-        found.append(batch.image.detach().cpu())
-        if len(found) >= batches:
-            break
-    return found
+    Returns ``(float_onnx_path, int8_onnx_path)``.
+    """
+    int8_path = Path(int8_path)
+    float_path = int8_path.with_name(int8_path.stem.removesuffix(".int8") + ".float.onnx")
+    export_onnx(model, float_path, input_shape)
+    return float_path, quantize_onnx(float_path, int8_path, calibration, per_channel, method)
 
 
-def export_checkpoint(
-    checkpoint: str | Path,
-    format: str = "onnx",
-    out: str | Path | None = None,
-    int8: bool = False,
-    data: str | None = None,
-    root: str | None = None,
-    batches: int = 8,
-    batch_size: int = 64,
-    check: bool = True,
-) -> dict[str, Any]:
-    """``kdforge export``: write a model file's network as ONNX (optionally int8) or TorchScript."""
-    from kdforge.compress.arch import input_shape_of, load_model_file
-    from kdforge.compress.quantize import OnnxModule, quantize_onnx
-
-    if int8 and format != "onnx":
-        raise KDForgeError("--int8 quantizes ONNX files; use --format onnx")
-    model, record = load_model_file(checkpoint)
-    shape = input_shape_of(record)
-    path = Path(out) if out else default_path(checkpoint, format, int8)
-    result: dict[str, Any] = {"checkpoint": str(checkpoint), "format": format, "input_shape": list(shape)}
-    if format == "torchscript":
-        export_torchscript(model, path, shape)
-        loaded = torch.jit.load(str(path))
-        x = torch.randn(4, *shape)
-        with torch.no_grad():
-            result["max_abs_diff"] = float((loaded(x) - deployable(model)(x)).abs().max())
-        result["path"] = str(path)
-        return result
-    float_path = path.with_name(path.name.removesuffix(".int8.onnx") + ".float.onnx") if int8 else path
-    export_onnx(model, float_path, shape)
-    if check and importlib.util.find_spec("onnxruntime") is not None:
-        result["max_abs_diff"] = check_onnx(model, float_path, shape)
-    result["path"] = str(float_path)
-    if int8:
-        dataset = data or (record.get("dataset") or {}).get("name")
-        if not dataset:
-            raise KDForgeError("the checkpoint does not say its dataset; pass --data NAME for calibration")
-        quantize_onnx(float_path, path, calibration_batches(dataset, root, batches, batch_size))
-        result.update(int8_path=str(path), calibration_images=batches * batch_size)
-        if check:
-            network = deployable(model)
-            x = calibration_batches(dataset, root, 1, 64, seed=1)[0]
-            with torch.no_grad():
-                agree = (OnnxModule(path)(x).argmax(1) == network(x).argmax(1)).float().mean()
-            result["int8_agreement"] = float(agree)
-    return result
-
-
-def default_path(checkpoint: str | Path, format: str, int8: bool = False) -> Path:
-    checkpoint = Path(checkpoint)
-    suffix = (".int8.onnx" if int8 else ".onnx") if format == "onnx" else ".torchscript.pt"
-    return checkpoint.with_name(checkpoint.stem + suffix)
-
-
-__all__ = ["FORMATS", "calibration_batches", "check_onnx", "default_path", "export", "export_checkpoint", "export_onnx",
-           "export_torchscript"]
+__all__ = ["FORMATS", "check_onnx", "export", "export_onnx", "export_torchscript", "quantize_model"]

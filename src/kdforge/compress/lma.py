@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 
 class _SegmentLookup(torch.autograd.Function):

@@ -132,8 +132,8 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def sparsity_of(model: nn.Module) -> dict:
     """Fraction of exact zeros in the prunable weights::
 
-        {"overall": zeros / total, "zeros": int, "total": int,
-         "layers": {name: fraction of zeros in that layer's weight}}
+    {"overall": zeros / total, "zeros": int, "total": int,
+     "layers": {name: fraction of zeros in that layer's weight}}
     """
     layers: dict[str, float] = {}
     zeros = total = 0

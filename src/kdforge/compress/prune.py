@@ -40,7 +40,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from kdforge.compress.lma import LMA
 from kdforge.compress.proximal import magnitude_mask, prunable_layers, sparsity_of
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
+from kdforge.models.taps import FeatureTap
+from kdforge.models.vgg import MaxPoolIfLarge
 
 # ----------------------------------------------------------------------------- unstructured
 
@@ -134,9 +136,7 @@ _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 
 
 def _channelwise_extra() -> tuple[type, ...]:
-    from kdforge.models.vgg import MaxPoolIfLarge  # pooling that only sometimes happens
-
-    return (MaxPoolIfLarge,)
+    return (MaxPoolIfLarge,)  # pooling that only sometimes happens
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -236,144 +236,182 @@ def trace(model: nn.Module, input_shape: Sequence[int]) -> fx.GraphModule:
 
 def channel_groups(model: nn.Module, input_shape: Sequence[int]) -> list[ChannelGroup]:
     """The channel groups of ``model`` (prunable or not), in order of first appearance."""
-    graph_module = trace(model, input_shape)
-    modules = dict(model.named_modules())
-    spaces = _Spaces()
-    space_of: dict[fx.Node, int] = {}
-    roles: dict[str, dict[str, Any]] = {}  # module name -> {"kind", "in", "out"}
-    channelwise = CHANNELWISE + _channelwise_extra()
+    return _ChannelAnalysis(model, input_shape).groups()
 
-    def channels(node: Any) -> int | None:
-        shape = _shape(node)
-        return shape[1] if shape is not None and len(shape) >= 2 else None
 
-    def inputs(node: fx.Node) -> list[fx.Node]:
+def _channels(node: Any) -> int | None:
+    shape = _shape(node)
+    return shape[1] if shape is not None and len(shape) >= 2 else None
+
+
+class _ChannelAnalysis:
+    """One walk over the traced graph of a network: every tensor gets a channel space (union-find);
+    modules record which spaces they read (``in``) and write (``out``); an operation whose channel
+    layout is not understood freezes the spaces it touches, with the reason."""
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int]) -> None:
+        self.graph_module = trace(model, input_shape)
+        self.modules = dict(model.named_modules())
+        self.spaces = _Spaces()
+        self.space_of: dict[fx.Node, int] = {}
+        self.roles: dict[str, dict[str, Any]] = {}  # module name -> {"kind", "in", "out"}
+        self.channelwise = CHANNELWISE + _channelwise_extra()
+
+    def groups(self) -> list[ChannelGroup]:
+        for node in self.graph_module.graph.nodes:
+            self._visit(node)
+        return self._collect()
+
+    # ------------------------------------------------------------------ spaces
+    def _inputs(self, node: fx.Node) -> list[fx.Node]:
         found: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
-        return [n for n in found if n in space_of]
+        return [n for n in found if n in self.space_of]
 
-    def fresh(node: fx.Node, frozen: str | None = None) -> None:
-        size = channels(node)
+    def _fresh(self, node: fx.Node, frozen: str | None = None) -> None:
+        size = _channels(node)
         if size is not None:
-            space_of[node] = spaces.new(size, frozen)
+            self.space_of[node] = self.spaces.new(size, frozen)
 
-    def opaque(node: fx.Node, why: str) -> None:
-        for source in inputs(node):
-            spaces.freeze(space_of[source], why)
-        fresh(node, why)
+    def _opaque(self, node: fx.Node, why: str) -> None:
+        for source in self._inputs(node):
+            self.spaces.freeze(self.space_of[source], why)
+        self._fresh(node, why)
 
-    def passthrough(node: fx.Node, source: Any) -> None:
-        if isinstance(source, fx.Node) and source in space_of and channels(node) == channels(source):
-            space_of[node] = space_of[source]
+    def _passthrough(self, node: fx.Node, source: Any) -> None:
+        if isinstance(source, fx.Node) and source in self.space_of and _channels(node) == _channels(source):
+            self.space_of[node] = self.space_of[source]
         else:
-            opaque(node, f"'{node.name}' changes the channel layout")
+            self._opaque(node, f"'{node.name}' changes the channel layout")
 
-    def module_space(name: str, key: str, space: int) -> int:
+    def _module_space(self, name: str, key: str, space: int) -> int:
         """A module called several times must see the same space each time."""
-        role = roles.setdefault(name, {})
+        role = self.roles.setdefault(name, {})
         if key in role:
-            return spaces.union(role[key], space)
+            return self.spaces.union(role[key], space)
         role[key] = space
         return space
 
-    for node in graph_module.graph.nodes:
+    # ------------------------------------------------------------------ nodes
+    def _visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            fresh(node, "network input")
+            self._fresh(node, "network input")
         elif node.op == "output":
-            for source in inputs(node):
-                spaces.freeze(space_of[source], "network output")
+            for source in self._inputs(node):
+                self.spaces.freeze(self.space_of[source], "network output")
         elif node.op == "get_attr":
-            fresh(node, f"tensor attribute '{node.target}'")
+            self._fresh(node, f"tensor attribute '{node.target}'")
         elif node.op == "call_module":
-            module = modules[node.target]
-            name = node.target
-            source = node.args[0] if node.args else None
-            shape_in = _shape(source)
-            if source not in space_of or shape_in is None:
-                opaque(node, f"module '{name}' has an unsupported input")
-            elif isinstance(module, nn.Conv2d):
-                if module.groups == 1:
-                    roles.setdefault(name, {})["kind"] = "conv"
-                    module_space(name, "in", space_of[source])
-                    out = roles[name].get("out")
-                    space_of[node] = out if out is not None else spaces.new(module.out_channels)
-                    module_space(name, "out", space_of[node])
-                elif _is_depthwise(module):
-                    roles.setdefault(name, {})["kind"] = "depthwise"
-                    space_of[node] = module_space(name, "in", space_of[source])
-                else:
-                    opaque(node, f"grouped convolution '{name}'")
-            elif isinstance(module, nn.Linear):
-                if len(shape_in) != 2:
-                    opaque(node, f"linear '{name}' on a {len(shape_in)}-d input")
-                else:
-                    roles.setdefault(name, {})["kind"] = "linear"
-                    module_space(name, "in", space_of[source])
-                    out = roles[name].get("out")
-                    space_of[node] = out if out is not None else spaces.new(module.out_features)
-                    module_space(name, "out", space_of[node])
-            elif isinstance(module, _BatchNorm):
-                roles.setdefault(name, {})["kind"] = "norm"
-                space_of[node] = module_space(name, "in", space_of[source])
-            elif isinstance(module, nn.Flatten):
-                if module.start_dim == 1 and math.prod(shape_in[2:]) == 1:
-                    passthrough(node, source)
-                else:
-                    opaque(node, f"flatten '{name}' of a spatial map")
-            elif isinstance(module, channelwise) and len(node.args) == 1:
-                passthrough(node, source)
-            else:
-                opaque(node, f"module '{name}' ({type(module).__name__})")
+            self._visit_module(node)
         elif node.op in ("call_function", "call_method"):
-            target = node.target
-            tensors = [a for a in node.args if isinstance(a, fx.Node) and a in space_of]
-            if _shape(node) is None and (not tensors or target is getattr or target in ("size", "dim")):
-                continue  # shape arithmetic and the like
-            if target in _BINARY or (node.op == "call_method" and target in _BINARY_METHODS):
-                size = channels(node)
-                matching = [a for a in tensors if channels(a) == size]
-                others = [a for a in tensors if channels(a) not in (size, 1)]
-                if not matching or others or len(_shape(node) or ()) < 2:
-                    opaque(node, f"'{node.name}'")
-                else:
-                    space = space_of[matching[0]]
-                    for extra in matching[1:]:
-                        space = spaces.union(space, space_of[extra])
-                    space_of[node] = space
-            elif target in _UNARY_FUNCTIONS or (node.op == "call_method" and target in _UNARY_METHODS):
-                passthrough(node, node.args[0] if node.args else None)
-            elif target in _FLATTEN or (node.op == "call_method" and target in _FLATTEN_METHODS):
-                source = node.args[0] if node.args else None
-                shape_in, shape_out = _shape(source), _shape(node)
-                ok = shape_in is not None and shape_out is not None and len(shape_out) == 2
-                ok = ok and math.prod(shape_in[2:]) == 1 and shape_out[1] == shape_in[1]
-                if ok:
-                    passthrough(node, source)
-                else:
-                    opaque(node, f"reshape '{node.name}'")
+            self._visit_function(node)
+
+    def _visit_module(self, node: fx.Node) -> None:
+        module = self.modules[node.target]
+        name = node.target
+        source = node.args[0] if node.args else None
+        shape_in = _shape(source)
+        if source not in self.space_of or shape_in is None:
+            self._opaque(node, f"module '{name}' has an unsupported input")
+        elif isinstance(module, nn.Conv2d):
+            if module.groups == 1:
+                self._dense(node, name, "conv", source, module.out_channels)
+            elif _is_depthwise(module):
+                self._same_space(node, name, "depthwise", source)
             else:
-                opaque(node, f"'{node.name}' ({getattr(target, '__name__', target)})")
+                self._opaque(node, f"grouped convolution '{name}'")
+        elif isinstance(module, nn.Linear):
+            if len(shape_in) != 2:
+                self._opaque(node, f"linear '{name}' on a {len(shape_in)}-d input")
+            else:
+                self._dense(node, name, "linear", source, module.out_features)
+        elif isinstance(module, _BatchNorm):
+            self._same_space(node, name, "norm", source)
+        elif isinstance(module, nn.Flatten):
+            if module.start_dim == 1 and math.prod(shape_in[2:]) == 1:
+                self._passthrough(node, source)
+            else:
+                self._opaque(node, f"flatten '{name}' of a spatial map")
+        elif isinstance(module, self.channelwise) and len(node.args) == 1:
+            self._passthrough(node, source)
+        else:
+            self._opaque(node, f"module '{name}' ({type(module).__name__})")
 
-    groups: dict[int, ChannelGroup] = {}
+    def _dense(self, node: fx.Node, name: str, kind: str, source: fx.Node, out_size: int) -> None:
+        """A conv or linear: reads the input's space, writes its own (the same one at every call)."""
+        self.roles.setdefault(name, {})["kind"] = kind
+        self._module_space(name, "in", self.space_of[source])
+        out = self.roles[name].get("out")
+        self.space_of[node] = out if out is not None else self.spaces.new(out_size)
+        self._module_space(name, "out", self.space_of[node])
 
-    def group(space: int) -> ChannelGroup:
-        root = spaces.find(space)
-        if root not in groups:
-            groups[root] = ChannelGroup(spaces.size[root])
-        return groups[root]
+    def _same_space(self, node: fx.Node, name: str, kind: str, source: fx.Node) -> None:
+        """A depthwise conv or a BatchNorm: its output stays in its input's space."""
+        self.roles.setdefault(name, {})["kind"] = kind
+        self.space_of[node] = self._module_space(name, "in", self.space_of[source])
 
-    for name, role in roles.items():
-        kind = role.get("kind")
-        if kind in ("conv", "linear"):
-            group(role["in"]).consumers.append(name)
-            group(role["out"]).producers.append(name)
-        elif kind == "depthwise":
-            group(role["in"]).depthwise.append(name)
-        elif kind == "norm":
-            group(role["in"]).norms.append(name)
-    for root, found in groups.items():
-        found.frozen = spaces.frozen.get(root)
-    return list(groups.values())
+    def _visit_function(self, node: fx.Node) -> None:
+        target = node.target
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and a in self.space_of]
+        if _shape(node) is None and (not tensors or target is getattr or target in ("size", "dim")):
+            return  # shape arithmetic and the like
+        method = node.op == "call_method"
+        if target in _BINARY or (method and target in _BINARY_METHODS):
+            self._binary(node, tensors)
+        elif target in _UNARY_FUNCTIONS or (method and target in _UNARY_METHODS):
+            self._passthrough(node, node.args[0] if node.args else None)
+        elif target in _FLATTEN or (method and target in _FLATTEN_METHODS):
+            self._flatten(node)
+        else:
+            self._opaque(node, f"'{node.name}' ({getattr(target, '__name__', target)})")
+
+    def _binary(self, node: fx.Node, tensors: list[fx.Node]) -> None:
+        """An elementwise operation joins the spaces of its same-width operands (a residual addition)."""
+        size = _channels(node)
+        matching = [a for a in tensors if _channels(a) == size]
+        others = [a for a in tensors if _channels(a) not in (size, 1)]
+        if not matching or others or len(_shape(node) or ()) < 2:
+            self._opaque(node, f"'{node.name}'")
+            return
+        space = self.space_of[matching[0]]
+        for extra in matching[1:]:
+            space = self.spaces.union(space, self.space_of[extra])
+        self.space_of[node] = space
+
+    def _flatten(self, node: fx.Node) -> None:
+        """Flattening keeps the channels only when there is nothing spatial left (N x C x 1 x 1 -> N x C)."""
+        source = node.args[0] if node.args else None
+        shape_in, shape_out = _shape(source), _shape(node)
+        ok = shape_in is not None and shape_out is not None and len(shape_out) == 2
+        ok = ok and math.prod(shape_in[2:]) == 1 and shape_out[1] == shape_in[1]
+        if ok:
+            self._passthrough(node, source)
+        else:
+            self._opaque(node, f"reshape '{node.name}'")
+
+    # ------------------------------------------------------------------ groups
+    def _collect(self) -> list[ChannelGroup]:
+        """One ChannelGroup per space left after the unions, with its members and frozen reason."""
+        groups: dict[int, ChannelGroup] = {}
+
+        def group(space: int) -> ChannelGroup:
+            root = self.spaces.find(space)
+            if root not in groups:
+                groups[root] = ChannelGroup(self.spaces.size[root])
+            return groups[root]
+
+        for name, role in self.roles.items():
+            kind = role.get("kind")
+            if kind in ("conv", "linear"):
+                group(role["in"]).consumers.append(name)
+                group(role["out"]).producers.append(name)
+            elif kind == "depthwise":
+                group(role["in"]).depthwise.append(name)
+            elif kind == "norm":
+                group(role["in"]).norms.append(name)
+        for root, found in groups.items():
+            found.frozen = self.spaces.frozen.get(root)
+        return list(groups.values())
 
 
 # ----------------------------------------------------------------------------- structured pruning
@@ -523,7 +561,11 @@ def resize_module(module: nn.Module, shape: dict[str, int], name: str = "module"
     if isinstance(module, nn.Conv2d) and {"in_channels", "out_channels", "groups"} <= set(shape):
         module.in_channels, module.out_channels = shape["in_channels"], shape["out_channels"]
         module.groups = shape["groups"]
-        _set_parameter(module, "weight", fresh(module.weight, module.out_channels, module.in_channels // module.groups, *module.kernel_size))
+        _set_parameter(
+            module,
+            "weight",
+            fresh(module.weight, module.out_channels, module.in_channels // module.groups, *module.kernel_size),
+        )
         _set_parameter(module, "bias", fresh(module.bias, module.out_channels))
     elif isinstance(module, nn.Linear) and {"in_features", "out_features"} <= set(shape):
         module.in_features, module.out_features = shape["in_features"], shape["out_features"]
@@ -542,8 +584,6 @@ def resize_module(module: nn.Module, shape: dict[str, int], name: str = "module"
 
 def refresh_metadata(model: nn.Module, input_shape: Sequence[int]) -> None:
     """Update a zoo model's ``stage_channels`` and ``feature_dim`` after its widths changed."""
-    from kdforge.models.taps import FeatureTap
-
     points = getattr(model, "feature_points", None) or {}
     stages = [p for p in points if p.startswith("stage") and p[5:].isdigit()]
     names = [*stages, *(["pool"] if "pool" in points else [])]
@@ -616,7 +656,9 @@ def plan_zero_filters(model: nn.Module, input_shape: Sequence[int], residual: bo
     return PrunePlan(groups, keep)
 
 
-def remove_zero_filters(model: nn.Module, input_shape: Sequence[int], residual: bool = True) -> dict[str, dict[str, int]]:
+def remove_zero_filters(
+    model: nn.Module, input_shape: Sequence[int], residual: bool = True
+) -> dict[str, dict[str, int]]:
     """Physically remove all-zero filters (see ``plan_zero_filters``); returns the changed shapes."""
     shapes = remove_channels(model, plan_zero_filters(model, input_shape, residual))
     refresh_metadata(model, input_shape)

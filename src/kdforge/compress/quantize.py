@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError, KDForgeError
+from kdforge.core.errors import ConfigError, KDForgeError
 
 # ----------------------------------------------------------------------------- fake quantization
 
@@ -236,8 +236,11 @@ def quantize_onnx(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     if method not in methods:
         raise ConfigError(f"calibration method must be one of {', '.join(methods)}, got {method!r}")
     float_path, int8_path = Path(float_path), Path(int8_path)
@@ -265,26 +268,6 @@ def quantize_onnx(
     return int8_path
 
 
-def quantize_model(
-    model: nn.Module,
-    int8_path: str | Path,
-    input_shape: tuple[int, ...],
-    calibration: Iterable[Tensor | np.ndarray],
-    per_channel: bool = True,
-    method: str = "minmax",
-) -> tuple[Path, Path]:
-    """Export ``model`` (QAT layers stripped) to ONNX next to ``int8_path`` and quantize it.
-
-    Returns ``(float_onnx_path, int8_onnx_path)``.
-    """
-    from kdforge.compress.export import export_onnx
-
-    int8_path = Path(int8_path)
-    float_path = int8_path.with_name(int8_path.stem.removesuffix(".int8") + ".float.onnx")
-    export_onnx(model, float_path, input_shape)
-    return float_path, quantize_onnx(float_path, int8_path, calibration, per_channel, method)
-
-
 def deployable(model: nn.Module) -> nn.Module:
     """An eval-mode CPU copy of ``model`` with QAT layers stripped (what export writes)."""
     clone = copy.deepcopy(model).cpu().eval()
@@ -300,7 +283,6 @@ __all__ = [
     "fake_quantize_weight",
     "is_qat",
     "prepare_qat",
-    "quantize_model",
     "quantize_onnx",
     "require_onnxruntime",
     "session",

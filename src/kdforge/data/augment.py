@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.hashing import random_below, sample_keys
 from kdforge.data.types import DatasetInfo
-from kdforge.errors import ConfigError
 
 _ROW_STREAM = 0
 _COLUMN_STREAM = 1

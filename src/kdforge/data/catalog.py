@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
+from kdforge.core.registry import Registry
 from kdforge.data.types import DataSplits
-from kdforge.registry import Registry
 
-DATASETS: Registry[DataSplits] = Registry("dataset")
+DATASETS: Registry[DataSplits] = Registry("dataset", group="kdforge.datasets")

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import kdforge.data.sources  # noqa: F401  (registers the sources)
+from kdforge.core.errors import ConfigError, closest
 from kdforge.data.catalog import DATASETS
 from kdforge.data.splits import balanced_subset, stratified_split
 from kdforge.data.types import DataSplits
-from kdforge.errors import ConfigError, closest
 
 _COMMON_ARGUMENTS = {"root", "download"}
 

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdforge.errors import ConfigError, DataError
+from kdforge.core.errors import ConfigError, DataError
 
 _CHUNK = 1 << 20
 TIMEOUT_S = 60.0

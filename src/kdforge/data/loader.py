@@ -13,11 +13,11 @@ from collections.abc import Iterator
 
 import torch
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.augment import Augmentation
 from kdforge.data.batch import Batch
 from kdforge.data.hashing import derive_seed
 from kdforge.data.types import TensorData
-from kdforge.errors import ConfigError
 
 _SHUFFLE_STREAM = 3
 

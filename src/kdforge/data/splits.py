@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.hashing import derive_seed
-from kdforge.errors import ConfigError
 
 _VAL_STREAM = 1
 _SUBSET_STREAM = 2

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kdforge.errors import DataError
+from kdforge.core.errors import DataError
 
 
 @dataclass

@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdforge.core.checkpoint import atomic_save, atomic_write_text
+from kdforge.core.errors import KDForgeError
 from kdforge.data.augment import Augmentation
 from kdforge.data.types import TensorData
-from kdforge.engine.checkpoint import atomic_save, atomic_write_text
-from kdforge.errors import KDForgeError
 
 BANK_FORMAT = "kdforge-teacher-bank"
 BANK_VERSION = 1
@@ -139,7 +139,9 @@ def augmentation_description(augmentation: Augmentation | None) -> dict[str, Any
     }
 
 
-def reconstruct_top_k(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, num_classes: int) -> torch.Tensor:
+def reconstruct_top_k(
+    values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, num_classes: int
+) -> torch.Tensor:
     """Full float32 logits (... x C) from the top-k form: ``tail`` everywhere, ``values`` at ``indices``."""
     full = tail.to(torch.float32).unsqueeze(-1).expand(*tail.shape, num_classes).clone()
     return full.scatter_(-1, indices.long(), values.to(torch.float32))
@@ -183,7 +185,7 @@ class TeacherBank:
             raise TeacherBankError("teacher bank: the method has no teachers; disable teacher_bank for this recipe")
         if len(teachers) != len(teacher_files):
             raise TeacherBankError(
-                f"teacher bank: {len(teachers)} teachers but {len(teacher_files)} teacher files; give one file per teacher"
+                f"teacher bank: {len(teachers)} teachers but {len(teacher_files)} teacher files; give one file per teacher"  # noqa: E501
             )
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
             raise TeacherBankError(f"teacher bank: top_k must be a positive integer or None, got {top_k!r}")
@@ -438,7 +440,11 @@ class TeacherBank:
         for name, (shape, dtypes) in shapes.items():
             tensor = record.get(name)
             if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype not in dtypes:
-                got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                got = (
+                    f"{tensor.dtype} {tuple(tensor.shape)}"
+                    if isinstance(tensor, torch.Tensor)
+                    else type(tensor).__name__
+                )
                 return f"has '{name}' {got}, expected {dtypes[0]} {shape}"
         if storage == "top-k":
             indices = record["indices"]
@@ -453,9 +459,7 @@ class TeacherBank:
             "format": BANK_FORMAT,
             "version": BANK_VERSION,
             "key": self.key,
-            "teachers": [
-                {"file": f, "digest": d} for f, d in zip(self.teacher_files, self.teacher_digests)
-            ],
+            "teachers": [{"file": f, "digest": d} for f, d in zip(self.teacher_files, self.teacher_digests)],
             "dataset": self.dataset_name,
             "data_digest": self.data_digest,
             "num_samples": self.num_samples,

@@ -8,12 +8,14 @@ from typing import Any
 
 from torch import nn
 
+from kdforge.compress.arch import materialize
 from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
-from kdforge.data import Augmentation, DataSplits, DatasetInfo, TensorData, default_augmentation, load_dataset
-from kdforge.engine.checkpoint import read_model_file
-from kdforge.errors import CheckpointError, ConfigError
+from kdforge.core.checkpoint import read_model_file
+from kdforge.core.errors import CheckpointError, ConfigError
+from kdforge.core.plugins import require_registered
+from kdforge.data import Augmentation, DatasetInfo, DataSplits, TensorData, default_augmentation, load_dataset
 from kdforge.methods import METHODS, Distiller
-from kdforge.models import create
+from kdforge.models import MODELS, create
 
 
 @dataclass
@@ -76,6 +78,8 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
             f"{role} checkpoint '{cfg.checkpoint}' takes {saved['in_channels']}-channel input but dataset "
             f"'{info.name}' has {info.in_channels}"
         )
+    if record is not None:
+        require_registered(MODELS, name, record, str(cfg.checkpoint))
     kwargs = {**saved.get("kwargs", {}), **cfg.kwargs}
     spec = ModelSpec(name, kwargs, info.num_classes, info.in_channels, tuple(info.image_size))
     model = create(
@@ -85,8 +89,7 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
         input_size=tuple(info.image_size),
         **kwargs,
     )
-    from kdforge.compress.arch import materialize  # loads the weights; LMA, pruned, QAT networks too
-
+    # materialize loads the weights; LMA, pruned and QAT networks too
     shape = (info.in_channels, *info.image_size)
     model, spec.architecture = materialize(model, record, cfg, shape, str(cfg.checkpoint))
     return model, spec

@@ -30,15 +30,15 @@ def build_optimizer(group: OptimizerGroup, settings: OptimizerConfig) -> torch.o
     ]
     param_groups = [g for g in param_groups if g["params"]]
     if opt.name == "sgd":
-        return torch.optim.SGD(param_groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0)
+        return torch.optim.SGD(
+            param_groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0
+        )
     if opt.name == "adamw":
         return torch.optim.AdamW(param_groups, lr=opt.lr, betas=opt.betas)
     return torch.optim.Adam(param_groups, lr=opt.lr, betas=opt.betas)
 
 
-def lr_function(
-    settings: SchedulerConfig, base_lr: float, epochs: int, steps_per_epoch: int
-) -> Callable[[int], float]:
+def lr_function(settings: SchedulerConfig, base_lr: float, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
     """The learning rate at a global step (0-based)."""
     total = max(epochs * steps_per_epoch, 1)
     warmup = int(round(settings.warmup_epochs * steps_per_epoch))

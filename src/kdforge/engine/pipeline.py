@@ -34,9 +34,13 @@ def stage_recipes(recipe: dict[str, Any], recipe_dir: Path) -> dict[str, dict[st
     stages = recipe.get("pipeline")
     if not isinstance(stages, dict) or not stages:
         raise ConfigError("'pipeline' must map stage names to recipes (e.g. teacher: {base: teacher.yaml})")
-    extra = set(recipe) - {"pipeline"}
+    extra = set(recipe) - {"pipeline", "imports"}
     if extra:
-        raise ConfigError(f"unknown key '{sorted(extra)[0]}' beside 'pipeline'; a pipeline recipe has only 'pipeline'")
+        raise ConfigError(
+            f"unknown key '{sorted(extra)[0]}' beside 'pipeline'; a pipeline recipe has only 'pipeline' "
+            "(and 'imports', applied to every stage)"
+        )
+    shared_imports = list(recipe.get("imports") or [])
     resolved = {}
     for name, stage in stages.items():
         if not isinstance(stage, dict):
@@ -45,11 +49,15 @@ def stage_recipes(recipe: dict[str, Any], recipe_dir: Path) -> dict[str, dict[st
         base = stage.pop("base", None)
         resolved[name] = deep_merge(read_yaml(recipe_dir / base), stage) if base else stage
         resolved[name].setdefault("name", name)
+        if shared_imports:
+            own = resolved[name].get("imports") or []
+            resolved[name]["imports"] = shared_imports + [i for i in own if i not in shared_imports]
     return resolved
 
 
 def _substitute(value: Any, run_dirs: dict[str, Path], stage: str) -> Any:
     if isinstance(value, str):
+
         def replace(match: re.Match) -> str:
             ref = match.group(1)
             if ref not in run_dirs:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,20 +33,27 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from kdforge.compress.footprint import compression_report
 from kdforge.config import RunConfig, build_config
-from kdforge.data import BatchLoader, DataSplits
-from kdforge.engine.build import ModelSpec, build_augmentation, build_data, build_distiller
-from kdforge.engine.checkpoint import (
+from kdforge.core.checkpoint import (
     STATE_FORMAT,
     atomic_save,
     atomic_write_text,
     load_file,
     model_record,
 )
+from kdforge.core.errors import ConfigError, KDForgeError
+from kdforge.core.runlock import RunLock
+from kdforge.data import BatchLoader, DataSplits
+from kdforge.engine.build import (
+    ModelSpec,
+    build_augmentation,
+    build_data,
+    build_distiller,
+)
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
 from kdforge.engine.record import run_record
-from kdforge.errors import ConfigError, KDForgeError
-from kdforge.methods import Distiller, Step
+from kdforge.methods import Distiller, Output, Step
 
 Callback = Callable[["Trainer", int, dict[str, Any]], None]
 
@@ -68,6 +74,22 @@ def _make_fabric(config: RunConfig):
         strategy=strategy,
         precision=config.train.precision,
     )
+
+
+@dataclasses.dataclass
+class _EpochTotals:
+    """Sums over one epoch's batches on this rank: loss terms (tensors), metrics, images."""
+
+    losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    images: int = 0
+
+    def add(self, output: Output, batch_size: int, replays: int) -> None:
+        """Add one forward's loss terms and metrics, weighted by the batch size (and split over replays)."""
+        for name, value in output.losses.items():
+            self.losses[name] = self.losses.get(name, 0.0) + value.detach() * batch_size / replays
+        for name, value in output.metrics.items():
+            self.metrics[name] = self.metrics.get(name, 0.0) + float(value) * batch_size / replays
 
 
 class Trainer:
@@ -105,7 +127,8 @@ class Trainer:
             if saved.is_file():
                 previous = build_config(yaml.safe_load(saved.read_text()))
                 differences = [
-                    d for d in _differences(previous.to_dict(), self.config.to_dict())
+                    d
+                    for d in _differences(previous.to_dict(), self.config.to_dict())
                     if d.split(":")[0] not in RESUME_FREE_KEYS
                 ]
                 if differences:
@@ -128,6 +151,9 @@ class Trainer:
             torch.set_num_threads(config.train.num_threads)
         fabric.launch()
         if fabric.is_global_zero:
+            # one writer per run directory: a second train/bench on the same --out is refused
+            if getattr(self, "lock", None) is None:
+                self.lock = RunLock(self.out_dir).acquire()
             self._check_run_directory()
         fabric.barrier()
         fabric.seed_everything(config.seed, verbose=False)
@@ -174,12 +200,9 @@ class Trainer:
 
         groups = distiller.optimizer_groups()
         optimizers = [build_optimizer(g, config.train.optimizer) for g in groups]
-        self.base_lrs = [
-            {**config.train.optimizer.model_dump(), **(g.optimizer or {})}["lr"] for g in groups
-        ]
+        self.base_lrs = [{**config.train.optimizer.model_dump(), **(g.optimizer or {})}["lr"] for g in groups]
         self.lr_at = [
-            lr_function(config.train.scheduler, lr, config.train.epochs, self.steps_per_epoch)
-            for lr in self.base_lrs
+            lr_function(config.train.scheduler, lr, config.train.epochs, self.steps_per_epoch) for lr in self.base_lrs
         ]
         self.group_names = [g.name for g in groups]
         self.model, *self.optimizers = fabric.setup(distiller, *optimizers)
@@ -229,7 +252,9 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install tensorboard") from None
+            raise ConfigError(
+                "train.tensorboard: true needs the tensorboard package: pip install tensorboard"
+            ) from None
         return SummaryWriter(str(self.out_dir / "tensorboard"))
 
     # ------------------------------------------------------------------ state
@@ -295,12 +320,22 @@ class Trainer:
             dataset=dataclasses.asdict(self.info),
             metrics=metrics,
         )
+        if self.config.imports:  # what an error should tell a later process to --import
+            record["imports"] = list(self.config.imports)
         if getattr(spec, "architecture", None):  # LMA / pruned / QAT networks (kdforge.compress.arch)
             record["model"]["architecture"] = spec.architecture
         atomic_save(record, path)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
+        try:
+            return self._fit()
+        finally:
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         self.session_started = time.perf_counter()
         self.setup()
         epochs = self.config.train.epochs
@@ -324,92 +359,128 @@ class Trainer:
         return self._finish(status="finished") if self.fabric.is_global_zero else {}
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
-        config = self.config
-        self.train_loader.set_epoch(epoch)
-        self.model.train()
-        self.distiller.on_epoch_start(self._step(epoch))
-        bank_seconds = 0.0
-        if self.bank is not None:
-            started = time.perf_counter()
-            if self.fabric.is_global_zero:  # one rank fills the epoch; the others read it
-                self.bank.ensure_epoch(epoch)
-            self.fabric.barrier()
-            bank_seconds = time.perf_counter() - started
-        sums: dict[str, torch.Tensor] = {}
-        metric_sums: dict[str, float] = {}
-        images = 0
+        """One epoch: every training batch, then the epoch's record (and evaluation when it is due)."""
+        bank_seconds = self._start_epoch(epoch)
+        totals = _EpochTotals()
         bar = self._progress_bar(epoch)
-        memory_format = torch.channels_last if config.train.channels_last else None
         started = time.perf_counter()
         for batch in self.train_loader:
-            step = self._step(epoch)
-            lrs = [lr_at(self.global_step) for lr_at in self.lr_at]
-            for optimizer, lr in zip(self.optimizers, lrs):
-                set_learning_rate(optimizer, lr)
-            if memory_format is not None:
-                batch.inputs = {k: v.contiguous(memory_format=memory_format) if v.ndim == 4 else v for k, v in batch.inputs.items()}
-            if self.bank is not None:
-                batch.extras["teacher_logits"] = self.bank.lookup(epoch, batch.index)
-            step.lr = lrs[0]
-            # a method may replay each batch (free adversarial training): one optimizer step per
-            # replay, while the schedules and global_step advance once per batch
-            replays = max(int(self.distiller.batch_replays), 1)
-            for _ in range(replays):
-                output = self.model(batch, step)
-                loss = output.loss
-                self.fabric.backward(loss)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise KDForgeError(
-                        f"loss became {loss_value} at epoch {epoch}, step {self.global_step}; "
-                        "lower train.optimizer.lr or set train.grad_clip"
-                    )
-                for optimizer in self.optimizers:
-                    if config.train.grad_clip:
-                        self.fabric.clip_gradients(self.model, optimizer, max_norm=config.train.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                self.distiller.after_optimizer_step(step)
-                for name, value in output.losses.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach() * len(batch) / replays
-                for name, value in output.metrics.items():
-                    metric_sums[name] = metric_sums.get(name, 0.0) + float(value) * len(batch) / replays
-            images += len(batch)
+            step = self._prepare_batch(batch, epoch)
+            loss_value = self._train_step(batch, step, epoch, totals)
+            totals.images += len(batch)
             self.global_step += 1
-            if bar is not None:
-                bar.update(1)
-                if self.global_step % 10 == 0:
-                    seconds = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
+            self._log_step(bar, loss_value, totals.images, started)
         seconds = time.perf_counter() - started
         if bar is not None:
             bar.close()
         self.train_seconds += seconds
+        record = self._epoch_record(epoch, totals, seconds, bank_seconds)
+        if self._evaluation_due(epoch):
+            self._evaluate_epoch(record)
+        return record
+
+    def _start_epoch(self, epoch: int) -> float:
+        """Reshuffle, train mode, the method's epoch hook, this epoch's teacher bank; returns the bank's seconds."""
+        self.train_loader.set_epoch(epoch)
+        self.model.train()
+        self.distiller.on_epoch_start(self._step(epoch))
+        if self.bank is None:
+            return 0.0
+        started = time.perf_counter()
+        if self.fabric.is_global_zero:  # one rank fills the epoch; the others read it
+            self.bank.ensure_epoch(epoch)
+        self.fabric.barrier()
+        return time.perf_counter() - started
+
+    def _prepare_batch(self, batch, epoch: int) -> Step:
+        """Set this step's learning rates; lay the batch out for the step; returns the Step."""
+        step = self._step(epoch)
+        lrs = [lr_at(self.global_step) for lr_at in self.lr_at]
+        for optimizer, lr in zip(self.optimizers, lrs):
+            set_learning_rate(optimizer, lr)
+        if self.config.train.channels_last:
+            batch.inputs = {
+                k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
+                for k, v in batch.inputs.items()
+            }
+        if self.bank is not None:
+            batch.extras["teacher_logits"] = self.bank.lookup(epoch, batch.index)
+        step.lr = lrs[0]
+        return step
+
+    def _train_step(self, batch, step: Step, epoch: int, totals: _EpochTotals) -> float:
+        """Forward, backward and optimizer steps on one batch; returns the (last) loss.
+
+        A method may replay each batch (free adversarial training): one optimizer step per
+        replay, while the schedules and global_step advance once per batch.
+        """
+        replays = max(int(self.distiller.batch_replays), 1)
+        for _ in range(replays):
+            output = self.model(batch, step)
+            loss_value = self._backward(output.loss, epoch)
+            self._optimizer_step()
+            self.distiller.after_optimizer_step(step)
+            totals.add(output, len(batch), replays)
+        return loss_value
+
+    def _backward(self, loss: torch.Tensor, epoch: int) -> float:
+        """Backpropagate ``loss``; returns its value, refusing a loss that is not finite."""
+        self.fabric.backward(loss)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise KDForgeError(
+                f"loss became {loss_value} at epoch {epoch}, step {self.global_step}; "
+                "lower train.optimizer.lr or set train.grad_clip"
+            )
+        return loss_value
+
+    def _optimizer_step(self) -> None:
+        """Clip (when asked), step and zero every optimizer."""
+        for optimizer in self.optimizers:
+            if self.config.train.grad_clip:
+                self.fabric.clip_gradients(self.model, optimizer, max_norm=self.config.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def _log_step(self, bar, loss_value: float, images: int, started: float) -> None:
+        """Advance the progress bar; every 10 steps show the loss and images/s."""
+        if bar is None:
+            return
+        bar.update(1)
+        if self.global_step % 10 == 0:
+            seconds = time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
+
+    def _epoch_record(self, epoch: int, totals: _EpochTotals, seconds: float, bank_seconds: float) -> dict[str, Any]:
+        """The epoch's metrics.jsonl line: loss terms and metrics summed over every rank, cost, lr."""
+        images = totals.images
         total_images = self.fabric.all_reduce(torch.tensor(float(images), device=self.fabric.device), reduce_op="sum")
-        losses = {k: float(self.fabric.all_reduce(v, reduce_op="sum") / total_images) for k, v in sums.items()}
-        record: dict[str, Any] = {
+        losses = {k: float(self.fabric.all_reduce(v, reduce_op="sum") / total_images) for k, v in totals.losses.items()}
+        return {
             "epoch": epoch,
             "train": {
                 "loss": sum(losses.values()),
                 **{f"loss_{k}": v for k, v in losses.items()},
-                **{k: v / max(images, 1) for k, v in metric_sums.items()},
+                **{k: v / max(images, 1) for k, v in totals.metrics.items()},
                 "images_per_second": float(total_images) / max(seconds, 1e-9),
                 "seconds": seconds,
                 **({"teacher_bank_seconds": bank_seconds} if self.bank is not None else {}),
             },
             "lr": {name: lr_at(max(self.global_step - 1, 0)) for name, lr_at in zip(self.group_names, self.lr_at)},
         }
+
+    def _evaluation_due(self, epoch: int) -> bool:
         last_epoch = epoch == self.config.train.epochs - 1
-        if (epoch + 1) % self.config.train.eval_every == 0 or last_epoch:
-            record["test"] = self.evaluate(self.data.test)
-            if self.data.val is not None:
-                record["val"] = self.evaluate(self.data.val)
-            members = self.distiller.evaluation_models()
-            if members:
-                record["members"] = {
-                    name: self.evaluate(self.data.test, model)["top1"] for name, model in members.items()
-                }
-        return record
+        return (epoch + 1) % self.config.train.eval_every == 0 or last_epoch
+
+    def _evaluate_epoch(self, record: dict[str, Any]) -> None:
+        """Add test (and val) metrics of the deployed network, and each group member's test top-1."""
+        record["test"] = self.evaluate(self.data.test)
+        if self.data.val is not None:
+            record["val"] = self.evaluate(self.data.val)
+        members = self.distiller.evaluation_models()
+        if members:
+            record["members"] = {name: self.evaluate(self.data.test, model)["top1"] for name, model in members.items()}
 
     def _step(self, epoch: int) -> Step:
         return Step(epoch, self.config.train.epochs, self.global_step, self.total_steps)
@@ -505,7 +576,7 @@ class Trainer:
     def _finish(self, status: str) -> dict[str, Any]:
         summary = self._write_summary(status)
         if self.history:
-            from kdforge.engine.plots import plot_curves
+            from kdforge.engine.curves import plot_curves
 
             plot_curves(self.history, self.out_dir / "curves.png", title=self.config.name)
         if self.writer is not None:
@@ -514,10 +585,28 @@ class Trainer:
 
 
 def _compression_summary(trainer: Trainer) -> dict[str, Any]:
-    """Parameters, FLOPs, size, CPU latency and rates against the first teacher (kdforge.compress.report)."""
-    from kdforge.compress.report import summary_fields
+    """The ``compression`` entry of a run's summary.json, measured once per session and cached:
+    parameters, FLOPs, size, CPU latency and rates against the first teacher
+    (:func:`kdforge.compress.footprint.compression_report`).
 
-    return summary_fields(trainer)
+    Student = the deployed network; teacher = the run's first teacher (none for teacher-less
+    runs). Latency uses few repeats (2 warm-up, 5 timed) so a summary costs about a second; it
+    never fails a run (an error is recorded instead).
+    """
+    cached = getattr(trainer, "_compression_summary", None)
+    if cached is not None:
+        return cached
+    try:
+        info = trainer.info
+        shape = (info.in_channels, *info.image_size)
+        teachers = list(getattr(trainer.distiller, "teachers", []) or [])
+        report = compression_report(
+            trainer.distiller.inference_model(), shape, teachers[0] if teachers else None, warmup=2, repeats=5
+        )
+    except Exception as exc:  # noqa: BLE001 - a report must never stop training
+        report = {"error": f"{type(exc).__name__}: {exc}"}
+    trainer._compression_summary = report
+    return report
 
 
 def evaluate_model(
@@ -549,12 +638,15 @@ def evaluate_model(
             k = min(5, logits.shape[-1])
             top = logits.topk(k, dim=-1).indices
             hits = top == batch.targets.unsqueeze(1)
-            totals += torch.tensor([  # .item()-style reads: the totals stay on the CPU
-                float(F.cross_entropy(logits, batch.targets, reduction="sum")),
-                float(hits[:, 0].sum()),
-                float(hits.any(1).sum()),
-                float(len(batch)),
-            ], dtype=torch.float64)
+            totals += torch.tensor(
+                [  # .item()-style reads: the totals stay on the CPU
+                    float(F.cross_entropy(logits, batch.targets, reduction="sum")),
+                    float(hits[:, 0].sum()),
+                    float(hits.any(1).sum()),
+                    float(len(batch)),
+                ],
+                dtype=torch.float64,
+            )
     model.train(was_training)
     if reduce is not None:
         totals = reduce(totals)

@@ -8,13 +8,15 @@ networks. ``eps`` and ``step_size`` accept fractions such as ``"8/255"``.
 * ``adv_ce`` -- Madry et al. (ICLR 2018) PGD adversarial training,
   ``L = CE(S(x_adv), y)``, ``x_adv = PGD(x; CE(S(.), y))``; or TRADES (Zhang et al., ICML 2019) with
   ``trades: true``: ``L = CE(S(x), y) + beta * KL(S(x) || S(x_adv))``, the attack maximizing that KL.
-* ``ard`` -- Goldblum et al. (AAAI 2020), METHODS.md section 4 [code]: the attack maximizes the
+* ``ard`` -- Goldblum, Fowl, Feizi, Goldstein (AAAI 2020, arXiv 1905.09747), as in the authors'
+  ``goldblum/AdversariallyRobustDistillation`` ``main.py``: the attack maximizes the
   *student's* CE; the target is the teacher on the *clean* input:
   ``L = alpha * T^2 * KL_T(T(x) || S(x_adv)) + (1 - alpha) * CE(S(x), y)``; alpha 1, T 30,
   PGD-10 of 2/255 in an 8/255 ball, run in the student's current (training) mode. The KL is averaged
   over batch x classes by default (``reduction: elementmean``) as ``nn.KLDivLoss()`` does in the
   reference, because its alpha/T/lr were tuned with it; ``batchmean`` is the option.
-* ``fast_ard`` -- ARD with "free" adversarial training (Shafahi et al., NeurIPS 2019) [recon]: the
+* ``fast_ard`` -- ARD with "free" adversarial training (Shafahi et al., NeurIPS 2019), reconstructed
+  (the ARD paper's exact Fast-ARD procedure was not checked, and its code has none): the
   trainer replays every batch ``replays`` times (``Distiller.batch_replays``), one optimizer step per
   replay; the perturbation ``delta`` persists across replays and batches and after each backward
   pass moves by ``step_size * sign(grad_delta)`` (clipped to the ball), the gradient coming free from
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
+from kdforge.methods.common import batch_accuracy
 from kdforge.methods.losses import soft_kl
 from kdforge.robust.attacks import ascent_direction, parse_fraction, pgd, project_ball
 
@@ -68,8 +71,12 @@ class PixelSpaceDistiller(Distiller):
     def __init__(self, student, teachers=(), params=None, normalization: Normalization | None = None):
         super().__init__(student, teachers, params)
         mean, std = normalization if normalization is not None else ((0.0,), (1.0,))
-        self.register_buffer("pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     def to_pixels(self, image: Tensor) -> Tensor:
         """A normalized batch back in [0, 1] pixels."""
@@ -89,7 +96,12 @@ class PixelSpaceDistiller(Distiller):
         return p.eps * min(step.progress / p.eps_ramp, 1.0)
 
     def attack(
-        self, x: Tensor, y: Tensor, loss_fn=None, delta_init: Tensor | None = None, eval_mode: bool = False,
+        self,
+        x: Tensor,
+        y: Tensor,
+        loss_fn=None,
+        delta_init: Tensor | None = None,
+        eval_mode: bool = False,
         step: Step | None = None,
     ) -> Tensor:
         """PGD on the student from pixel inputs ``x``; returns pixel inputs (detached)."""
@@ -99,8 +111,18 @@ class PixelSpaceDistiller(Distiller):
             return x.detach()
         step_size = p.step_size * eps / p.eps  # scaled with a ramped eps
         with student_mode(self.student, training=False) if eval_mode else nullcontext():
-            return pgd(self.pixel_student, x, y, eps, steps=p.steps, step_size=step_size, norm=p.norm,
-                       random_start=p.random_start, loss_fn=loss_fn, delta_init=delta_init)
+            return pgd(
+                self.pixel_student,
+                x,
+                y,
+                eps,
+                steps=p.steps,
+                step_size=step_size,
+                norm=p.norm,
+                random_start=p.random_start,
+                loss_fn=loss_fn,
+                delta_init=delta_init,
+            )
 
 
 @contextmanager
@@ -115,10 +137,6 @@ def student_mode(module: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    return (logits.detach().argmax(-1) == targets).float().mean()
-
-
 # ----------------------------------------------------------------------------- adv_ce
 class AdvCEParams(AttackParams):
     steps: int = Field(7, ge=0)  # Madry et al. CIFAR-10: 7 steps of 2/255 in 8/255
@@ -128,7 +146,7 @@ class AdvCEParams(AttackParams):
     clean_weight: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _trades_attack(self) -> "AdvCEParams":
+    def _trades_attack(self) -> AdvCEParams:
         """With ``trades: true``, steps and step size not given default to TRADES' CIFAR-10 attack
         (10 steps of 0.007, ``TRADES/train_trades_cifar10.py``), not Madry's 7 of 2/255."""
         if self.trades:
@@ -157,7 +175,7 @@ class AdversarialCE(PixelSpaceDistiller):
         losses = {"adv_ce": (1.0 - p.clean_weight) * F.cross_entropy(logits, y)}
         if p.clean_weight:
             losses["ce"] = p.clean_weight * F.cross_entropy(self.student(batch.image), y)
-        return Output(logits, losses, {"adv_top1": _accuracy(logits, y)})
+        return Output(logits, losses, {"adv_top1": batch_accuracy(logits, y)})
 
     def _trades(self, batch: Batch, x: Tensor, y: Tensor, step: Step) -> Output:
         p: AdvCEParams = self.params  # type: ignore[assignment]
@@ -169,14 +187,15 @@ class AdversarialCE(PixelSpaceDistiller):
 
         # TRADES reference: start at x + 0.001 * N(0, 1), attack in eval mode
         start = 0.001 * torch.randn_like(x) if p.random_start else torch.zeros_like(x)
-        x_adv = self.attack(x, clean_probs, loss_fn=kl_to_clean, delta_init=start,
-                            eval_mode=p.attack_mode != "train", step=step)
+        x_adv = self.attack(
+            x, clean_probs, loss_fn=kl_to_clean, delta_init=start, eval_mode=p.attack_mode != "train", step=step
+        )
         clean_logits = self.student(batch.image)
         adv_logits = self.pixel_student(x_adv)
         # the robust term keeps gradients through both sides, as in the reference
         robust = soft_kl(adv_logits, F.softmax(clean_logits, dim=-1), 1.0, reduction="batchmean")
         losses = {"ce": F.cross_entropy(clean_logits, y), "trades_kl": p.beta * robust}
-        return Output(clean_logits, losses, {"adv_top1": _accuracy(adv_logits, y)})
+        return Output(clean_logits, losses, {"adv_top1": batch_accuracy(adv_logits, y)})
 
 
 # ----------------------------------------------------------------------------- ard
@@ -221,8 +240,9 @@ class ARD(_ARDLoss, PixelSpaceDistiller):
         x_adv = self.attack(x, y, eval_mode=p.attack_mode == "eval", step=step)  # maximizes the student's CE
         (teacher_logits,) = self.teacher_logits(batch)  # clean inputs
         adv_logits = self.pixel_student(x_adv)
-        return Output(adv_logits, self.ard_losses(adv_logits, teacher_logits, batch),
-                      {"adv_top1": _accuracy(adv_logits, y)})
+        return Output(
+            adv_logits, self.ard_losses(adv_logits, teacher_logits, batch), {"adv_top1": batch_accuracy(adv_logits, y)}
+        )
 
 
 # ----------------------------------------------------------------------------- fast_ard
@@ -300,4 +320,4 @@ class FastARD(_ARDLoss, PixelSpaceDistiller):
             if p.delta_loss == "ce":
                 (self._ce_grad,) = torch.autograd.grad(F.cross_entropy(adv_logits, y), leaf, retain_graph=True)
         losses = self.ard_losses(adv_logits, self._teacher(batch), batch)
-        return Output(adv_logits, losses, {"adv_top1": _accuracy(adv_logits, y)})
+        return Output(adv_logits, losses, {"adv_top1": batch_accuracy(adv_logits, y)})

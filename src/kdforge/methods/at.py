@@ -19,27 +19,19 @@ squares is what the published CIFAR-100 numbers used.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Output, Step
+from kdforge.methods.common import attention_map
 from kdforge.methods.features import FeatureDistiller, FeatureParams, full_precision, pool_to_common_size
 
 
 class ATParams(FeatureParams):
     weight: float = Field(1000.0, ge=0)
     p: float = Field(2.0, gt=0)
-    student_layers: list[str] = Field(
-        default_factory=lambda: ["stage1", "stage2", "stage3"], min_length=1
-    )
-
-
-def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
-    """``a(F)``: the L2-normalised, flattened channel mean of ``|F|^p`` (B x HW)."""
-    attention = feature.float().abs().pow(p).mean(1)
-    return F.normalize(attention.flatten(1), dim=1)
+    student_layers: list[str] = Field(default_factory=lambda: ["stage1", "stage2", "stage3"], min_length=1)
 
 
 def at_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:

@@ -24,11 +24,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from kdforge.core.registry import Registry
+from kdforge.core.schedules import Schedule
 from kdforge.data.batch import Batch
-from kdforge.registry import Registry
-from kdforge.schedules import Schedule
 
-METHODS: Registry[type["Distiller"]] = Registry("method")
+METHODS: Registry[type[Distiller]] = Registry("method", group="kdforge.methods")
 
 
 @dataclass
@@ -157,7 +157,7 @@ class Distiller(nn.Module):
     def method_name(cls) -> str:
         return getattr(cls, "name", cls.__name__)
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         for teacher in self.teachers:
             teacher.eval()  # teachers never leave eval mode (BN statistics stay frozen)
@@ -194,4 +194,3 @@ class Distiller(nn.Module):
             outputs = [teacher(batch.image) for teacher in self.teachers]
         # clone: inference tensors cannot be saved for the student's backward pass
         return [out.float().clone() for out in outputs]
-

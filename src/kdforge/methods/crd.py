@@ -41,8 +41,8 @@ from torch import Tensor
 
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Output, Step
+from kdforge.methods.contrastive import ContrastiveDistiller, ContrastiveParams, gather_rows
 from kdforge.methods.features import full_precision
-from kdforge.methods.memory import ContrastiveDistiller, ContrastiveParams, gather_rows
 
 
 class CRDParams(ContrastiveParams):

@@ -1,6 +1,6 @@
 """Cross-layer Gramian KD (Chou, Chiu & Liao, APSIPA Trans. SIP 10, e18, 2021; APSIPA ASC 2020),
-stage 1 (the hint stage). **RECONSTRUCTED**: only the abstracts were reachable (METHODS.md §3),
-so the exact layer pairs, matrix normalisation, adapter form and loss weights are choices made
+stage 1 (the hint stage). **RECONSTRUCTED**: only the abstracts of the two papers could be read
+(no full text, no public code), so the exact layer pairs, matrix normalisation, adapter form and loss weights are choices made
 here from the abstract and standard practice (FSP), and every one of them is configurable.
 
 What the abstracts state: a *cross-layer Gramian matrix* carries the teacher's knowledge,
@@ -32,7 +32,7 @@ Stage 2 is not this method: it is ``ensemble_kd`` with ``aggregate: logits`` and
 weight 1 (``CE + 0.9 T^2 KL(z_ens || z_s)``), on the student initialised from stage 1's
 ``checkpoints/model_last.pt`` (adapters are not part of the saved model, as wanted). See
 ``configs/recipes/crosslayer_two_stage.yaml``.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -43,33 +43,35 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
-from kdforge.methods.features import FeatureDistiller, HintStageParams, full_precision
-from kdforge.methods.features import guess_input_shape, probe_feature_shapes
-from kdforge.methods.fsp import fsp_matrix
+from kdforge.methods.common import fsp_matrix
+from kdforge.methods.features import (
+    FeatureDistiller,
+    HintStageParams,
+    full_precision,
+    guess_input_shape,
+    probe_feature_shapes,
+)
 
 
 class CrossLayerParams(HintStageParams):
     weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0)
-    student_layers: list[str] = Field(
-        default_factory=lambda: ["stem", "stage1", "stage2", "stage3"], min_length=2
-    )
+    student_layers: list[str] = Field(default_factory=lambda: ["stem", "stage1", "stage2", "stage3"], min_length=2)
     teacher_layers: list[str] | None = Field(None, min_length=2)
     #: pairs of names from ``student_layers`` (the teacher uses the paired ``teacher_layers``);
     #: default: consecutive taps plus (first, last)
     pairs: list[tuple[str, str]] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _check_pairs(self) -> "CrossLayerParams":
+    def _check_pairs(self) -> CrossLayerParams:
         for a, b in self.pairs or []:
             for name in (a, b):
                 if name not in self.student_layers:
                     raise ValueError(
-                        f"pair ({a}, {b}) names '{name}', which is not in student_layers "
-                        f"{self.student_layers}"
+                        f"pair ({a}, {b}) names '{name}', which is not in student_layers {self.student_layers}"
                     )
             if a == b:
                 raise ValueError(f"pair ({a}, {b}) must join two different layers")
@@ -125,8 +127,7 @@ class CrossLayer(FeatureDistiller):
         shape = tuple(input_shape) if input_shape is not None else guess_input_shape(self.student)
         if shape is None:
             raise ConfigError(
-                f"crosslayer: cannot guess the input shape of {type(self.student).__name__}; "
-                "pass input_shape=(C, H, W)"
+                f"crosslayer: cannot guess the input shape of {type(self.student).__name__}; pass input_shape=(C, H, W)"
             )
         self.input_shape = shape
         student_shapes, teacher_shapes = probe_feature_shapes(
@@ -164,7 +165,9 @@ class CrossLayer(FeatureDistiller):
                 (
                     adapted_gram(student_feats[i], student_feats[j], weights[i], weights[j])
                     - fsp_matrix(teacher_feats[i], teacher_feats[j])
-                ).pow(2).mean()
+                )
+                .pow(2)
+                .mean()
                 for i, j in self.pair_index
             ]
             loss = p.weight * torch.stack(terms).sum()

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
+from kdforge.methods.common import warmup_factor
 
 
 class DKDParams(MethodParams):
@@ -71,15 +72,6 @@ def dkd_terms(
     log_b_s, log_q_s = _log_binary_and_nontarget(student_logits, targets, temperature)
     log_b_t, log_q_t = _log_binary_and_nontarget(teacher_logits, targets, temperature)
     return _kl(log_b_t, log_b_s), _kl(log_q_t, log_q_s)
-
-
-def warmup_factor(step: Step, warmup_epochs: float) -> float:
-    """``min(e / warmup_epochs, 1)`` with e the (fractional) number of epochs done after this step."""
-    if warmup_epochs <= 0:
-        return 1.0
-    steps_per_epoch = step.total_steps / max(step.epochs, 1)
-    within = min(max((step.global_step + 1) / steps_per_epoch - step.epoch, 0.0), 1.0)
-    return min((step.epoch + within) / warmup_epochs, 1.0)
 
 
 @METHODS.register("dkd")

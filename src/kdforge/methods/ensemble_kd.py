@@ -42,7 +42,7 @@ class EnsembleKDParams(KDParams):
     weight_entropy: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
-    def _weights_given(self) -> "EnsembleKDParams":
+    def _weights_given(self) -> EnsembleKDParams:
         if self.weighting == "fixed" and not self.teacher_weights:
             raise ValueError("weighting 'fixed' needs 'teacher_weights', one number per teacher")
         if self.teacher_weights and any(w < 0 for w in self.teacher_weights):

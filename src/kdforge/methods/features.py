@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import kd_loss
 from kdforge.models.taps import FeatureTap

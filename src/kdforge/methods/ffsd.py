@@ -37,7 +37,6 @@ each network exactly the gradient of its own loss in the reference's sequential 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -46,10 +45,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
+from kdforge.core.schedules import consistency_rampup
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
-from kdforge.methods.at import attention_map
 from kdforge.methods.base import METHODS, Distiller, MethodParams, OptimizerGroup, Output, Step
+from kdforge.methods.common import attention_map
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import kd_loss
 from kdforge.models import FeatureTap
@@ -115,11 +115,9 @@ def diversity_shift(feature: Tensor, fraction: float = 1 / 3) -> Tensor:
 
 
 def warmup_factor(epoch: int, length: float) -> float:
-    """``exp(-5 (1 - e/length)^2)`` for the 1-based epoch ``e <= length``, else 1."""
-    if length <= 0:
-        return 1.0
-    e = epoch + 1
-    return math.exp(-5.0 * (1.0 - e / length) ** 2) if e <= length else 1.0
+    """``exp(-5 (1 - e/length)^2)`` for the 1-based epoch ``e <= length``, else 1: the shared
+    consistency ramp evaluated at ``e = epoch + 1`` (the reference counts epochs from 1)."""
+    return consistency_rampup(epoch + 1, length)
 
 
 # ---------------------------------------------------------------------- modules
@@ -189,8 +187,13 @@ class Decoder(nn.Module):
             blocks.append(
                 nn.Sequential(
                     nn.ConvTranspose2d(
-                        c_in, c_out, 3, stride=(stride_h, stride_w), padding=1,
-                        output_padding=(pad_h, pad_w), bias=False,
+                        c_in,
+                        c_out,
+                        3,
+                        stride=(stride_h, stride_w),
+                        padding=1,
+                        output_padding=(pad_h, pad_w),
+                        bias=False,
                     ),
                     *_bn_relu(c_out),
                 )
@@ -209,8 +212,9 @@ class Members(nn.Module):
     """Evaluation wrapper: ``ensemble`` (mean of the students' logits) or ``fusion`` (the fusion
     classifier on the students' last maps)."""
 
-    def __init__(self, students: Sequence[nn.Module], taps: Sequence[FeatureTap], layer: str,
-                 fusion: FusionModule | None = None) -> None:
+    def __init__(
+        self, students: Sequence[nn.Module], taps: Sequence[FeatureTap], layer: str, fusion: FusionModule | None = None
+    ) -> None:
         super().__init__()
         self.students = nn.ModuleList(students)
         self.fusion = fusion

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
 from kdforge.methods.features import FeatureDistiller, FeatureParams, input_shape_for, probe_feature_shapes
 
@@ -103,19 +103,20 @@ class FitNet(FeatureDistiller):
     name = "fitnet"
     Params = FitNetParams
 
-    def __init__(
-        self, student, teachers=(), params=None, input_shape: Sequence[int] | None = None
-    ) -> None:
+    def __init__(self, student, teachers=(), params=None, input_shape: Sequence[int] | None = None) -> None:
         super().__init__(student, teachers, params)
         p: FitNetParams = self.params  # type: ignore[assignment]
         self.input_shape = input_shape_for("fitnet", self.student, input_shape)
-        student_shapes, teacher_shapes = probe_feature_shapes("fitnet", self.input_shape, [
-            (self.student, self.student_tap, self.student_layers),
-            (self.teachers[0], self.teacher_tap, self.teacher_layers),
-        ])
+        student_shapes, teacher_shapes = probe_feature_shapes(
+            "fitnet",
+            self.input_shape,
+            [
+                (self.student, self.student_tap, self.student_layers),
+                (self.teachers[0], self.teacher_tap, self.teacher_layers),
+            ],
+        )
         self.regressors = nn.ModuleList(
-            HintRegressor(s, t, p.same_size_kernel, p.regressor_relu)
-            for s, t in zip(student_shapes, teacher_shapes)
+            HintRegressor(s, t, p.same_size_kernel, p.regressor_relu) for s, t in zip(student_shapes, teacher_shapes)
         )
 
     def forward(self, batch: Batch, step: Step) -> Output:

@@ -29,8 +29,8 @@ Two stages, as a pipeline of ordinary runs (``configs/recipes/fsp_two_stage.yaml
 RepDistiller runs stage 1 for 30 epochs of its 240 with unweighted FSP losses; ``ce_weight > 0``
 gives a single-stage variant.
 
-This module also holds the helpers shared by ``crosslayer`` and ``review_kd``:
-``fsp_matrix`` and ``probe_feature_shapes``.
+``fsp_matrix`` is shared with ``crosslayer`` (:mod:`kdforge.methods.common`);
+``probe_feature_shapes`` with ``crosslayer`` and ``review_kd`` (:mod:`kdforge.methods.features`).
 """
 
 from __future__ import annotations
@@ -39,37 +39,24 @@ from collections.abc import Sequence
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Output, Step
+from kdforge.methods.common import fsp_matrix
 from kdforge.methods.features import (
     FeatureDistiller,
     HintStageParams,
     full_precision,
     guess_input_shape,
-    pool_to_common_size,
     probe_feature_shapes,
 )
-from kdforge.models.taps import FeatureTap
-
-
-def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
-    """``G = F1 F2^T / (h w)`` per sample (B x C1 x C2), pooling the larger map to the smaller size."""
-    first, second = pool_to_common_size(first, second)
-    batch, c1, h, w = first.shape
-    a = first.float().reshape(batch, c1, h * w)
-    b = second.float().reshape(batch, second.shape[1], h * w)
-    return torch.bmm(a, b.transpose(1, 2)) / (h * w)
 
 
 class FSPParams(HintStageParams):
     weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0)
-    student_layers: list[str] = Field(
-        default_factory=lambda: ["stem", "stage1", "stage2", "stage3"], min_length=2
-    )
+    student_layers: list[str] = Field(default_factory=lambda: ["stem", "stage1", "stage2", "stage3"], min_length=2)
     teacher_layers: list[str] | None = Field(None, min_length=2)
 
 
@@ -126,4 +113,4 @@ class FSP(FeatureDistiller):
         return Output(logits, {**self.ce_losses(logits, batch), "fsp": loss})
 
 
-__all__ = ["FSP", "FSPParams", "fsp_matrix"]
+__all__ = ["FSP", "FSPParams"]

@@ -1,6 +1,7 @@
 """Growing teacher assistant, an INTERPRETATION of GTAN (Xu et al., Phys. Med. Biol. 66(23):235005, 2021).
 
-Only GTAN's abstract was reachable (METHODS.md §7.2): a *growing* teacher-assistant network lets
+Only GTAN's abstract could be read (no full text, no public code): a *growing* teacher-assistant
+network lets
 a small student "gradually learn the knowledge without extra computational cost" across a large
 teacher-student gap. Everything below (what grows, how, when, the losses) is this module's reading,
 each part a parameter; it is not the paper's algorithm.
@@ -48,8 +49,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import kd_loss
 from kdforge.models import create
@@ -88,13 +89,13 @@ class GrowingTAParams(MethodParams):
     reduction: Literal["batchmean", "elementmean"] = "batchmean"
 
     @model_validator(mode="after")
-    def _student_learns(self) -> "GrowingTAParams":
+    def _student_learns(self) -> GrowingTAParams:
         if self.ce_weight + self.kd_weight == 0:
             raise ValueError("ce_weight and kd_weight are both 0: the student would not train")
         return self
 
     @model_validator(mode="after")
-    def _teacher_init_needs_teacher_architecture(self) -> "GrowingTAParams":
+    def _teacher_init_needs_teacher_architecture(self) -> GrowingTAParams:
         if self.ta_init == "teacher" and self.ta is not None:
             raise ValueError(
                 "ta_init 'teacher' copies the teacher's weights, so the assistant must have the teacher's "

@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Output, Step
+from kdforge.methods.contrastive import ContrastiveDistiller, ContrastiveParams, info_nce, l2_normalise
 from kdforge.methods.features import full_precision
-from kdforge.methods.memory import ContrastiveDistiller, ContrastiveParams, info_nce, l2_normalise
 
 
 class HKDParams(ContrastiveParams):
@@ -135,9 +135,7 @@ class HolisticKD(ContrastiveDistiller):
                 # holistic: the positive is n(w * other bank row + (1 - w) * other holistic embedding)
                 holistic = info_nce(
                     g_s, self.memory_teacher.blend(index, g_t, w), bank_for_s.scores(g_s, negatives), tau
-                ) + info_nce(
-                    g_t, self.memory_student.blend(index, g_s, w), bank_for_t.scores(g_t, negatives), tau
-                )
+                ) + info_nce(g_t, self.memory_student.blend(index, g_s, w), bank_for_t.scores(g_t, negatives), tau)
                 losses["hkd_holistic"] = p.beta * holistic
             else:  # too few samples for the kNN graph (the reference skips the term too)
                 losses["hkd_holistic"] = individual.new_zeros(())

@@ -1,10 +1,11 @@
 """Introspective learning from online self-explanations (Gu, Wu & Tresp, ACCV 2020, arXiv 2009.09140).
 
-**RECONSTRUCTED** (METHODS.md §16): only the abstract was reachable. It says a model can be
-trained on soft targets built from its *own* online explanations (no teacher, no peers), because
-what matters in a teacher's soft output is the non-zero mass on other classes and the class
-similarity it encodes. The construction below follows METHODS.md's reconstruction; every choice
-is a parameter.
+**RECONSTRUCTED** from the paper's abstract (the full text was not read, and no public code is
+known). The abstract says a model can be trained on soft targets built from its *own* online
+explanations (no teacher, no peers), because what matters in a teacher's soft output is the
+non-zero mass on other classes and the class similarity it encodes. The construction below (Grad-CAM explanations, cosine class similarity,
+a softmax target) is our reading of that sentence, not the paper's algorithm; every choice is a
+parameter.
 
 At every step, with ``F`` the student's feature map at ``layer`` (default ``stage3``, the last
 conv stage) and ``z`` its logits, for the label ``y`` and the top-``top_k`` predicted classes:
@@ -27,11 +28,12 @@ so the loop is used. Summing over the batch gives per-sample gradients exactly w
 ``layer`` mixes samples; a train-mode BatchNorm after the tap (e.g. ``layer: stage2``) adds its
 small batch-statistics cross terms, which is accepted here.
 
-Defaults: the midpoints of METHODS.md's suggested sweep (similarity temperature 0.5 of {0.1, 0.5, 1},
-alpha 0.5 of {0.3, 0.5, 0.9}); tau' = 1 (no value is suggested; the target is not a logit vector);
+Defaults (the paper's values are unknown): the midpoints of the grid we chose to sweep when
+reconstructing it (similarity temperature 0.5 of {0.1, 0.5, 1}, alpha 0.5 of {0.3, 0.5, 0.9});
+tau' = 1 (no value is suggested; the target is not a logit vector);
 ``label_mix`` 0.1, because without it the target's label mass is about 0.28 and accuracy drops
 (measured; see the docs page).
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import soft_kl
 from kdforge.models import FeatureTap

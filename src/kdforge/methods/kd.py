@@ -7,7 +7,7 @@ Loss::
 with the KL averaged over the batch ("batchmean"). Defaults are the CIFAR-100 benchmark's
 (RepDistiller, mdistiller): T = 4, w_ce = 0.1, w_kd = 0.9, written as independent weights rather
 than a convex mix. ``temperature``, ``kd_weight`` and ``ce_weight`` each accept a number or a
-schedule (see ``kdforge.schedules``), which gives:
+schedule (see ``kdforge.core.schedules``), which gives:
 
 * dynamic temperature annealing from high to 1 (KDAS-ReID):
   ``temperature: {kind: exponential, start: 10, end: 1, by: epoch}``;
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from kdforge.core.schedules import Schedule, as_schedule
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import KLReduction, soft_kl
-from kdforge.schedules import Schedule, as_schedule
 
 
 class KDParams(MethodParams):

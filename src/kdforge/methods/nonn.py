@@ -1,5 +1,8 @@
-"""NoNN (Bhardwaj, Lin, Sartor, Marculescu 2019) with the balanced, redundant partitions of
-Jeong, Park and Yang (Electronics 2021). Specification: METHODS.md section 9; docs/nonn.md.
+"""NoNN (Bhardwaj, Lin, Sartor, Marculescu, CODES+ISSS 2019, arXiv 1907.11804) with the balanced,
+redundant partitions of Jeong, Park and Yang (Electronics 10(14):1614, 2021). The graph and the
+Louvain mapping follow the NoNN framework (``SLDGroup/NoNN_framework``); the spectral partitions and
+the averaging are reconstructed from the Electronics paper's abstract (no public code). See
+docs/nonn.md.
 
 The student is the zoo model ``nonn`` (N students + a linear head on their concatenated pooled
 features). The teacher's final-stage filters are split into N groups P_1..P_N (see
@@ -20,9 +23,10 @@ construction from the teacher's activations on the training images (``partition`
 method). It is stored in the model file (the ``nonn`` model's ``groups``/``partition`` kwargs),
 so one recipe goes from teacher to partition to students.
 
-Defaults [recon]: alpha 0.9, T 4 (Hinton KD as in kdforge's ``kd``), beta 1000 with the
-mean-of-squares AT convention of kdforge's ``at`` (RepDistiller), p 2; the graph settings
-(hebbian weight, top-k 50, 99th percentile, resolution 0.7) are the NoNN framework's.
+Defaults (our choices, not values taken from the papers): alpha 0.9, T 4 (Hinton KD as in
+kdforge's ``kd``), beta 1000 with the mean-of-squares AT convention of kdforge's ``at``
+(RepDistiller), p 2; the graph settings (hebbian weight, top-k 50, 99th percentile, resolution 0.7)
+are those of the NoNN framework.
 """
 
 from __future__ import annotations
@@ -34,13 +38,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from kdforge.data import Augmentation
 from kdforge.data.batch import Batch
 from kdforge.data.splits import evaluation_subset
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
-from kdforge.methods.features import full_precision, pool_to_common_size, resolve_layers
+from kdforge.methods.features import full_precision, guess_input_shape, pool_to_common_size, resolve_layers
 from kdforge.methods.losses import kd_loss
 from kdforge.models.nonn import NoNNSystem, neighbors
 from kdforge.models.taps import FeatureTap
+from kdforge.nonn import partition_teacher
+from kdforge.nonn.partition import Partition
 
 
 class NoNNParams(MethodParams):
@@ -61,7 +68,9 @@ class NoNNParams(MethodParams):
     louvain_underfull: Literal["split", "error"] = Field(
         "split", description="fewer communities than students: split the largest group, or fail"
     )
-    partition_images: int | None = Field(None, ge=1, description="N training images (seeded, class-balanced); None: all")
+    partition_images: int | None = Field(
+        None, ge=1, description="N training images (seeded, class-balanced); None: all"
+    )
     partition_seed: int = 0
     redundancy: float = Field(0.0, ge=0, lt=1, description="share of the neighbours' attention in a target")
     fill: Literal["zeros", "neighbors"] | None = Field(
@@ -92,7 +101,7 @@ def mixing_matrix(count: int, redundancy: float) -> Tensor:
 
 @METHODS.register("nonn")
 class NoNN(Distiller):
-    """NoNN (Bhardwaj et al. 2019): N disjoint students mimic the attention of the teacher's filter groups; + KD on their joint head."""
+    """NoNN (Bhardwaj et al. 2019): N disjoint students mimic the attention of the teacher's filter groups; + KD on their joint head."""  # noqa: E501
 
     name = "nonn"
     Params = NoNNParams
@@ -142,8 +151,6 @@ class NoNN(Distiller):
         """uint8 images -> what the networks see: ``(x / 255 - mean) / std`` as in training."""
         if self.normalization is None:
             return lambda images: images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        from kdforge.data import Augmentation
-
         mean, std = self.normalization
         return Augmentation(mean=tuple(mean), std=tuple(std)).normalize
 
@@ -151,8 +158,6 @@ class NoNN(Distiller):
         if train_data is not None:
             probe = self._normalizer()(train_data.images[:2])
         else:
-            from kdforge.methods.features import guess_input_shape
-
             shape = guess_input_shape(self.system.students[0]) or (3, 32, 32)
             probe = torch.zeros(2, *shape)
         teacher = self.teachers[0]
@@ -164,8 +169,6 @@ class NoNN(Distiller):
         return channels
 
     def _partition(self, train_data):
-        from kdforge.nonn import Partition, partition_teacher
-
         p: NoNNParams = self.params  # type: ignore[assignment]
         system = self.system
         if p.partition_file:
@@ -174,8 +177,12 @@ class NoNN(Distiller):
             info = dict(system.partition or {})
             num_filters = info.get("num_filters") or self._teacher_channels(train_data)
             return Partition(
-                system.groups, int(num_filters), info.get("method", "given"),
-                info.get("settings", {}), info.get("statistics", {}), info.get("source", {}),
+                system.groups,
+                int(num_filters),
+                info.get("method", "given"),
+                info.get("settings", {}),
+                info.get("statistics", {}),
+                info.get("source", {}),
             )
         if train_data is None:
             raise ValueError(

@@ -38,7 +38,6 @@ lambda (``--alpha``) = 1, 4 branches, ramp length 80 epochs (of 300), projection
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -47,8 +46,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
+from kdforge.core.schedules import consistency_rampup
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.features import full_precision
 from kdforge.methods.losses import soft_kl
@@ -63,19 +63,19 @@ class OKDDipParams(MethodParams):
     rampup_epochs: float = Field(80.0, ge=0, description="ramp-up length L in epochs (0: no ramp)")
     rampup_by: Literal["step", "epoch"] = "step"
     aggregation: Literal["attention", "uniform"] = "attention"
-    attend_self: bool = Field(True, description="peer i's attention includes itself (reference code); "
-                              "false masks it out (the paper's 'other peers')")
+    attend_self: bool = Field(
+        True,
+        description="peer i's attention includes itself (reference code); "
+        "false masks it out (the paper's 'other peers')",
+    )
     projection_factor: int = Field(8, ge=1, description="query/key width = d // factor")
     detach_targets: bool = Field(False, description="ablation: stop gradients through the targets")
     target_epsilon: float = Field(1e-7, ge=0, description="added to target probabilities before the log")
 
 
 def rampup_weight(epoch: float, length: float) -> float:
-    """``exp(-5 (1 - min(e, L)/L)^2)``; 1 when ``length`` is 0."""
-    if length <= 0:
-        return 1.0
-    phase = 1.0 - min(max(epoch, 0.0), length) / length
-    return math.exp(-5.0 * phase * phase)
+    """``exp(-5 (1 - min(e, L)/L)^2)``; 1 when ``length`` is 0 (``kdforge.schedules.consistency_rampup``)."""
+    return consistency_rampup(epoch, length)
 
 
 def epoch_position(step: Step, by: str = "step") -> float:
@@ -100,9 +100,7 @@ def peer_diversity(peer_logits: Tensor) -> Tensor:
     m = probs.shape[1]
     if m < 2:
         return probs.new_zeros(())
-    distances = [
-        (probs[:, i] - probs[:, j]).norm(dim=-1) for i in range(m) for j in range(i + 1, m)
-    ]
+    distances = [(probs[:, i] - probs[:, j]).norm(dim=-1) for i in range(m) for j in range(i + 1, m)]
     return torch.stack(distances).mean()
 
 
@@ -136,9 +134,7 @@ def _feature_width(group: BranchedNetwork, model: nn.Module, input_shape: Sequen
     last = group.heads[0][group.head_names[-1]]
     if isinstance(last, nn.Linear):
         return last.in_features
-    raise ConfigError(
-        f"okddip: cannot tell the feature width of {type(model).__name__}; pass input_shape=(C, H, W)"
-    )
+    raise ConfigError(f"okddip: cannot tell the feature width of {type(model).__name__}; pass input_shape=(C, H, W)")
 
 
 @METHODS.register("okddip")

@@ -17,7 +17,6 @@ between their softmax outputs (the quantity the OKDDip code logs).
 
 from __future__ import annotations
 
-import math
 from itertools import combinations
 from typing import Any
 
@@ -26,22 +25,16 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
+from kdforge.core.schedules import consistency_rampup
+from kdforge.core.validation import validation_message
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import soft_kl
 from kdforge.models.branches import BranchedNetwork, fresh_copy, scale_gradient
 
 
 # --------------------------------------------------------------------------- shared helpers
-def consistency_rampup(epoch: float, length: float) -> float:
-    """``exp(-5 (1 - min(epoch, length)/length)^2)``; 1 when ``length`` is 0 (no ramp)."""
-    if length <= 0:
-        return 1.0
-    phase = 1.0 - min(max(epoch, 0.0), length) / length
-    return math.exp(-5.0 * phase * phase)
-
-
 def softmax_diversity(logits: list[Tensor]) -> Tensor:
     """Mean over member pairs of the per-sample L2 distance between softmax outputs (no grad)."""
     with torch.no_grad():
@@ -57,8 +50,6 @@ def _parse_params(cls: type[Distiller], params: MethodParams | dict | None) -> M
     try:
         return cls.Params(**(params or {}))
     except ValidationError as exc:
-        from kdforge.config import validation_message  # the config layer imports methods lazily
-
         first = exc.errors()[0]
         if first["loc"]:
             message = validation_message(exc, cls.Params, prefix="method.")
@@ -92,7 +83,7 @@ class DMLParams(MethodParams):
     deploy: int = 0
 
     @model_validator(mode="after")
-    def _check(self) -> "DMLParams":
+    def _check(self) -> DMLParams:
         if self.peers < 2:
             raise ValueError(f"DML needs at least 2 peers, got peers={self.peers}; set method.peers to 2 or more")
         if not 0 <= self.deploy < self.peers:
@@ -112,7 +103,7 @@ def mutual_losses(
         probs = [p.detach() for p in probs]
     ce = [F.cross_entropy(z, targets) for z in logits]
     kl = [
-        sum(soft_kl(logits[k], probs[l], temperature) for l in range(K) if l != k) / (K - 1)  # type: ignore[operator]
+        sum(soft_kl(logits[k], probs[l], temperature) for l in range(K) if l != k) / (K - 1)  # type: ignore[operator]  # noqa: E741
         for k in range(K)
     ]
     return ce, kl
@@ -183,7 +174,7 @@ class BranchParams(MethodParams):
     deploy: int = 0
 
     @model_validator(mode="after")
-    def _check(self) -> "BranchParams":
+    def _check(self) -> BranchParams:
         if self.branches < 2:
             raise ValueError(
                 f"an online group needs at least 2 branches, got branches={self.branches}; "
@@ -191,8 +182,7 @@ class BranchParams(MethodParams):
             )
         if not 0 <= self.deploy < self.branches:
             raise ValueError(
-                f"deploy={self.deploy} is not a branch index (0..{self.branches - 1}); "
-                "set method.deploy in that range"
+                f"deploy={self.deploy} is not a branch index (0..{self.branches - 1}); set method.deploy in that range"
             )
         return self
 
@@ -326,8 +316,8 @@ class OnTheFlyNativeEnsemble(BranchedDistiller):
     GAP is applied only to 4-D trunk outputs (3-D: mean over the last axis; 2-D vectors, e.g. an
     MLP's hidden layer, go to the Linear as they are).
 
-    Detaching: the OKDDip repository's ONE (``train_one.py`` with ``models/*/resnet_one.py``, the
-    re-implementation METHODS.md follows) does **not** detach ``z_e``: the KL term also trains the
+    Detaching: the OKDDip repository's ONE (``DefangChen/OKDDip``, ``train_one.py`` with
+    ``models/*/resnet_one.py``, the re-implementation followed here) does **not** detach ``z_e``: the KL term also trains the
     gate and every branch through the ensemble. We follow it (``detach_targets: false``);
     ``detach_targets: true`` gives the usual "teacher as constant" reading of the paper.
 
@@ -335,7 +325,7 @@ class OnTheFlyNativeEnsemble(BranchedDistiller):
     (shared stem + stage1 + stage2 of a CIFAR ResNet), T = 3, lambda = 1, ramp-up over 80 epochs
     (OKDDip ``--length 80``: scale it with the run length), deploy branch 0. That code's KL adds
     1e-7 to the target probabilities; ours does not (the difference is ~1e-7 in the loss).
-    """
+    """  # noqa: E501
 
     name = "one"
 

@@ -3,7 +3,7 @@
 Each :class:`Reference` is one cell of a published table: a method, a dataset, a teacher and a
 student (zoo names; ``teacher`` is ``None`` for the student trained alone, method ``ce``) and the
 top-1 accuracy (%) the source reports. The numbers were transcribed from the results tables named
-in ``source`` (collected in the project's method specification); they are the authors' own runs
+in ``source``; they are the authors' own runs
 under the standard CIFAR-100 schedule: 240 epochs on the full training set, SGD lr 0.05 (x0.1 at
 150/180/210), batch 64, weight decay 5e-4. Both RepDistiller and mdistiller report the best test
 accuracy seen during training, so they correspond to "best epoch, selected on test".
@@ -66,7 +66,8 @@ _DKD: tuple[tuple[str, str, float], ...] = (
 )
 
 
-# ReviewKD, its paper's Tables 1-2 as collected in the method specification.
+# ReviewKD (Chen, Liu, Zhao, Jia, CVPR 2021), its paper's Tables 1-2 as copied by the DKD paper and a
+# KD++ reproduction README (the paper's own tables were not re-opened).
 REVIEWKD = "ReviewKD paper, Tables 1-2 (CIFAR-100)"
 _REVIEW_KD: tuple[tuple[str, str, float], ...] = (
     ("wrn_40_2", "wrn_16_2", 76.12),

@@ -56,12 +56,11 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
-from kdforge.methods.dkd import warmup_factor
-from kdforge.methods.features import full_precision, resolve_layers
-from kdforge.methods.features import guess_input_shape, probe_feature_shapes
+from kdforge.methods.common import warmup_factor
+from kdforge.methods.features import full_precision, guess_input_shape, probe_feature_shapes, resolve_layers
 from kdforge.methods.losses import kd_loss
 from kdforge.models.taps import FeatureTap
 

@@ -1,8 +1,9 @@
 """Pruning + KD + adversarial training as one objective, solved by proximal gradient (``robust_prune``).
 
 Lee & Lee, "Robust CNN Compression Framework for Security-Sensitive Embedded Systems", Applied
-Sciences 11(3):1093, 2021. Only the abstract was verified (METHODS.md section 8); the objective and
-schedule below are the documented **reconstruction** [recon], every part of it an option::
+Sciences 11(3):1093, 2021. Only the abstract was read (no full text, no public code); the objective
+and schedule below are our **reconstruction** from it and standard practice (Madry PGD, Hinton KD,
+proximal operators), every part of it an option::
 
     min_W  E[(1 - lambda) CE(S_W(x_adv), y) + lambda T^2 KL_T(Teacher(x_adv) || S_W(x_adv))] + R(W)
     x_adv = PGD_eps(x; CE(S_W(.), y))       (Madry inner maximisation on the student, every step)
@@ -48,15 +49,16 @@ from kdforge.compress.proximal import (
     sparsity_of,
 )
 from kdforge.data.batch import Batch
-from kdforge.methods.adversarial import AttackParams, Normalization, PixelSpaceDistiller, _accuracy
+from kdforge.methods.adversarial import AttackParams, Normalization, PixelSpaceDistiller
 from kdforge.methods.base import METHODS, Output, Step
+from kdforge.methods.common import batch_accuracy
 from kdforge.methods.losses import soft_kl
 from kdforge.models.profile import count_flops, count_parameters
 
 
 class RobustPruneParams(AttackParams):
     adversarial: bool = True
-    # distillation [recon]: lambda and T are our choices (the paper's values were not reachable)
+    # distillation (reconstructed): lambda and T are our choices (the paper's values were not reachable)
     kd_weight: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(4.0, gt=0)
     reduction: Literal["batchmean", "elementmean"] = "batchmean"
@@ -72,7 +74,7 @@ class RobustPruneParams(AttackParams):
     exclude: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _target(self) -> "RobustPruneParams":
+    def _target(self) -> RobustPruneParams:
         if self.prox == "project" and self.sparsity is None:
             raise ValueError("robust_prune: prox 'project' needs a target 'sparsity' (e.g. 0.75)")
         return self
@@ -84,9 +86,11 @@ def layer_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
     positions: dict[str, int] = {}
     handles = []
     for name, module in prunable_layers(model):
+
         def hook(mod: nn.Module, inputs: Any, output: Tensor, name: str = name) -> None:
             features = output.shape[1] if isinstance(mod, nn.Conv2d) else output.shape[-1]
             positions[name] = positions.get(name, 0) + output.numel() // max(features, 1)
+
         handles.append(module.register_forward_hook(hook))
     try:
         count_flops(model, input_shape)  # one eval-mode forward of a single sample
@@ -97,7 +101,9 @@ def layer_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
 
 
 def compression_report(
-    model: nn.Module, input_shape: tuple[int, ...] | None = None, positions: dict[str, int] | None = None,
+    model: nn.Module,
+    input_shape: tuple[int, ...] | None = None,
+    positions: dict[str, int] | None = None,
     dense_flops: int | None = None,
 ) -> dict[str, Any]:
     """Sparsity, parameter and FLOP counts of ``model`` against its dense self::
@@ -233,8 +239,11 @@ class RobustPrune(PixelSpaceDistiller):
         return metrics
 
     def summary_metrics(self) -> dict[str, Any]:
-        report = compression_report(self.student, positions=self.positions, dense_flops=self.dense_flops) \
-            if self.positions is not None else compression_report(self.student)
+        report = (
+            compression_report(self.student, positions=self.positions, dense_flops=self.dense_flops)
+            if self.positions is not None
+            else compression_report(self.student)
+        )
         return {"pruning": report}
 
     # ------------------------------------------------------------------ loss
@@ -257,7 +266,10 @@ class RobustPrune(PixelSpaceDistiller):
             T = p.temperature
             target = F.softmax(teacher_logits.float().clone() / T, dim=-1)
             losses["kd"] = p.kd_weight * soft_kl(logits, target, T, reduction=p.reduction)
-        metrics: dict[str, float | Tensor] = {**self._rates(), "prune_strength": 0.0 if self.masks is not None else self._strength(step)}
+        metrics: dict[str, float | Tensor] = {
+            **self._rates(),
+            "prune_strength": 0.0 if self.masks is not None else self._strength(step),
+        }
         if p.adversarial:
-            metrics["adv_top1"] = _accuracy(logits, y)
+            metrics["adv_top1"] = batch_accuracy(logits, y)
         return Output(logits, losses, metrics)

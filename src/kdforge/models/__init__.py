@@ -5,19 +5,23 @@ model; ``list_models()`` names them. Every model's ``forward(x)`` returns logits
 features with ``FeatureTap(model, ["stage3", "pool"])`` using the logical names in
 ``model.feature_points``. See docs/models.md.
 
-Layering: this package imports nothing from kdforge except ``registry`` and ``errors``.
+Layering: this package imports nothing from kdforge except ``kdforge.core`` (registry, plugins, errors).
 """
 
-from kdforge.models import cifar_resnet, mobilenetv2, nonn, shufflenet, small, vgg, wide_resnet
-from kdforge.models.factory import MODELS, accepted_arguments, create, list_models
-from kdforge.models.profile import (
+from kdforge.core.plugins import import_submodules
+
+import_submodules(__name__, __path__)  # every model file registers itself; a new file needs no edit here
+
+from kdforge.models import cifar_resnet, mobilenetv2, nonn, shufflenet, small, vgg, wide_resnet  # noqa: E402, F401
+from kdforge.models.factory import MODELS, accepted_arguments, create, list_models  # noqa: E402
+from kdforge.models.profile import (  # noqa: E402
     count_flops,
     count_macs,
     count_parameters,
     measure_latency,
     profile_model,
 )
-from kdforge.models.taps import FeatureTap, module_names
+from kdforge.models.taps import FeatureTap, module_names  # noqa: E402
 
 __all__ = [
     "MODELS",

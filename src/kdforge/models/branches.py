@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 
 def fresh_copy(model: nn.Module, seed: int | None = None) -> nn.Module:
@@ -101,14 +101,11 @@ def split_index(model: nn.Module, split_at: str) -> int:
         target = points[split_at].split(".")[0]
     if target not in names:
         raise ConfigError(
-            f"split point '{split_at}' is not a top-level module of {type(model).__name__}; "
-            f"choose one of {names[:-1]}"
+            f"split point '{split_at}' is not a top-level module of {type(model).__name__}; choose one of {names[:-1]}"
         )
     index = names.index(target)
     if index >= len(names) - 1:
-        raise ConfigError(
-            f"split point '{split_at}' leaves nothing for the branches; choose one of {names[:-1]}"
-        )
+        raise ConfigError(f"split point '{split_at}' leaves nothing for the branches; choose one of {names[:-1]}")
     return index
 
 

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import (
     check_multiplier,
     feature_point_table,
@@ -71,10 +71,7 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-            raise ConfigError(
-                f"resnet: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110...), "
-                f"got {depth!r}"
-            )
+            raise ConfigError(f"resnet: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110...), got {depth!r}")
         blocks_per_stage = (depth - 2) // 6
         self.depth = depth
         self.stem = nn.Sequential(
@@ -137,9 +134,7 @@ def resnet(
 def _register_variant(name: str, depth: int, width_multiplier: int) -> None:
     width = "x4 (stem 32, stages 64/128/256)" if width_multiplier == 4 else "(stages 16/32/64)"
 
-    def factory(
-        num_classes: int = 10, in_channels: int = 3, input_size: tuple[int, int] | None = None
-    ) -> CifarResNet:
+    def factory(num_classes: int = 10, in_channels: int = 3, input_size: tuple[int, int] | None = None) -> CifarResNet:
         return resnet(num_classes, in_channels, input_size, depth, width_multiplier)
 
     factory.__name__ = factory.__qualname__ = name

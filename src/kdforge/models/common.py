@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 
 def pooled_flatten() -> nn.Sequential:

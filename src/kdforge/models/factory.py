@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from kdforge.errors import ConfigError, closest
-from kdforge.registry import Registry
+from kdforge.core.errors import ConfigError, closest
+from kdforge.core.registry import Registry
 
-MODELS: Registry[nn.Module] = Registry("model")
+MODELS: Registry[nn.Module] = Registry("model", group="kdforge.models")
 
 COMMON_ARGUMENTS = ("num_classes", "in_channels", "input_size")
 
@@ -53,9 +53,7 @@ def normalize_input_size(input_size: Any, model: str = "model") -> tuple[int, in
         or len(input_size) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
     ):
-        raise ConfigError(
-            f"{model}: input_size must be (H, W) with positive integers, got {input_size!r}"
-        )
+        raise ConfigError(f"{model}: input_size must be (H, W) with positive integers, got {input_size!r}")
     return (int(input_size[0]), int(input_size[1]))
 
 
@@ -82,15 +80,12 @@ def create(
     """
     factory = MODELS.get(name)
     accepted = accepted_arguments(name)
-    takes_any = any(
-        p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()
-    )
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
     unknown = [key for key in kwargs if key not in accepted]
     if unknown and not takes_any:
         bad = unknown[0]
         raise ConfigError(
-            f"model '{name}' got unknown argument '{bad}'{closest(bad, accepted)}; "
-            f"it accepts: {', '.join(accepted)}"
+            f"model '{name}' got unknown argument '{bad}'{closest(bad, accepted)}; it accepts: {', '.join(accepted)}"
         )
     num_classes = _check_positive_int(name, "num_classes", num_classes)
     in_channels = _check_positive_int(name, "in_channels", in_channels)

@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import (
     check_multiplier,
     feature_point_table,
@@ -43,14 +43,10 @@ BLOCK_GROUPS = (
 STAGE_GROUPS = ((0, 1), (2,), (3, 4), (5, 6))
 
 
-def conv_bn_relu(
-    in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1
-) -> nn.Sequential:
+def conv_bn_relu(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
-            conv=nn.Conv2d(
-                in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False
-            ),
+            conv=nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
             bn=nn.BatchNorm2d(out_channels),
             relu=nn.ReLU(),
         )
@@ -91,9 +87,7 @@ class CifarMobileNetV2(nn.Module):
         super().__init__()
         width = check_multiplier("mobilenetv2", "width_multiplier", width_multiplier)
         if isinstance(expand_ratio, bool) or not isinstance(expand_ratio, int) or expand_ratio < 1:
-            raise ConfigError(
-                f"mobilenetv2: expand_ratio must be a positive integer, got {expand_ratio!r}"
-            )
+            raise ConfigError(f"mobilenetv2: expand_ratio must be a positive integer, got {expand_ratio!r}")
         if int(16 * width) < 1:
             raise ConfigError(f"mobilenetv2: width_multiplier {width_multiplier} leaves no channels")
         self.width_multiplier, self.expand_ratio = width, expand_ratio
@@ -106,9 +100,7 @@ class CifarMobileNetV2(nn.Module):
             blocks = []
             for index in range(repeats):
                 blocks.append(
-                    InvertedResidual(
-                        channels, out_channels, stride if index == 0 else 1, ratio or expand_ratio
-                    )
+                    InvertedResidual(channels, out_channels, stride if index == 0 else 1, ratio or expand_ratio)
                 )
                 channels = out_channels
             groups.append(blocks)
@@ -125,9 +117,7 @@ class CifarMobileNetV2(nn.Module):
         self.stage_channels = stage_channels
         self.feature_dim = head_channels
         stages = ["stage1", "stage2", "stage3", "stage4"]
-        self.feature_points = feature_point_table(
-            stem="stem", stages=stages, preacts=stages, head="head"
-        )
+        self.feature_points = feature_point_table(stem="stem", stages=stages, preacts=stages, head="head")
         init_weights(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:

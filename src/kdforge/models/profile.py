@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -37,8 +37,7 @@ def _sample_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(input_shape)
     if not shape or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
         raise ConfigError(
-            f"input_shape must be the shape of one sample without the batch, e.g. (3, 32, 32); "
-            f"got {input_shape!r}"
+            f"input_shape must be the shape of one sample without the batch, e.g. (3, 32, 32); got {input_shape!r}"
         )
     return shape
 
@@ -128,10 +127,10 @@ def profile_model(
 ) -> dict[str, Any]:
     """Parameters, FLOPs/MACs and latency in one JSON-ready dict::
 
-        {"parameters": int, "trainable_parameters": int,
-         "input_shape": [C, H, W], "flops": int, "macs": int,
-         "device": "cpu", "threads": int,
-         "latency": [{"batch_size": b, "seconds": s, "samples_per_second": b / s}, ...]}
+    {"parameters": int, "trainable_parameters": int,
+     "input_shape": [C, H, W], "flops": int, "macs": int,
+     "device": "cpu", "threads": int,
+     "latency": [{"batch_size": b, "seconds": s, "samples_per_second": b / s}, ...]}
     """
     shape = _sample_shape(input_shape)
     flops = count_flops(model, shape)

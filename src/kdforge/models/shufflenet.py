@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import feature_point_table, init_weights, pooled_flatten
 from kdforge.models.factory import MODELS
 
@@ -70,9 +70,7 @@ def conv_bn(
     relu: bool = True,
 ) -> nn.Sequential:
     layers: OrderedDict[str, nn.Module] = OrderedDict(
-        conv=nn.Conv2d(
-            in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False
-        ),
+        conv=nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
         bn=nn.BatchNorm2d(out_channels),
     )
     if relu:
@@ -87,9 +85,7 @@ def shufflenet_stem(in_channels: int) -> nn.Sequential:
 class ShuffleV1Unit(nn.Module):
     """ShuffleNetV1 unit; stride 2 concatenates an average-pooled shortcut, stride 1 adds it."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, stride: int, groups: int, first_unit: bool = False
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int, first_unit: bool = False) -> None:
         super().__init__()
         self.concatenate = stride == 2
         branch_channels = out_channels - in_channels if self.concatenate else out_channels
@@ -99,9 +95,7 @@ class ShuffleV1Unit(nn.Module):
         self.shuffle = ChannelShuffle(first_groups)
         self.depthwise = conv_bn(bottleneck, bottleneck, 3, stride, groups=bottleneck)
         self.expand = conv_bn(bottleneck, branch_channels, 1, groups=groups, relu=False)
-        self.shortcut: nn.Module = (
-            nn.AvgPool2d(3, stride=2, padding=1) if self.concatenate else nn.Identity()
-        )
+        self.shortcut: nn.Module = nn.AvgPool2d(3, stride=2, padding=1) if self.concatenate else nn.Identity()
         self.preact = nn.Identity()
         self.relu = nn.ReLU()
 
@@ -119,8 +113,7 @@ class CifarShuffleNetV1(nn.Module):
         super().__init__()
         if groups not in SHUFFLENETV1_WIDTHS:
             raise ConfigError(
-                f"shufflenetv1: groups must be one of {', '.join(map(str, SHUFFLENETV1_WIDTHS))}, "
-                f"got {groups!r}"
+                f"shufflenetv1: groups must be one of {', '.join(map(str, SHUFFLENETV1_WIDTHS))}, got {groups!r}"
             )
         widths = SHUFFLENETV1_WIDTHS[groups]
         self.groups = groups
@@ -204,9 +197,7 @@ class ShuffleV2Unit(nn.Module):
 class CifarShuffleNetV2(nn.Module):
     """ShuffleNetV2 for CIFAR (RepDistiller's ShuffleV2, size 1.0 by default)."""
 
-    def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, width_multiplier: float = 1.0
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width_multiplier: float = 1.0) -> None:
         super().__init__()
         size = width_multiplier if isinstance(width_multiplier, (int, float)) else None
         if isinstance(width_multiplier, bool) or size not in SHUFFLENETV2_WIDTHS:

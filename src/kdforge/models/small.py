@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import check_multiplier, feature_point_table, scale_width
 from kdforge.models.factory import MODELS, normalize_input_size
 
@@ -57,9 +57,7 @@ class MLP(nn.Module):
         features = math.prod(self.input_shape)
         self.flatten = nn.Flatten(1)
         for index, width in enumerate(sizes, start=1):
-            layer = nn.Sequential(
-                OrderedDict(linear=nn.Linear(features, width), preact=nn.Identity(), relu=nn.ReLU())
-            )
+            layer = nn.Sequential(OrderedDict(linear=nn.Linear(features, width), preact=nn.Identity(), relu=nn.ReLU()))
             self.add_module(f"stage{index}", layer)
             features = width
         self.num_stages = len(sizes)

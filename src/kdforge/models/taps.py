@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from kdforge.errors import ConfigError, closest
+from kdforge.core.errors import ConfigError, closest
 
 
 def module_names(model: nn.Module) -> list[str]:

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import feature_point_table, init_weights, pooled_flatten
 from kdforge.models.factory import MODELS
 
@@ -35,9 +35,7 @@ CONVS_PER_GROUP = {
 }
 
 
-def conv_group(
-    in_channels: int, out_channels: int, num_convs: int, batch_norm: bool
-) -> nn.Sequential:
+def conv_group(in_channels: int, out_channels: int, num_convs: int, batch_norm: bool) -> nn.Sequential:
     """``num_convs`` x (conv3x3 [+BN] + ReLU); the last ReLU is preceded by a ``preact`` identity."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for index in range(1, num_convs + 1):
@@ -85,9 +83,7 @@ class CifarVGG(nn.Module):
     ) -> None:
         super().__init__()
         if depth not in CONVS_PER_GROUP:
-            raise ConfigError(
-                f"vgg: depth must be one of {', '.join(map(str, CONVS_PER_GROUP))}, got {depth!r}"
-            )
+            raise ConfigError(f"vgg: depth must be one of {', '.join(map(str, CONVS_PER_GROUP))}, got {depth!r}")
         convs = CONVS_PER_GROUP[depth]
         self.depth = depth
         self.stem = conv_group(in_channels, GROUP_WIDTHS[0], convs[0], batch_norm)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 from kdforge.models.common import feature_point_table, init_weights, pooled_flatten
 from kdforge.models.factory import MODELS
 
@@ -54,9 +54,7 @@ class PreActBlock(nn.Module):
         self.conv2 = conv3x3(out_channels, out_channels)
         self.projects = stride != 1 or in_channels != out_channels
         if self.projects:
-            self.shortcut: nn.Module = nn.Conv2d(
-                in_channels, out_channels, 1, stride=stride, bias=False
-            )
+            self.shortcut: nn.Module = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         activated = x if self.input_activated else self.relu1(self.bn1(x))
@@ -80,9 +78,7 @@ class WideStage(nn.Module):
     ) -> None:
         super().__init__()
         blocks = [PreActBlock(in_channels, out_channels, stride, dropout, input_activated)]
-        blocks += [
-            PreActBlock(out_channels, out_channels, 1, dropout) for _ in range(num_blocks - 1)
-        ]
+        blocks += [PreActBlock(out_channels, out_channels, 1, dropout) for _ in range(num_blocks - 1)]
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(out_channels)
         self.preact = nn.Identity()
@@ -105,9 +101,7 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-            raise ConfigError(
-                f"wrn: depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40...), got {depth!r}"
-            )
+            raise ConfigError(f"wrn: depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40...), got {depth!r}")
         if isinstance(widen_factor, bool) or not isinstance(widen_factor, int) or widen_factor < 1:
             raise ConfigError(f"wrn: widen_factor must be a positive integer, got {widen_factor!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
@@ -165,9 +159,7 @@ def _register_variant(name: str, depth: int, widen_factor: int) -> None:
         return WideResNet(depth, widen_factor, num_classes, in_channels, dropout)
 
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = (
-        f"Wide ResNet WRN-{depth}-{widen_factor} (Zagoruyko & Komodakis 2016; RepDistiller)."
-    )
+    factory.__doc__ = f"Wide ResNet WRN-{depth}-{widen_factor} (Zagoruyko & Komodakis 2016; RepDistiller)."
     MODELS.register(name)(factory)
 
 

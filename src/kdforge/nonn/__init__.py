@@ -8,7 +8,8 @@
   on the loopback network and an aggregator with a deadline (``kdforge serve-nonn``).
 
 The combined system is the zoo model ``nonn`` (:mod:`kdforge.models.nonn`); the ``nonn`` method
-(:mod:`kdforge.methods.nonn`) trains it. See docs/nonn.md.
+(:mod:`kdforge.methods.nonn`) trains it; the ``nonn-partition`` and ``serve-nonn`` commands are
+:mod:`kdforge.commands.nonn`. See docs/nonn.md.
 """
 
 from __future__ import annotations

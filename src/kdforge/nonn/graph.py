@@ -10,7 +10,7 @@ teacher's final convolution stage. For every training image:
 
    * ``hebbian`` (the paper's "activation Hebbian" rule): ``a_f a_g / (|a_f - a_g| + 1)``,
      large when both fire strongly *together*;
-   * ``noncoactivation`` (what a third-party NoNN framework actually runs):
+   * ``noncoactivation`` (what the NoNN framework, ``SLDGroup/NoNN_framework``, actually runs):
      ``a_f a_g |a_f - a_g|``.
 
 The summed matrix is divided by its largest entry. ``correlation`` is the alternative of the
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
+from kdforge.models.taps import FeatureTap
 
 GraphKind = Literal["hebbian", "noncoactivation", "correlation"]
 GRAPH_KINDS: tuple[str, ...] = ("hebbian", "noncoactivation", "correlation")
@@ -50,8 +51,6 @@ def pooled_activations(
     ``images`` is a uint8 or float tensor ``N x C x H x W``; ``normalize`` turns a batch of it
     into what the model expects (e.g. ``Augmentation.normalize``).
     """
-    from kdforge.models.taps import FeatureTap
-
     was_training = model.training
     model.eval()
     rows = []

@@ -4,17 +4,19 @@ Two families:
 
 * ``louvain`` (NoNN, Bhardwaj et al. 2019): Louvain community detection (networkx, modularity
   with ``resolution`` 0.7) on the graph thresholded at the ``percentile``-th percentile of its
-  non-zero weights. Communities are mapped to students as the third-party NoNN framework does:
+  non-zero weights. Communities are mapped to students as the NoNN framework
+  (``SLDGroup/NoNN_framework``, ``ActivationNetwork.partition_activation_network``) does:
   singleton communities are merged into one group, groups are sorted by size, the largest ("P0",
   normally the merged rarely co-active filters) is discarded, the next N seed the N students and
   any further group joins the student that has the fewest filters so far. Group sizes are
   whatever the communities give (often very unbalanced) and some filters are mimicked by nobody.
-* ``spectral`` (Jeong, Park, Yang, Electronics 2021, as reconstructed in METHODS.md 9.2): the
-  Fiedler vector of the graph Laplacian ``L = D - W`` (or the normalised one) orders the filters
-  so that correlated filters sit next to each other; the order is cut into N contiguous blocks of
-  equal size (sizes differ by at most one). ``spectral_recursive`` bisects recursively with each
-  part's own Fiedler vector; ``spectral_kway`` embeds the filters with the first N-1 non-trivial
-  eigenvectors and runs size-constrained (balanced) k-means.
+* ``spectral`` (Jeong, Park, Yang, Electronics 10(14):1614, 2021; reconstructed from the paper's
+  abstract, no public code): the Fiedler vector of the graph Laplacian ``L = D - W`` (or the
+  normalised one) orders the filters so that correlated filters sit next to each other; the order
+  is cut into N contiguous blocks of equal size (sizes differ by at most one).
+  ``spectral_recursive`` bisects recursively with each part's own Fiedler vector;
+  ``spectral_kway`` embeds the filters with the first N-1 non-trivial eigenvectors and runs
+  size-constrained (balanced) k-means.
 
 Groups are kept in an order in which *neighbouring* groups are related: the Fiedler order for the
 spectral partitions, and the groups' mean Fiedler coordinate for Louvain. The averaging
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from kdforge.errors import ConfigError
+from kdforge.core.errors import ConfigError
 
 PARTITION_FORMAT = "kdforge-nonn-partition"
 PARTITION_METHODS: tuple[str, ...] = ("louvain", "spectral", "spectral_recursive", "spectral_kway")
@@ -103,7 +105,7 @@ class Partition:
         )
 
     def save(self, path: str | Path) -> Path:
-        from kdforge.engine.checkpoint import atomic_write_text
+        from kdforge.core.checkpoint import atomic_write_text
 
         text = json.dumps(self.to_dict(), indent=1)
         # one line per list of numbers (groups, sizes), so the file reads as a table
@@ -412,11 +414,23 @@ def partition_filters(
     if method == "louvain":
         report: dict[str, Any] = {}
         groups = louvain_groups(
-            w, num_groups, percentile=percentile, resolution=resolution, seed=seed,
-            discard_largest=discard_largest, underfull=underfull, report=report,
+            w,
+            num_groups,
+            percentile=percentile,
+            resolution=resolution,
+            seed=seed,
+            discard_largest=discard_largest,
+            underfull=underfull,
+            report=report,
         )
-        used = {"percentile": percentile, "resolution": resolution, "seed": seed,
-                "discard_largest": discard_largest, "underfull": underfull, **report}
+        used = {
+            "percentile": percentile,
+            "resolution": resolution,
+            "seed": seed,
+            "discard_largest": discard_largest,
+            "underfull": underfull,
+            **report,
+        }
     elif method == "spectral":
         groups, used = spectral_groups(w, num_groups, normalized), {"normalized": normalized}
     elif method == "spectral_recursive":

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdforge.errors import CheckpointError, KDForgeError
+from kdforge.core.errors import CheckpointError, KDForgeError
 
 MAGIC = b"NoNN"
 VERSION = 1
@@ -138,7 +138,7 @@ def read_frame(sock: socket.socket, reader: FrameReader | None = None) -> tuple[
 # --------------------------------------------------------------------------- model files
 def load_system_record(path: str | Path) -> dict[str, Any]:
     """The model file of a ``nonn`` system (checked)."""
-    from kdforge.engine.checkpoint import read_model_file
+    from kdforge.core.checkpoint import read_model_file
 
     record = read_model_file(path)
     if (record.get("model") or {}).get("name") != "nonn":
@@ -158,7 +158,7 @@ def num_devices(record: dict[str, Any]) -> int:
 
 def load_student(record: dict[str, Any], index: int) -> nn.Module:
     """Student ``index`` alone (a pooled-feature extractor), weights from the system's file."""
-    from kdforge.engine.checkpoint import load_weights
+    from kdforge.core.checkpoint import load_weights
     from kdforge.models.nonn import make_student
 
     spec, kwargs = _spec(record)
@@ -167,11 +167,14 @@ def load_student(record: dict[str, Any], index: int) -> nn.Module:
         raise KDForgeError(f"device index {index} is outside 0..{count - 1}")
     size = tuple(spec["input_size"]) if spec.get("input_size") else None
     student, _ = make_student(
-        kwargs.get("student", "resnet8"), spec["num_classes"], spec["in_channels"], size,
+        kwargs.get("student", "resnet8"),
+        spec["num_classes"],
+        spec["in_channels"],
+        size,
         **(kwargs.get("student_kwargs") or {}),
     )
     prefix = f"students.{index}."
-    state = {k[len(prefix):]: v for k, v in record["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in record["state_dict"].items() if k.startswith(prefix)}
     load_weights(student, state, f"{record.get('path', 'model file')} (student {index})")
     return student.eval()
 
@@ -185,14 +188,17 @@ def load_head(record: dict[str, Any]) -> nn.Linear:
 
 def load_system(path: str | Path):
     """The whole ``NoNNSystem`` (for in-process inference and the failure study)."""
-    from kdforge.engine.checkpoint import load_weights
+    from kdforge.core.checkpoint import load_weights
     from kdforge.models import create
 
     record = load_system_record(path)
     spec, kwargs = _spec(record)
     model = create(
-        "nonn", num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-        input_size=tuple(spec["input_size"]) if spec.get("input_size") else None, **kwargs,
+        "nonn",
+        num_classes=spec["num_classes"],
+        in_channels=spec["in_channels"],
+        input_size=tuple(spec["input_size"]) if spec.get("input_size") else None,
+        **kwargs,
     )
     load_weights(model, record["state_dict"], str(path))
     return model.eval()
@@ -212,8 +218,9 @@ def _normalizer(record: dict[str, Any]):
 class Device:
     """One student behind a TCP port; each connection is served by its own thread."""
 
-    def __init__(self, model_path: str | Path, index: int, host: str = "127.0.0.1", port: int = 0,
-                 delay: float = 0.0) -> None:
+    def __init__(
+        self, model_path: str | Path, index: int, host: str = "127.0.0.1", port: int = 0, delay: float = 0.0
+    ) -> None:
         record = load_system_record(model_path)
         record["path"] = str(model_path)
         self.index = index
@@ -298,8 +305,15 @@ class DeviceCluster:
     """Start every student of a model file as its own process on ``host``; ports are chosen by the
     system (each process prints ``READY host port``). Use as a context manager."""
 
-    def __init__(self, model_path: str | Path, host: str = "127.0.0.1", *, delays: dict[int, float] | None = None,
-                 threads: int = 1, startup_timeout: float = 180.0) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        host: str = "127.0.0.1",
+        *,
+        delays: dict[int, float] | None = None,
+        threads: int = 1,
+        startup_timeout: float = 180.0,
+    ) -> None:
         self.model_path = str(model_path)
         self.count = num_devices(load_system_record(model_path))
         self.host = host
@@ -312,9 +326,24 @@ class DeviceCluster:
     def start(self) -> DeviceCluster:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         for index in range(self.count):
-            command = [sys.executable, "-m", "kdforge.nonn.serve", "device", "--model", self.model_path,
-                       "--index", str(index), "--host", self.host, "--port", "0",
-                       "--threads", str(self.threads), "--delay", str(self.delays.get(index, 0.0))]
+            command = [
+                sys.executable,
+                "-m",
+                "kdforge.nonn.serve",
+                "device",
+                "--model",
+                self.model_path,
+                "--index",
+                str(index),
+                "--host",
+                self.host,
+                "--port",
+                "0",
+                "--threads",
+                str(self.threads),
+                "--delay",
+                str(self.delays.get(index, 0.0)),
+            ]
             self.processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env))
         deadline = time.monotonic() + self.startup_timeout
         for index, process in enumerate(self.processes):
@@ -400,8 +429,9 @@ class Aggregator:
     connection) at the next request, so a restarted device rejoins.
     """
 
-    def __init__(self, addresses: list[tuple[str, int]], head: nn.Linear, *, fill: str = "zeros",
-                 deadline: float = 1.0) -> None:
+    def __init__(
+        self, addresses: list[tuple[str, int]], head: nn.Linear, *, fill: str = "zeros", deadline: float = 1.0
+    ) -> None:
         from kdforge.models.nonn import FILL_MODES
 
         if fill not in FILL_MODES:
@@ -418,8 +448,9 @@ class Aggregator:
         self.request_id = 0
 
     @classmethod
-    def from_model_file(cls, path: str | Path, addresses: list[tuple[str, int]], *, fill: str | None = None,
-                        deadline: float = 1.0) -> Aggregator:
+    def from_model_file(
+        cls, path: str | Path, addresses: list[tuple[str, int]], *, fill: str | None = None, deadline: float = 1.0
+    ) -> Aggregator:
         record = load_system_record(path)
         _, kwargs = _spec(record)
         return cls(addresses, load_head(record), fill=fill or kwargs.get("fill", "zeros"), deadline=deadline)
@@ -556,8 +587,10 @@ class AggregatorServer:
                 if header.get("op") == "classify" and tensor is not None:
                     with self.lock:
                         answer = self.aggregator.classify(tensor)
-                    reply = encode({"op": "logits", "id": header.get("id"), "failed": answer.failed,
-                                    "seconds": answer.seconds}, answer.logits)
+                    reply = encode(
+                        {"op": "logits", "id": header.get("id"), "failed": answer.failed, "seconds": answer.seconds},
+                        answer.logits,
+                    )
                 else:
                     reply = encode({"op": "error", "id": header.get("id"), "message": "expected classify + inputs"})
                 try:

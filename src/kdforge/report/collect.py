@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from kdforge.errors import KDForgeError
+from kdforge.core.checkpoint import read_model_file
+from kdforge.core.errors import KDForgeError
 
 UNKNOWN = "?"
 
@@ -299,11 +300,13 @@ def setting_of(
         name = entry.get("name") or saved.get("name") or UNKNOWN
         kwargs = {**(saved.get("kwargs") or {}), **(entry.get("kwargs") or {})}
         teachers.append(architecture(str(name), kwargs))
-        teacher_ids.append({
-            "name": name,
-            "kwargs": kwargs,
-            "run": resolver.setting_hash(entry["checkpoint"], run_dir, depth) if entry.get("checkpoint") else None,
-        })
+        teacher_ids.append(
+            {
+                "name": name,
+                "kwargs": kwargs,
+                "run": resolver.setting_hash(entry["checkpoint"], run_dir, depth) if entry.get("checkpoint") else None,
+            }
+        )
     normalized["teachers"] = teacher_ids
     data = config.get("data") or {}
     options = data.get("options") or {}
@@ -313,9 +316,11 @@ def setting_of(
     train = config.get("train") or {}
     return {
         "teachers": tuple(teachers),
-        "student_arch": architecture(student_name, student_kwargs) + "".join(
+        "student_arch": architecture(student_name, student_kwargs)
+        + "".join(
             f"+{key}" + (f"(k={value['k']})" if key == "lma" and isinstance(value, dict) and "k" in value else "")
-            for key, value in sorted(variants.items())),
+            for key, value in sorted(variants.items())
+        ),
         "config_hash": short_hash(normalized),
         "data_hash": short_hash(normalized.get("data")),
         "train_hash": short_hash(normalized.get("train")),
@@ -366,8 +371,6 @@ class TeacherResolver:
         summary_path = path.parent.parent / "summary.json" if path.parent.name == "checkpoints" else None
         if path.is_file():
             try:
-                from kdforge.engine.checkpoint import read_model_file
-
                 model = read_model_file(path).get("model") or {}
                 if model.get("name"):
                     return {"name": model["name"], "kwargs": dict(model.get("kwargs") or {})}

@@ -64,21 +64,34 @@ def curve_plots(groups: Sequence[Group]) -> list[Plot]:
         for group, curve in curves:
             epochs = [e + 1 for e, *_ in curve]
             mean = [m for _, m, _, _ in curve]
-            line, = axes.plot(epochs, mean, marker="." if len(epochs) < 40 else None,
-                              label=f"{group.name} (n={group.n})", color=colors[id(group)])
+            (line,) = axes.plot(
+                epochs,
+                mean,
+                marker="." if len(epochs) < 40 else None,
+                label=f"{group.name} (n={group.n})",
+                color=colors[id(group)],
+            )
             if group.n > 1:
-                axes.fill_between(epochs, [lo for *_, lo, _ in curve], [hi for *_, hi in curve],
-                                  color=line.get_color(), alpha=0.18, linewidth=0)
+                axes.fill_between(
+                    epochs,
+                    [lo for *_, lo, _ in curve],
+                    [hi for *_, hi in curve],
+                    color=line.get_color(),
+                    alpha=0.18,
+                    linewidth=0,
+                )
         axes.set_xlabel("epoch")
         axes.set_ylabel("test top-1 (%)")
         axes.set_title(f"{dataset}: test top-1 by epoch")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small", loc="lower right")
-        plots.append(Plot(
-            f"{dataset}: accuracy against epoch",
-            "Mean test top-1 over seeds; the shaded band spans the lowest to the highest seed.",
-            _png(figure),
-        ))
+        plots.append(
+            Plot(
+                f"{dataset}: accuracy against epoch",
+                "Mean test top-1 over seeds; the shaded band spans the lowest to the highest seed.",
+                _png(figure),
+            )
+        )
     return plots
 
 
@@ -92,7 +105,10 @@ def cost_plots(groups: Sequence[Group]) -> list[Plot]:
     """Final top-1 (mean, error bar = sample std) against seconds per batch and train minutes."""
     plots = []
     axes_specs = (
-        ("time per batch (ms)", lambda g: None if g.seconds_per_batch.mean is None else 1000 * g.seconds_per_batch.mean),
+        (
+            "time per batch (ms)",
+            lambda g: None if g.seconds_per_batch.mean is None else 1000 * g.seconds_per_batch.mean,
+        ),
         ("train minutes per run", lambda g: g.train_minutes.mean),
     )
     for dataset, members in _by_dataset(groups).items():
@@ -108,11 +124,17 @@ def cost_plots(groups: Sequence[Group]) -> list[Plot]:
                 x = x_of(group)
                 if x is None:
                     continue
-                handle = axes.errorbar([x], [group.final.mean], yerr=[group.final.std or 0.0], fmt="o",
-                                       capsize=4, color=colors[id(group)])
+                handle = axes.errorbar(
+                    [x], [group.final.mean], yerr=[group.final.std or 0.0], fmt="o", capsize=4, color=colors[id(group)]
+                )
                 handles.setdefault(f"{group.name} (n={group.n})", handle)
-                text = axes.annotate(labels[id(group)], (x, group.final.mean), textcoords="offset points",
-                                     xytext=(6, 4), fontsize="small")
+                text = axes.annotate(
+                    labels[id(group)],
+                    (x, group.final.mean),
+                    textcoords="offset points",
+                    xytext=(6, 4),
+                    fontsize="small",
+                )
                 text.set_in_layout(False)
             axes.set_xlabel(label)
             axes.set_ylabel("final test top-1 (%)")
@@ -121,15 +143,23 @@ def cost_plots(groups: Sequence[Group]) -> list[Plot]:
         if not handles:
             continue
         figure.suptitle(f"{dataset}: accuracy against cost")
-        figure.legend(list(handles.values()), list(handles), loc="lower center", fontsize="small",
-                      ncol=min(3, len(handles)), frameon=False)
+        figure.legend(
+            list(handles.values()),
+            list(handles),
+            loc="lower center",
+            fontsize="small",
+            ncol=min(3, len(handles)),
+            frameon=False,
+        )
         rows = -(-len(handles) // 3)
         figure.set_size_inches(11, 4.8 + 0.25 * rows)
         figure.tight_layout(rect=(0, 0.06 + 0.05 * rows, 1, 1))
-        plots.append(Plot(
-            f"{dataset}: accuracy against cost",
-            "Final-epoch test top-1, mean over seeds, error bars one sample standard deviation "
-            "(none for a single seed). Timings compare only between runs on the same device.",
-            _png(figure, layout=False),
-        ))
+        plots.append(
+            Plot(
+                f"{dataset}: accuracy against cost",
+                "Final-epoch test top-1, mean over seeds, error bars one sample standard deviation "
+                "(none for a single seed). Timings compare only between runs on the same device.",
+                _png(figure, layout=False),
+            )
+        )
     return plots

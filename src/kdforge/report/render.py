@@ -96,8 +96,7 @@ def column_notes(report: Report) -> list[str]:
         "**time/batch vs KD**: mean training seconds per batch divided by that of the plain `kd` group with "
         "the same dataset, student, teacher(s), batch size and device. Includes the teacher forward pass "
         "(or the teacher-bank lookup when enabled).",
-        "**train min/run**: mean training time per run in minutes (the epochs' training loops, without "
-        "evaluation).",
+        "**train min/run**: mean training time per run in minutes (the epochs' training loops, without evaluation).",
     ]
     return notes
 
@@ -159,13 +158,45 @@ def render_markdown(report: Report) -> str:
 
 # --------------------------------------------------------------------------- csv
 CSV_FIELDS = [
-    "run_dir", "run_name", "group", "setting", "method", "dataset", "student", "teachers", "seed",
-    "epochs", "final_epoch", "final_top1", "final_top5", "best_epoch", "best_top1", "best_selected_on",
-    "best_selection_top1", "student_parameters", "extra_parameters", "seconds_per_batch", "train_seconds",
-    "wall_seconds", "device", "git_commit", "git_dirty", "torch_version", "kdforge_version",
-    "group_seeds", "group_final_top1_mean", "group_final_top1_std", "group_best_top1_mean",
-    "group_best_top1_std", "group_delta_vs_student_alone", "student_alone_group", "group_time_vs_kd",
-    "kd_group", "paper_top1", "paper_source", "paper_budget_differs",
+    "run_dir",
+    "run_name",
+    "group",
+    "setting",
+    "method",
+    "dataset",
+    "student",
+    "teachers",
+    "seed",
+    "epochs",
+    "final_epoch",
+    "final_top1",
+    "final_top5",
+    "best_epoch",
+    "best_top1",
+    "best_selected_on",
+    "best_selection_top1",
+    "student_parameters",
+    "extra_parameters",
+    "seconds_per_batch",
+    "train_seconds",
+    "wall_seconds",
+    "device",
+    "git_commit",
+    "git_dirty",
+    "torch_version",
+    "kdforge_version",
+    "group_seeds",
+    "group_final_top1_mean",
+    "group_final_top1_std",
+    "group_best_top1_mean",
+    "group_best_top1_std",
+    "group_delta_vs_student_alone",
+    "student_alone_group",
+    "group_time_vs_kd",
+    "kd_group",
+    "paper_top1",
+    "paper_source",
+    "paper_budget_differs",
 ]
 
 

@@ -156,12 +156,24 @@ def group_runs(runs: Sequence[RunResult]) -> list[Group]:
         group.train_minutes = Stat.of(None if r.train_seconds is None else r.train_seconds / 60 for r in members)
         groups.append(group)
     _name_groups(groups)
-    groups.sort(key=lambda g: (
-        g.dataset, g.student_arch, g.teachers, _METHOD_ORDER.get(g.method, 2), g.method, g.name, g.config_hash,
-    ))
+    groups.sort(
+        key=lambda g: (
+            g.dataset,
+            g.student_arch,
+            g.teachers,
+            _METHOD_ORDER.get(g.method, 2),
+            g.method,
+            g.name,
+            g.config_hash,
+        )
+    )
     for group in groups:
         group.student_alone = _student_alone_for(group, groups)
-        if group.student_alone is not None and group.final.mean is not None and group.student_alone.final.mean is not None:
+        if (
+            group.student_alone is not None
+            and group.final.mean is not None
+            and group.student_alone.final.mean is not None
+        ):
             group.delta = group.final.mean - group.student_alone.final.mean
         group.kd = _kd_for(group, groups)
         if group.kd is not None and group.seconds_per_batch.mean and group.kd.seconds_per_batch.mean:
@@ -205,7 +217,8 @@ def _student_alone_for(group: Group, groups: Sequence[Group]) -> Group | None:
     if group.method == STUDENT_ALONE:
         return None
     candidates = [
-        g for g in groups
+        g
+        for g in groups
         if g.method == STUDENT_ALONE
         and g.dataset == group.dataset
         and g.student_arch == group.student_arch
@@ -214,9 +227,14 @@ def _student_alone_for(group: Group, groups: Sequence[Group]) -> Group | None:
     ]
     if not candidates:
         return None
-    return max(candidates, key=lambda g: (
-        g.first.data_hash == group.first.data_hash, g.first.train_hash == group.first.train_hash, g.n,
-    ))
+    return max(
+        candidates,
+        key=lambda g: (
+            g.first.data_hash == group.first.data_hash,
+            g.first.train_hash == group.first.train_hash,
+            g.n,
+        ),
+    )
 
 
 def _kd_for(group: Group, groups: Sequence[Group]) -> Group | None:
@@ -228,7 +246,8 @@ def _kd_for(group: Group, groups: Sequence[Group]) -> Group | None:
     if not group.teachers:
         return None
     candidates = [
-        g for g in groups
+        g
+        for g in groups
         if g.method == PLAIN_KD
         and g.dataset == group.dataset
         and g.student_arch == group.student_arch
@@ -238,13 +257,16 @@ def _kd_for(group: Group, groups: Sequence[Group]) -> Group | None:
     ]
     if not candidates:
         return None
-    return max(candidates, key=lambda g: (
-        g is group,
-        g.first.data_hash == group.first.data_hash,
-        g.first.train_hash == group.first.train_hash,
-        g.teacher_bank == group.teacher_bank,
-        g.n,
-    ))
+    return max(
+        candidates,
+        key=lambda g: (
+            g is group,
+            g.first.data_hash == group.first.data_hash,
+            g.first.train_hash == group.first.train_hash,
+            g.teacher_bank == group.teacher_bank,
+            g.n,
+        ),
+    )
 
 
 def reference_for(group: Group) -> Reference | None:
@@ -279,9 +301,19 @@ def columns(groups: Sequence[Group]) -> list[str]:
     """Headers of the table; one best-epoch column per selection split present, never merged."""
     splits = sorted({g.selection_split for g in groups}, key=lambda s: (s != "val", s))
     return [
-        "run", "method", "dataset", "student", "teacher", "seeds",
-        FINAL_HEADER, *(best_header(s) for s in splits),
-        "Δ final vs student alone", "paper top-1 (%)", "extra params", "time/batch vs KD", "train min/run",
+        "run",
+        "method",
+        "dataset",
+        "student",
+        "teacher",
+        "seeds",
+        FINAL_HEADER,
+        *(best_header(s) for s in splits),
+        "Δ final vs student alone",
+        "paper top-1 (%)",
+        "extra params",
+        "time/batch vs KD",
+        "train min/run",
     ]
 
 
@@ -319,6 +351,7 @@ def table_rows(groups: Sequence[Group]) -> list[dict[str, str]]:
 
 def provenance(runs: Sequence[RunResult]) -> dict[str, list[str]]:
     """Distinct code versions, libraries and devices behind the runs, each with its run count."""
+
     def tally(values: Iterable[Any]) -> list[str]:
         counts = Counter(values)
         return [f"{value} ({count} run{'s' if count != 1 else ''})" for value, count in sorted(counts.items())]

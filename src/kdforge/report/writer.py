@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import KDForgeError
+from kdforge.core.checkpoint import atomic_write_text
+from kdforge.core.errors import KDForgeError
 from kdforge.report.collect import collect_all, find_run_dirs
 from kdforge.report.render import Report, markdown_table, render_csv, render_html, render_markdown, unfinished_line
 from kdforge.report.table import group_runs
@@ -33,8 +34,6 @@ def build_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike)
 
 
 def _write_atomically(text: str, path: Path) -> None:
-    from kdforge.engine.checkpoint import atomic_write_text
-
     atomic_write_text(text, path)
 
 

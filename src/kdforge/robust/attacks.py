@@ -39,7 +39,16 @@ from torch import Tensor, nn
 Norm = Literal["linf", "l2"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["PixelModel", "ascent_direction", "fgsm", "parse_fraction", "pgd", "project", "project_ball", "random_in_ball"]
+__all__ = [
+    "PixelModel",
+    "ascent_direction",
+    "fgsm",
+    "parse_fraction",
+    "pgd",
+    "project",
+    "project_ball",
+    "random_in_ball",
+]
 
 
 def parse_fraction(value: str | float | int) -> float:

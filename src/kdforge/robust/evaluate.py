@@ -43,8 +43,17 @@ def attack_batch(
     if attack == "fgsm":
         return fgsm(pixel_model, x, y, eps, norm=norm)
     if attack == "pgd":
-        return pgd(pixel_model, x, y, eps, steps=steps, step_size=step_size, norm=norm,
-                   random_start=random_start, restarts=restarts)
+        return pgd(
+            pixel_model,
+            x,
+            y,
+            eps,
+            steps=steps,
+            step_size=step_size,
+            norm=norm,
+            random_start=random_start,
+            restarts=restarts,
+        )
     raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
 
 
@@ -95,17 +104,30 @@ def robust_evaluate(
                 if eps == 0 or not bool(correct.any()):
                     robust_hits += int(correct.sum())
                     continue
-                x_adv = attack_batch(pixel_model, x[correct], y[correct], attack, eps, steps=steps,
-                                     step_size=step_size, norm=norm, restarts=restarts,
-                                     random_start=random_start)
+                x_adv = attack_batch(
+                    pixel_model,
+                    x[correct],
+                    y[correct],
+                    attack,
+                    eps,
+                    steps=steps,
+                    step_size=step_size,
+                    norm=norm,
+                    restarts=restarts,
+                    random_start=random_start,
+                )
                 with torch.no_grad():
                     robust_hits += int((pixel_model(x_adv).argmax(-1) == y[correct]).sum())
     finally:
         model.train(was_training)
     settings = {"name": attack, "eps": eps, "norm": norm}
     if attack == "pgd":
-        settings.update(steps=steps, step_size=2.5 * eps / max(steps, 1) if step_size is None else step_size,
-                        restarts=restarts, random_start=random_start)
+        settings.update(
+            steps=steps,
+            step_size=2.5 * eps / max(steps, 1) if step_size is None else step_size,
+            restarts=restarts,
+            random_start=random_start,
+        )
     return {
         "clean_top1": 100.0 * clean_hits / max(count, 1),
         "robust_top1": 100.0 * robust_hits / max(count, 1),

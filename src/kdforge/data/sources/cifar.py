@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from kdforge.core.errors import ConfigError, DataError
 from kdforge.data.catalog import DATASETS
 from kdforge.data.download import download_dataset
 from kdforge.data.sources.common import (
@@ -26,7 +27,6 @@ from kdforge.data.sources.common import (
     resolve_root,
 )
 from kdforge.data.types import DataSplits
-from kdforge.errors import ConfigError, DataError
 
 IMAGE_SHAPE = (3, 32, 32)
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdforge.core.errors import DataError
 from kdforge.data.types import DatasetInfo, DataSplits, TensorData
-from kdforge.errors import DataError
 
 DEFAULT_ROOT = Path("data")
 MATERIALIZE_HINT = "python ../shared/tools/materialize_datasets.py {root}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdforge.core.errors import DataError
 from kdforge.data.catalog import DATASETS
 from kdforge.data.download import download_dataset
 from kdforge.data.sources.common import (
@@ -23,7 +24,6 @@ from kdforge.data.sources.common import (
     resolve_root,
 )
 from kdforge.data.types import DataSplits
-from kdforge.errors import DataError
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kdforge.core.errors import DataError
 from kdforge.data.catalog import DATASETS
 from kdforge.data.sources.common import build_splits, missing_files_error, resolve_root
 from kdforge.data.types import DataSplits
-from kdforge.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 GRAY_MODES = {"1", "L", "LA"}

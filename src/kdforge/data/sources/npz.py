@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kdforge.core.errors import ConfigError, DataError
 from kdforge.data.catalog import DATASETS
 from kdforge.data.sources.common import build_splits
 from kdforge.data.types import DataSplits
-from kdforge.errors import ConfigError, DataError
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 CHANNEL_COUNTS = (1, 3, 4)

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
-from kdforge.errors import ConfigError
 from kdforge.methods.features import (
     FeatureDistiller,
     FeatureParams,
@@ -280,10 +280,14 @@ class ContrastiveDistiller(FeatureDistiller):
                 stacklevel=2,
             )
         self.input_shape = input_shape_for(name, self.student, input_shape)
-        (student_shape,), (teacher_shape,) = probe_feature_shapes(name, self.input_shape, [
-            (self.student, self.student_tap, self.student_layers),
-            (self.teachers[0], self.teacher_tap, self.teacher_layers),
-        ])
+        (student_shape,), (teacher_shape,) = probe_feature_shapes(
+            name,
+            self.input_shape,
+            [
+                (self.student, self.student_tap, self.student_layers),
+                (self.teachers[0], self.teacher_tap, self.teacher_layers),
+            ],
+        )
         student_dim, teacher_dim = math.prod(student_shape), math.prod(teacher_shape)
         self.embed_student = EmbedHead(student_dim, p.feature_dim)
         self.embed_teacher = EmbedHead(teacher_dim, p.feature_dim)
@@ -344,8 +348,7 @@ class ContrastiveDistiller(FeatureDistiller):
         if given is not None:
             if given.dim() != 2 or given.shape[0] != len(batch) or given.shape[1] < 1:
                 raise ConfigError(
-                    f"batch.extras['{NEGATIVES_KEY}'] must be B x K negative indices, "
-                    f"got shape {tuple(given.shape)}"
+                    f"batch.extras['{NEGATIVES_KEY}'] must be B x K negative indices, got shape {tuple(given.shape)}"
                 )
             check_index(given, self.num_samples)
             return given.long()

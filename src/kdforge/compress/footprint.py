@@ -11,8 +11,9 @@ Against a teacher, as the seed papers report it (e.g. "2.08x compression, 3.5x c
 * ``sparse_compression_rate`` = teacher non-zero parameters / student non-zero parameters;
 * ``speedup`` = teacher latency / student latency at each batch size.
 
-``kdforge profile MODEL_OR_CHECKPOINT --teacher OTHER`` prints it; every run's ``summary.json``
-has it under ``compression`` (against the run's first teacher, when it has one).
+``kdforge profile MODEL_OR_CHECKPOINT --teacher OTHER`` prints it (:mod:`kdforge.commands.profile`);
+every run's ``summary.json`` has it under ``compression`` (against the run's first teacher, when
+it has one; :mod:`kdforge.engine.trainer`).
 """
 
 from __future__ import annotations
@@ -51,9 +52,7 @@ def describe(
     network = copy.deepcopy(model).cpu().eval()
     shape = tuple(int(v) for v in input_shape)
     flops = count_flops(network, shape)
-    latency = {
-        str(b): 1000.0 * measure_latency(network, shape, b, warmup, repeats, num_threads) for b in batch_sizes
-    }
+    latency = {str(b): 1000.0 * measure_latency(network, shape, b, warmup, repeats, num_threads) for b in batch_sizes}
     return {
         "parameters": count_parameters(network),
         "nonzero_parameters": nonzero_parameters(network),
@@ -121,85 +120,4 @@ def compression_report(
     return report
 
 
-def summary_fields(trainer: Any) -> dict[str, Any]:
-    """The ``compression`` entry of a run's summary.json, measured once per session and cached.
-
-    Student = the deployed network; teacher = the run's first teacher (none for teacher-less
-    runs). Latency uses few repeats (2 warm-up, 5 timed) so a summary costs about a second; it
-    never fails a run (an error is recorded instead).
-    """
-    cached = getattr(trainer, "_compression_summary", None)
-    if cached is not None:
-        return cached
-    try:
-        info = trainer.info
-        shape = (info.in_channels, *info.image_size)
-        teachers = list(getattr(trainer.distiller, "teachers", []) or [])
-        report = compression_report(
-            trainer.distiller.inference_model(), shape, teachers[0] if teachers else None, warmup=2, repeats=5
-        )
-    except Exception as exc:  # noqa: BLE001 - a report must never stop training
-        report = {"error": f"{type(exc).__name__}: {exc}"}
-    trainer._compression_summary = report
-    return report
-
-
-def _network(spec: str, classes: int, shape: tuple[int, int, int] | None) -> tuple[nn.Module, tuple, str, int]:
-    """A zoo name or a model file -> (model, input shape, display name, classes)."""
-    from pathlib import Path
-
-    from kdforge.compress.arch import input_shape_of, load_model_file
-    from kdforge.models import create
-
-    path = Path(spec)
-    if path.is_file() or path.suffix in (".pt", ".pth"):
-        model, record = load_model_file(path)
-        saved = record.get("model") or {}
-        return model, shape or input_shape_of(record), f"{saved.get('name')} ({path.name})", saved.get("num_classes")
-    shape = shape or (3, 32, 32)
-    return create(spec, num_classes=classes, in_channels=shape[0], input_size=shape[1:]), shape, spec, classes
-
-
-def profile_networks(
-    model: str,
-    teacher: str | None = None,
-    input_shape: tuple[int, int, int] | None = None,
-    classes: int = 100,
-    batch_sizes: Sequence[int] = (1, 64),
-    num_threads: int | None = None,
-) -> tuple[dict[str, Any], tuple[str, str]]:
-    """``kdforge profile``: the report of a zoo name or model file, against an optional teacher."""
-    student, shape, student_name, classes = _network(model, classes, input_shape)
-    teacher_model, teacher_name = None, "teacher"
-    if teacher:
-        teacher_model, _, teacher_name, _ = _network(teacher, classes, tuple(shape))
-    report = compression_report(student, shape, teacher_model, batch_sizes, num_threads=num_threads)
-    report["classes"] = classes
-    return report, (student_name, teacher_name)
-
-
-def format_report(report: dict[str, Any], student_name: str = "student", teacher_name: str = "teacher") -> str:
-    """Human-readable lines for ``kdforge profile``."""
-    lines = []
-    rows = [(student_name, report["student"])]
-    if report.get("teacher"):
-        rows.append((teacher_name, report["teacher"]))
-    batches = list(report["student"]["latency_ms"])
-    header = ["network", "params", "non-zero", "FLOPs", "MACs", "size"] + [f"CPU ms b{b}" for b in batches]
-    table = [header]
-    for name, d in rows:
-        table.append(
-            [name, f"{d['parameters']:,}", f"{d['nonzero_parameters']:,}", f"{d['flops'] / 1e6:,.1f}M",
-             f"{d['macs'] / 1e6:,.1f}M", f"{d['size_bytes'] / 1e6:.2f} MB"]
-            + [f"{d['latency_ms'][b]:.2f}" for b in batches]
-        )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for row in table:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    if report.get("text"):
-        lines.append(f"{student_name} vs {teacher_name}: {report['text']}")
-    return "\n".join(lines)
-
-
-__all__ = ["compare", "compression_report", "describe", "format_report", "headline", "nonzero_parameters", "profile_networks",
-           "size_on_disk", "summary_fields"]
+__all__ = ["compare", "compression_report", "describe", "headline", "nonzero_parameters", "size_on_disk"]

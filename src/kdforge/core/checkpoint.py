@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import nn
 
-from kdforge.errors import CheckpointError
+from kdforge.core.errors import CheckpointError
 
 MODEL_FORMAT = "kdforge-model"
 _UMASK = os.umask(0)
@@ -62,9 +63,20 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; give the path of a .pt file from a run's checkpoints/")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
-        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {exc})") from None
+        text = str(exc)
+        if "Weights only load failed" in text or "weights_only" in text:
+            # torch's own message is several lines and suggests weights_only=False: never do that
+            # for a file you did not write; kdforge files hold tensors and plain values only
+            raise CheckpointError(
+                f"checkpoint '{path}' holds Python objects that kdforge refuses to unpickle (unsafe: "
+                "loading them could run code); export a plain state dict or a kdforge model file"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict")
     return obj
@@ -101,14 +113,31 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     """Load a model file; a bare state dict is accepted too (``model`` is then empty)."""
     obj = load_file(path)
     if obj.get("format") == MODEL_FORMAT:
+        check_finite(obj.get("state_dict") or {}, path)
         return obj
     if obj.get("format") == STATE_FORMAT:
         raise CheckpointError(
             f"'{path}' is a training state (for --resume); use checkpoints/model_best.pt or model_last.pt"
         )
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        check_finite(obj, path)
         return {"format": "state_dict", "model": {}, "dataset": {}, "metrics": {}, "state_dict": obj}
     raise CheckpointError(f"'{path}' is not a kdforge model file nor a plain state dict")
+
+
+def check_finite(state_dict: dict[str, Any], source: str | Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run): evaluating, exporting or distilling
+    from them would silently give garbage."""
+    bad = [
+        key
+        for key, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"'{source}' holds non-finite weights ({len(bad)} tensor(s), first '{bad[0]}'): it comes from a "
+            "diverged run; use the run's checkpoints/model_best.pt or retrain with a lower learning rate"
+        )
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -123,8 +152,11 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     ]
     if missing or unexpected or mismatched:
         detail = (
-            f"shapes differ: {mismatched[0]}" if mismatched
-            else f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
+            f"shapes differ: {mismatched[0]}"
+            if mismatched
+            else f"missing {missing[:2]}"
+            if missing
+            else f"unexpected {unexpected[:2]}"
         )
         raise CheckpointError(
             f"checkpoint '{source}' does not fit the model ({detail}); "

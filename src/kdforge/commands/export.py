@@ -1,0 +1,94 @@
+"""``kdforge export``: write a model file's network as ONNX (optionally int8) or TorchScript.
+
+The file formats and the quantizer are :mod:`kdforge.compress.export` and
+:mod:`kdforge.compress.quantize`; this module adds what a command needs on top: the model file's
+architecture (:mod:`kdforge.compress.arch`) and calibration batches of its dataset.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdforge.compress.arch import input_shape_of, load_model_file
+from kdforge.compress.export import check_onnx, export_onnx, export_torchscript
+from kdforge.compress.quantize import OnnxModule, deployable, quantize_onnx
+from kdforge.config import DataConfig
+from kdforge.core.errors import KDForgeError
+from kdforge.data import BatchLoader
+from kdforge.engine.build import build_augmentation, build_data
+
+
+def calibration_batches(
+    dataset: str, root: str | None = None, batches: int = 8, batch_size: int = 64, seed: int = 0
+) -> list[torch.Tensor]:
+    """``batches`` shuffled training batches of ``dataset``, normalised as at test time (no augmentation)."""
+    cfg = DataConfig(name=dataset, root=root, augment=False)
+    data = build_data(cfg)
+    loader = BatchLoader(
+        data.train, batch_size, shuffle=True, seed=seed, augmentation=build_augmentation(cfg, data.info), train=False
+    )
+    found = []
+    for batch in loader:
+        found.append(batch.image.detach().cpu())
+        if len(found) >= batches:
+            break
+    return found
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    format: str = "onnx",
+    out: str | Path | None = None,
+    int8: bool = False,
+    data: str | None = None,
+    root: str | None = None,
+    batches: int = 8,
+    batch_size: int = 64,
+    check: bool = True,
+) -> dict[str, Any]:
+    """``kdforge export``: write a model file's network as ONNX (optionally int8) or TorchScript."""
+    if int8 and format != "onnx":
+        raise KDForgeError("--int8 quantizes ONNX files; use --format onnx")
+    model, record = load_model_file(checkpoint)
+    shape = input_shape_of(record)
+    path = Path(out) if out else default_path(checkpoint, format, int8)
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "format": format, "input_shape": list(shape)}
+    if format == "torchscript":
+        export_torchscript(model, path, shape)
+        loaded = torch.jit.load(str(path))
+        x = torch.randn(4, *shape)
+        with torch.no_grad():
+            result["max_abs_diff"] = float((loaded(x) - deployable(model)(x)).abs().max())
+        result["path"] = str(path)
+        return result
+    float_path = path.with_name(path.name.removesuffix(".int8.onnx") + ".float.onnx") if int8 else path
+    export_onnx(model, float_path, shape)
+    if check and importlib.util.find_spec("onnxruntime") is not None:
+        result["max_abs_diff"] = check_onnx(model, float_path, shape)
+    result["path"] = str(float_path)
+    if int8:
+        dataset = data or (record.get("dataset") or {}).get("name")
+        if not dataset:
+            raise KDForgeError("the checkpoint does not say its dataset; pass --data NAME for calibration")
+        quantize_onnx(float_path, path, calibration_batches(dataset, root, batches, batch_size))
+        result.update(int8_path=str(path), calibration_images=batches * batch_size)
+        if check:
+            network = deployable(model)
+            x = calibration_batches(dataset, root, 1, 64, seed=1)[0]
+            with torch.no_grad():
+                agree = (OnnxModule(path)(x).argmax(1) == network(x).argmax(1)).float().mean()
+            result["int8_agreement"] = float(agree)
+    return result
+
+
+def default_path(checkpoint: str | Path, format: str, int8: bool = False) -> Path:
+    checkpoint = Path(checkpoint)
+    suffix = (".int8.onnx" if int8 else ".onnx") if format == "onnx" else ".torchscript.pt"
+    return checkpoint.with_name(checkpoint.stem + suffix)
+
+
+__all__ = ["calibration_batches", "default_path", "export_checkpoint"]
