@@ -24,8 +24,14 @@ OLD = {
     "pkt": [59.85, 53.05, 51.83],
     "sp": [56.08, 48.56, 53.05],
 }
-OLD_MEAN = {"student_alone": "66.52 ± 0.56", "kd": "71.26 ± 0.89 (published 71.85 ± 0.87)", "fitnet": "72.22 ± 0.16",
-            "crd": "68.82 ± 0.19", "pkt": "54.91 ± 4.32", "sp": "52.56 ± 3.78"}
+OLD_MEAN = {
+    "student_alone": "66.52 ± 0.56",
+    "kd": "71.26 ± 0.89 (published 71.85 ± 0.87)",
+    "fitnet": "72.22 ± 0.16",
+    "crd": "68.82 ± 0.19",
+    "pkt": "54.91 ± 4.32",
+    "sp": "52.56 ± 3.78",
+}
 
 
 def mean_std(values: list[float]) -> str:
@@ -46,7 +52,9 @@ def main() -> None:
                 finals.setdefault(method, {})[int(seed_dir.name[4:])] = summary["final"]["test"]["top1"]
     alone = statistics.mean(finals["student_alone"].values())
     kd = statistics.mean(finals["kd"].values())
-    print("| method | seeds | full batches: top-1 (Δ vs alone, Δ vs kd) | per seed 0/1/2 | partial last batch (before) |")
+    print(
+        "| method | seeds | full batches: top-1 (Δ vs alone, Δ vs kd) | per seed 0/1/2 | partial last batch (before) |"
+    )
     print("| --- | ---: | ---: | --- | ---: |")
     for method in OLD:
         seeds = finals.get(method, {})
@@ -55,8 +63,10 @@ def main() -> None:
         values = [seeds[s] for s in sorted(seeds)]
         m = statistics.mean(values)
         per_seed = " / ".join(f"{seeds[s]:.2f}" if s in seeds else "—" for s in range(3))
-        print(f"| `{method}` | {len(values)} | {mean_std(values)} ({m - alone:+.2f}, {m - kd:+.2f}) | {per_seed} | "
-              f"{OLD_MEAN[method]} |")
+        print(
+            f"| `{method}` | {len(values)} | {mean_std(values)} ({m - alone:+.2f}, {m - kd:+.2f}) | {per_seed} | "
+            f"{OLD_MEAN[method]} |"
+        )
 
 
 if __name__ == "__main__":
