@@ -29,7 +29,7 @@ class Batch:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(
             inputs={k: move(v) for k, v in self.inputs.items()},

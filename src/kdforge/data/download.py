@@ -167,9 +167,7 @@ def extract_archive(archive: Path, destination: Path) -> None:
                 target.unlink()
             os.replace(entry, target)
     except (tarfile.TarError, OSError, EOFError) as error:
-        raise DataError(
-            f"could not unpack {archive} ({_describe(error)}); delete it and download again"
-        ) from None
+        raise DataError(f"could not unpack {archive} ({_describe(error)}); delete it and download again") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -105,9 +105,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     """Sorted positions of a seeded subset of ``size`` samples, as class-balanced as possible."""
     if not 0 < size <= len(labels):
-        raise ConfigError(
-            f"train_subset must be between 1 and the training split size {len(labels)}, got {size}"
-        )
+        raise ConfigError(f"train_subset must be between 1 and the training split size {len(labels)}, got {size}")
     quota = balanced_quota(_class_counts(labels), size)
     return _take_per_class(labels, quota, derive_seed(seed, _SUBSET_STREAM))
 

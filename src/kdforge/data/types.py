@@ -33,8 +33,7 @@ class TensorData:
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(
-                f"{self._label()}: {self.images.shape[0]} images but labels have shape "
-                f"{tuple(self.labels.shape)}"
+                f"{self._label()}: {self.images.shape[0]} images but labels have shape {tuple(self.labels.shape)}"
             )
         if self.indices is None:
             self.indices = torch.arange(len(self.labels), dtype=torch.int64)

@@ -98,8 +98,12 @@ def build_splits(
     splits = {}
     indices = source_indices or (None, None)
     for (split, (images, labels)), index in zip((("train", train), ("test", test)), indices, strict=True):
-        data = TensorData(_as_images(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64),
-                          name=f"{dataset}/{split}", indices=index)
+        data = TensorData(
+            _as_images(images),
+            torch.as_tensor(np.asarray(labels), dtype=torch.int64),
+            name=f"{dataset}/{split}",
+            indices=index,
+        )
         _check_labels(dataset, split, data.labels, len(class_names))
         splits[split] = data
     if splits["train"].images.shape[1:] != splits["test"].images.shape[1:]:

@@ -95,8 +95,14 @@ def _load_idx_dataset(name: str, folder_name: str, root: Path, download: bool) -
     return found
 
 
-def _idx_splits(name: str, folder_name: str, root, download: bool, class_names: list[str],
-                stats: tuple[tuple[float, ...], tuple[float, ...]]) -> DataSplits:
+def _idx_splits(
+    name: str,
+    folder_name: str,
+    root,
+    download: bool,
+    class_names: list[str],
+    stats: tuple[tuple[float, ...], tuple[float, ...]],
+) -> DataSplits:
     paths = _load_idx_dataset(name, folder_name, resolve_root(root), download)
     train = (_read_images(paths["train_images"]), _read_labels(paths["train_labels"]))
     test = (_read_images(paths["test_images"]), _read_labels(paths["test_labels"]))

@@ -44,8 +44,7 @@ def list_samples(split_dir: Path, class_names: list[str]) -> list[tuple[Path, in
     for class_dir in _class_folders(split_dir):
         if class_dir.name not in class_names:
             raise DataError(
-                f"imagefolder: class folder {class_dir} is not among the training classes "
-                f"({', '.join(class_names)})"
+                f"imagefolder: class folder {class_dir} is not among the training classes ({', '.join(class_names)})"
             )
         label = class_names.index(class_dir.name)
         samples.extend((path, label) for path in _image_files(class_dir))
@@ -104,7 +103,9 @@ def imagefolder(root=None, download: bool = False, grayscale: bool | None = None
     split_dirs = {split: root / split for split in ("train", "test")}
     if not all(folder.is_dir() for folder in split_dirs.values()):
         raise missing_files_error(
-            "imagefolder", [root], "train/<class>/*.png|jpg and test/<class>/*.png|jpg",
+            "imagefolder",
+            [root],
+            "train/<class>/*.png|jpg and test/<class>/*.png|jpg",
             "set data.root to the folder that holds train/ and test/",
         )
     class_names = [folder.name for folder in _class_folders(split_dirs["train"])]
