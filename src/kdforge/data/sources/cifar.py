@@ -113,7 +113,7 @@ def cifar10(root=None, download: bool = False) -> DataSplits:
     """CIFAR-10, 50,000/10,000 32x32 RGB images in 10 classes (official python pickles)."""
     root = resolve_root(root)
     files = [*CIFAR10_TRAIN, "test_batch", "batches.meta"]
-    how = _DOWNLOAD_HINT + "run " + MATERIALIZE_HINT.format(root=root)
+    how = _DOWNLOAD_HINT + MATERIALIZE_HINT.format(root=root)
     paths = _locate("cifar10", [root / "cifar-10-batches-py", root], files, download, root, how)
     train = _read_batches([paths[file] for file in CIFAR10_TRAIN], "labels")
     test = _read_batch(paths["test_batch"], "labels")

@@ -13,7 +13,10 @@ from kdforge.core.errors import DataError
 from kdforge.data.types import DatasetInfo, DataSplits, TensorData
 
 DEFAULT_ROOT = Path("data")
-MATERIALIZE_HINT = "python ../shared/tools/materialize_datasets.py {root}"
+MATERIALIZE_HINT = (
+    "copy the official files into {root} (docs/data.md; kdforge's own test machines run "
+    "python ../shared/tools/materialize_datasets.py {root})"
+)
 _STATS_CHUNK = 4096
 
 

@@ -89,7 +89,7 @@ def _load_idx_dataset(name: str, folder_name: str, root: Path, download: bool) -
     if found is None:
         how = "set data.download: true (load_dataset(..., download=True)) to fetch them"
         if name == "mnist":
-            how += ", or run " + MATERIALIZE_HINT.format(root=root)
+            how += ", or " + MATERIALIZE_HINT.format(root=root)
         expected = ", ".join(f"{base}.gz" for base in IDX_FILES.values()) + " (gzipped or not)"
         raise missing_files_error(name, candidates, expected, how)
     return found
