@@ -118,3 +118,13 @@ def test_eval_of_a_nan_checkpoint_fails_in_one_line(tmp_path):
         timeout=300,
     )
     assert result.returncode == 2 and "non-finite weights" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    from kdforge.engine.trainer import Trainer
+
+    config = build_config({"student": {"name": "mlp"}, "train": {"epochs": 1, "accelerator": "cuda"}})
+    with pytest.raises(ConfigError, match="no CUDA GPU.*accelerator: auto"):
+        Trainer(config, tmp_path / "run")
+    assert build_config({"student": {"name": "mlp"}}).train.accelerator == "auto"

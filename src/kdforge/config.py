@@ -109,7 +109,9 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     grad_clip: float | None = Field(None, gt=0.0)
-    accelerator: Literal["cpu", "cuda", "mps", "auto"] = "cpu"
+    accelerator: Literal["cpu", "cuda", "mps", "auto"] = Field(
+        "auto", description="auto: the GPU when there is one, else the CPU (the run's first line says which)"
+    )
     devices: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"

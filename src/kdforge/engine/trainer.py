@@ -52,7 +52,7 @@ from kdforge.engine.build import (
     build_distiller,
 )
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
-from kdforge.engine.record import run_record
+from kdforge.engine.record import device_description, run_record
 from kdforge.methods import Distiller, Output, Step
 
 Callback = Callable[["Trainer", int, dict[str, Any]], None]
@@ -65,6 +65,14 @@ class RunInterrupted(KDForgeError):
 def _make_fabric(config: RunConfig):
     from lightning.fabric import Fabric
 
+    accelerator = config.train.accelerator
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.accelerator is cuda but this process sees no CUDA GPU (torch.cuda.is_available() is False); "
+            "use accelerator: auto (the GPU when there is one, else the CPU) or cpu"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.accelerator is mps but no Apple GPU is available; use accelerator: auto or cpu")
     strategy = config.train.strategy
     if config.train.devices > 1 and strategy == "auto":
         strategy = "ddp"
@@ -159,6 +167,8 @@ class Trainer:
         fabric.seed_everything(config.seed, verbose=False)
 
         self.data: DataSplits = build_data(config.data)
+        if config.train.progress != "none":  # the run's first line says where it trains
+            self.fabric.print(f"[{config.name}] {self.data.summary()}; training on {device_description(fabric.device)}")
         self.info = self.data.info
         torch.manual_seed(config.seed)  # model initialisation depends on the seed only
         distiller, self.spec = build_distiller(config, self.info, self.data.train)
