@@ -27,10 +27,12 @@ UNKNOWN = "?"
 # Keys of the resolved recipe that do not change what is trained (where files live, how progress
 # is shown). They are dropped before hashing so the same recipe run from two folders or machines
 # still forms one group. Teacher checkpoint paths are replaced by what they point at.
+# keys that do not change what a run learns (where it runs, how often it is evaluated and logged,
+# which code was imported to find its method and model: those are named in the recipe itself)
 _IGNORED_KEYS: dict[str, tuple[str, ...]] = {
-    "": ("name", "seed"),
+    "": ("name", "seed", "imports"),
     "data": ("root", "download"),
-    "train": ("progress", "tensorboard"),
+    "train": ("progress", "tensorboard", "accelerator", "num_threads", "eval_every", "eval_batch_size"),
     "teacher_bank": ("directory",),
 }
 
