@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from kdforge.core.validation import strict_scalar
 
 ScheduleKind = Literal["constant", "linear", "cosine", "exponential", "step"]
 
@@ -28,7 +30,7 @@ ScheduleKind = Literal["constant", "linear", "cosine", "exponential", "step"]
 class Schedule(BaseModel):
     """A value as a function of training progress (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: ScheduleKind = "constant"
     start: float
@@ -37,6 +39,14 @@ class Schedule(BaseModel):
     finish: float = Field(1.0, ge=0.0, le=1.0)
     steps: int = Field(3, ge=1, description="number of equal drops for kind=step")
     by: Literal["step", "epoch"] = "step"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None:
+            strict_scalar(field.annotation, value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Schedule:
@@ -74,7 +84,15 @@ def as_schedule(spec: ScheduleSpec | dict) -> Schedule:
         return spec
     if isinstance(spec, dict):
         return Schedule(**spec)
-    return Schedule(kind="constant", start=float(spec))
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        raise ValueError("expected a number or a schedule mapping such as {kind: linear, start: 4, end: 1}")
+    try:
+        number = float(spec)
+    except ValueError:
+        raise ValueError("expected a number or a schedule mapping such as {kind: linear, start: 4, end: 1}") from None
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number (not nan or inf)")
+    return Schedule(kind="constant", start=number)
 
 
 def consistency_rampup(progress: float, length: float) -> float:

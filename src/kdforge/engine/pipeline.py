@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdforge.config import ConfigError, build_config, deep_merge, read_yaml
+from kdforge.config import ConfigError, RunConfig, build_config, deep_merge, read_yaml
+from kdforge.core.errors import closest
 
 _REFERENCE = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
 
@@ -87,14 +88,10 @@ def run_pipeline(
 
     ``overrides`` apply to every stage; write ``stage:key.path=value`` to target one stage.
     """
-    stages = stage_recipes(recipe, recipe_dir)
-    run_dirs: dict[str, Path] = {}
+    configs = validate_pipeline(recipe, recipe_dir, out_dir, overrides, only)
     summaries: dict[str, dict[str, Any]] = {}
-    for name, stage in stages.items():
+    for name, config in configs.items():
         stage_dir = out_dir / name
-        stage_overrides = [_strip_stage(o) for o in overrides if _targets(o, name, stages)]
-        config = build_config(_substitute(stage, run_dirs, name), stage_overrides)
-        run_dirs[name] = stage_dir
         summary_path = stage_dir / "summary.json"
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text())
@@ -105,6 +102,35 @@ def run_pipeline(
             continue
         summaries[name] = train(config, stage_dir, resume=(stage_dir / "checkpoints" / "state.pt").exists())
     return summaries
+
+
+def validate_pipeline(
+    recipe: dict[str, Any],
+    recipe_dir: Path,
+    out_dir: Path,
+    overrides: list[str] = (),  # type: ignore[assignment]
+    only: list[str] | None = None,
+) -> dict[str, RunConfig]:
+    """Every stage's validated config, in order, before anything trains: a bad key in the last
+    stage, an unknown ``{stage}`` reference or an override naming no stage fails at once, in one
+    line that names the stage."""
+    stages = stage_recipes(recipe, recipe_dir)
+    unknown = [name for name in only or () if name not in stages]
+    if unknown:
+        raise ConfigError(f"no pipeline stage '{unknown[0]}'{closest(unknown[0], stages)}; stages: {', '.join(stages)}")
+    run_dirs: dict[str, Path] = {}
+    configs: dict[str, RunConfig] = {}
+    for name, stage in stages.items():
+        stage_overrides = [_strip_stage(o) for o in overrides if _targets(o, name, stages)]
+        try:
+            configs[name] = build_config(_substitute(stage, run_dirs, name), stage_overrides)
+        except ConfigError as exc:
+            message = str(exc)
+            raise ConfigError(
+                message if message.startswith("pipeline stage") else f"pipeline stage '{name}': {message}"
+            ) from None
+        run_dirs[name] = out_dir / name
+    return configs
 
 
 def _targets(override: str, stage: str, stages: dict) -> bool:

@@ -16,16 +16,18 @@ recipe's ``method:`` section is validated field by field.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import nn
 
 from kdforge.core.registry import Registry
 from kdforge.core.schedules import Schedule
+from kdforge.core.validation import finite_numbers, strict_scalar
 from kdforge.data.batch import Batch
 
 METHODS: Registry[type[Distiller]] = Registry("method", group="kdforge.methods")
@@ -84,10 +86,55 @@ class OptimizerGroup:
     optimizer: dict[str, Any] | None = None
 
 
-class MethodParams(BaseModel):
-    """Base for a method's hyperparameters: unknown keys are errors."""
+#: softmax temperatures above this make typical logits' distributions uniform to float32 precision,
+#: and the T^2 factor of the KD loss then multiplies rounding error into the loss (it can turn negative)
+MAX_TEMPERATURE = 100.0
 
-    model_config = ConfigDict(extra="forbid")
+
+def _is_temperature(name: str) -> bool:
+    return name == "temperature" or name.endswith("_temperature")
+
+
+def _is_weight(name: str) -> bool:
+    return name in ("weight", "alpha", "beta") or name.endswith(("_weight", "_weights")) or name.startswith("lambda_")
+
+
+class MethodParams(BaseModel):
+    """Base for a method's hyperparameters: unknown keys are errors.
+
+    Every subclass also gets, field by field: no NaN or infinity in any float; no boolean where a
+    number is expected and only true/false where a boolean is; temperatures (``temperature``,
+    ``*_temperature``) in (0, 100]; weights (``weight``, ``*_weight``, ``alpha``, ``beta``,
+    ``lambda_*``) >= 0, whether written as numbers or as schedules.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None:
+            strict_scalar(field.annotation, value)
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _ranges(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name or ""
+        numbers = finite_numbers(value)
+        if any(not math.isfinite(n) for n in numbers):
+            raise ValueError("must be a finite number (not nan or inf)")
+        bad = [n for n in numbers if not 0.0 < n <= MAX_TEMPERATURE] if _is_temperature(name) else []
+        if bad:
+            raise ValueError(
+                f"a temperature must be in (0, {MAX_TEMPERATURE:g}], got {bad[0]:g}: above that softmax is "
+                "uniform to float32 precision and the T^2-scaled loss is rounding noise"
+            )
+        bad = [n for n in numbers if n < 0.0] if _is_weight(name) else []
+        if bad:
+            raise ValueError(f"a loss weight must be >= 0, got {bad[0]:g} (a negative weight maximises that loss)")
+        return value
 
 
 class Distiller(nn.Module):
