@@ -417,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     from kdforge.engine.trainer import RunInterrupted
 
     previous = _stop_on_sigterm()
+    from kdforge.core.signals import die_with_parent
+
+    die_with_parent()  # a suite's run or a NoNN device started with KDFORGE_PARENT_PID stops with its parent
     try:
         import_all(args.imports)  # the user's models, methods and datasets (kdforge.core.plugins)
         return args.func(args)

@@ -251,13 +251,22 @@ def _join(path: list[str | int]) -> str:
     return ".".join(str(p) for p in path)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe, following ``base: other.yaml`` (relative to the file) and deep-merging."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe '{path}' not found; give the path of a YAML file (see configs/)")
+    if path.resolve() in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path.resolve()))
+        raise ConfigError(f"recipe '{path}': 'base:' goes round in a cycle ({cycle}); a recipe cannot extend itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe '{path}' is not a text file (not UTF-8); give the path of a YAML recipe") from None
+    except OSError as exc:
+        raise ConfigError(f"recipe '{path}' cannot be read ({exc.strerror or exc}); check its permissions") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -266,9 +275,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
     _rebase_checkpoints(data, path.parent)
     rebase_imports(data, path.parent)
+    if "base" in data and not isinstance(data["base"], str):
+        raise ConfigError(f"recipe '{path}': 'base' must be the path of another recipe, got {data['base']!r}")
     if isinstance(data.get("base"), str):  # a recipe may extend another file
         base = data.pop("base")
-        return deep_merge(read_yaml(path.parent / base), data)
+        return deep_merge(read_yaml(path.parent / base, (*_chain, path.resolve())), data)
     return data
 
 

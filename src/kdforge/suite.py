@@ -45,6 +45,8 @@ from kdforge.config import build_config, deep_merge, read_yaml, rebase_imports
 from kdforge.core.errors import ConfigError, closest
 from kdforge.core.plugins import import_all
 from kdforge.core.runlock import RunLock
+from kdforge.core.signals import PARENT_ENV
+from kdforge.core.storage import ensure_writable_dir
 from kdforge.core.validation import validation_message
 
 
@@ -108,6 +110,13 @@ class PlannedRun:
             except json.JSONDecodeError:
                 return "unknown"
         return "interrupted" if (self.out / "checkpoints" / "state.pt").exists() else "pending"
+
+    def failure(self) -> str:
+        """The cause a failed run recorded in its summary.json."""
+        try:
+            return str(json.loads((self.out / "summary.json").read_text()).get("error") or "no cause recorded")
+        except (OSError, json.JSONDecodeError):
+            return "no cause recorded"
 
 
 def load_suite(path: str | Path) -> tuple[SuiteSpec, Path]:
@@ -233,7 +242,12 @@ def _launch(run: PlannedRun, threads: int, log_dir: Path) -> tuple[PlannedRun, i
     command = [sys.executable, "-m", "kdforge", "train", str(recipe_file), "--out", str(run.out)]
     if run.status() in ("interrupted", "running", "unknown"):
         command.append("--resume")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        PARENT_ENV: str(os.getpid()),  # the run stops if this bench dies, even by kill -9
+    }
     started = time.perf_counter()
     with open(log_dir / (run.label.replace("/", "__") + ".log"), "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -314,6 +328,7 @@ def run_suite(
                     needed.add(d)
                     frontier.append(d)
         runs = [r for r in runs if not r.is_teacher or r.label in needed]
+    ensure_writable_dir(out, "suite folder")
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "suite folder"):  # two benches on one folder would train the same runs twice
@@ -331,6 +346,10 @@ def _run_planned(spec, runs, out, log_dir, jobs, echo, threads) -> dict[str, Any
         f"{jobs} at a time x {threads} threads, into {out}"
     )
     failed: dict[str, int] = {}
+    for run in [r for r in pending if r.status() == "failed"]:  # never retried silently
+        pending.remove(run)
+        failed[run.label] = 1
+        echo(f"  FAILED {run.label} (earlier: {run.failure()}); delete '{run.out}' to run it again")
     done: set[str] = {r.label for r in runs if r.status() == "finished"}
     started = time.perf_counter()
     running: dict[Future, PlannedRun] = {}
@@ -371,4 +390,7 @@ def _schedule(pool, pending, running, done, failed, jobs, threads, log_dir, echo
                 echo(f"  done {run.label} ({seconds:.0f} s)")
             else:
                 failed[run.label] = code
-                echo(f"  FAILED {run.label} (exit {code}); log: {log_dir / (run.label.replace('/', '__') + '.log')}")
+                cause = f": {run.failure()}" if run.status() == "failed" else ""
+                echo(
+                    f"  FAILED {run.label} (exit {code}){cause}; log: {log_dir / (run.label.replace('/', '__') + '.log')}"
+                )

@@ -21,7 +21,8 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from kdforge.core.errors import CheckpointError
+from kdforge.core.errors import CheckpointError, StorageError
+from kdforge.core.storage import storage_message
 
 MODEL_FORMAT = "kdforge-model"
 _UMASK = os.umask(0)
@@ -35,8 +36,11 @@ def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> N
     A crash at any point leaves either the old file or the new one, never a torn one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StorageError(storage_message(exc, path)) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, mode) as handle:
@@ -44,8 +48,10 @@ def _atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> N
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):  # disk full, read-only, ...
+            raise StorageError(storage_message(exc, path)) from None
         raise
 
 

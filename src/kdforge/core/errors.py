@@ -30,3 +30,7 @@ def closest(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean X?)' for the closest choice, or '' when nothing is close."""
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+class StorageError(KDForgeError, OSError):
+    """A file or folder cannot be written: not a folder, no permission, read-only, disk full."""

@@ -4,7 +4,7 @@ A run directory holds::
 
     config.yaml          the resolved recipe (every default written out)
     metrics.jsonl        one JSON line per epoch: train loss terms, lr, images/s, test (and val) metrics
-    summary.json         status (running / interrupted / finished), final and best metrics, cost
+    summary.json         status (running / interrupted / failed, with the cause / finished), final and best metrics, cost
     curves.png           loss and accuracy against epoch
     checkpoints/
       state.pt           everything --resume needs (written atomically after every epoch)
@@ -42,8 +42,10 @@ from kdforge.core.checkpoint import (
     load_file,
     model_record,
 )
-from kdforge.core.errors import ConfigError, KDForgeError
+from kdforge.core.errors import ConfigError, KDForgeError, StorageError
 from kdforge.core.runlock import RunLock
+from kdforge.core.signals import StopFlag
+from kdforge.core.storage import ensure_writable_dir, remove_stale_temps, storage_message
 from kdforge.data import BatchLoader, DataSplits
 from kdforge.engine.build import (
     ModelSpec,
@@ -51,6 +53,7 @@ from kdforge.engine.build import (
     build_data,
     build_distiller,
 )
+from kdforge.engine.divergence import LossWatch, RunDiverged, likely_cause, nonfinite_tensors
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
 from kdforge.engine.record import device_description, run_record
 from kdforge.methods import Distiller, Output, Step
@@ -122,6 +125,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.fabric = fabric or _make_fabric(config)
         self.history: list[dict[str, Any]] = []
+        self.stop_flag = StopFlag()
 
     # ------------------------------------------------------------------ paths
     @property
@@ -159,10 +163,13 @@ class Trainer:
             torch.set_num_threads(config.train.num_threads)
         fabric.launch()
         if fabric.is_global_zero:
+            ensure_writable_dir(self.out_dir)  # before any data is loaded: a bad --out fails at once
             # one writer per run directory: a second train/bench on the same --out is refused
             if getattr(self, "lock", None) is None:
                 self.lock = RunLock(self.out_dir).acquire()
             self._check_run_directory()
+            # temporary files of atomic writes killed half-way (kill -9); safe: we hold the lock
+            remove_stale_temps(self.out_dir, self.out_dir / "checkpoints")
         fabric.barrier()
         fabric.seed_everything(config.seed, verbose=False)
 
@@ -223,6 +230,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.wall_seconds_before = 0.0  # wall time of earlier sessions of a resumed run
         self.best: dict[str, Any] = {}
+        self.loss_watch = LossWatch()
         if self.resume and self.state_path.exists():
             self._load_state()
         if fabric.is_global_zero:
@@ -285,6 +293,7 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "history": json.dumps(self.history),
             "best": json.dumps(self.best),
+            "loss_reference": json.dumps(self.loss_watch.reference),
         }
         atomic_save(state, self.state_path)
 
@@ -308,6 +317,7 @@ class Trainer:
         self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         self.history = json.loads(state["history"])
         self.best = json.loads(state["best"])
+        self.loss_watch = LossWatch(json.loads(state.get("loss_reference", "[]")))
 
     def _wall_seconds(self) -> float:
         return self.wall_seconds_before + time.perf_counter() - self.session_started
@@ -352,21 +362,61 @@ class Trainer:
         if self.start_epoch >= epochs and self.fabric.is_global_zero:
             return self._finish(status="finished")
         try:
-            for epoch in range(self.start_epoch, epochs):
-                record = self._run_epoch(epoch)
-                self.history.append(record)
-                if self.fabric.is_global_zero:
-                    self._end_of_epoch(epoch, record)
-                self.fabric.barrier()
-                for callback in self.callbacks:
-                    callback(self, epoch, record)
+            with StopFlag() as self.stop_flag:
+                for epoch in range(self.start_epoch, epochs):
+                    record = self._run_epoch(epoch)
+                    if self.fabric.is_global_zero:
+                        self._check_finite_epoch(epoch, record)
+                    self.history.append(record)
+                    if self.fabric.is_global_zero:
+                        with self.stop_flag.deferred():  # a signal waits until the epoch's files are written
+                            self._end_of_epoch(epoch, record)
+                    self.fabric.barrier()
+                    for callback in self.callbacks:
+                        callback(self, epoch, record)
+                    self.stop_flag.check()
+                with self.stop_flag.deferred(check=False):  # the run is complete: a late signal changes nothing
+                    return self._finish(status="finished") if self.fabric.is_global_zero else {}
         except KeyboardInterrupt:
             if self.fabric.is_global_zero:
-                self._finish(status="interrupted")
+                with StopFlag().deferred(check=False):
+                    self._finish(status="interrupted")
             raise RunInterrupted(
                 f"interrupted; the run directory '{self.out_dir}' is intact: resume with --resume"
             ) from None
-        return self._finish(status="finished") if self.fabric.is_global_zero else {}
+        except (KDForgeError, OSError) as exc:
+            message = str(exc) if isinstance(exc, KDForgeError) else storage_message(exc, self.out_dir)
+            if self.fabric.is_global_zero:
+                self._record_failure(message)
+            if isinstance(exc, KDForgeError):
+                raise
+            raise StorageError(message) from None
+
+    def _record_failure(self, message: str) -> None:
+        """Mark the run 'failed' with its cause in summary.json (best effort: the disk may be full)."""
+        try:
+            with StopFlag().deferred(check=False):
+                self._write_summary("failed", error=message)
+                if self.writer is not None:
+                    self.writer.close()
+        except (OSError, KDForgeError):
+            pass
+
+    def _check_finite_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        """Refuse to save an epoch whose weights (or mean loss) are not finite: the files of the
+        last finite epoch stay as they are."""
+        bad = nonfinite_tensors(self.distiller)
+        loss = record["train"].get("loss", 0.0)
+        if bad or not math.isfinite(loss):
+            what = f"weights became non-finite ('{bad[0]}')" if bad else f"the epoch's mean loss is {loss}"
+            raise RunDiverged(
+                f"run diverged in epoch {epoch + 1}: {what}; likely cause: {likely_cause(self)}; {self._kept_files()}"
+            )
+
+    def _kept_files(self) -> str:
+        if (self.out_dir / "checkpoints" / "model_last.pt").exists():
+            return "checkpoints/model_last.pt keeps the last finite epoch"
+        return "no epoch finished, so no model file was written"
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch: every training batch, then the epoch's record (and evaluation when it is due)."""
@@ -427,22 +477,27 @@ class Trainer:
         replays = max(int(self.distiller.batch_replays), 1)
         for _ in range(replays):
             output = self.model(batch, step)
-            loss_value = self._backward(output.loss, epoch)
+            loss_value = self._check_loss(output, batch, epoch)
+            self.fabric.backward(output.loss)
             self._optimizer_step()
             self.distiller.after_optimizer_step(step)
             totals.add(output, len(batch), replays)
+        self.stop_flag.check()  # SIGTERM: stop between steps, never inside a save
         return loss_value
 
-    def _backward(self, loss: torch.Tensor, epoch: int) -> float:
-        """Backpropagate ``loss``; returns its value, refusing a loss that is not finite."""
-        self.fabric.backward(loss)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise KDForgeError(
-                f"loss became {loss_value} at epoch {epoch}, step {self.global_step}; "
-                "lower train.optimizer.lr or set train.grad_clip"
-            )
-        return loss_value
+    def _check_loss(self, output: Output, batch, epoch: int) -> float:
+        """The step's loss value; a NaN, infinite or exploding loss stops the run (kdforge.engine.divergence)."""
+        loss_value = float(output.loss.detach())
+        problem = self.loss_watch.check(loss_value)
+        if problem is None:
+            return loss_value
+        terms = {k: float(v.detach()) for k, v in output.losses.items()}
+        worst = max(terms, key=lambda k: abs(terms[k]) if math.isfinite(terms[k]) else math.inf) if terms else None
+        term = f" (loss term '{worst}' = {terms[worst]:.3g})" if worst and len(terms) > 1 else ""
+        raise RunDiverged(
+            f"run diverged at epoch {epoch + 1}, step {self.global_step}: {problem}{term}; likely cause: "
+            f"{likely_cause(self, batch)}; {self._kept_files()}"
+        )
 
     def _optimizer_step(self) -> None:
         """Clip (when asked), step and zero every optimizer."""
@@ -553,12 +608,13 @@ class Trainer:
                 f"({record['train']['images_per_second']:.0f} img/s)"
             )
 
-    def _write_summary(self, status: str) -> dict[str, Any]:
+    def _write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         student = self.distiller.inference_model()
         summary = {
             "name": self.config.name,
             "status": status,
+            **({"error": error} if error else {}),
             "method": self.config.method.name,
             "dataset": self.info.name,
             "student": self.spec.name,

@@ -91,11 +91,11 @@ class OptimizerGroup:
 MAX_TEMPERATURE = 100.0
 
 
-def _is_temperature(name: str) -> bool:
+def is_temperature_field(name: str) -> bool:
     return name == "temperature" or name.endswith("_temperature")
 
 
-def _is_weight(name: str) -> bool:
+def is_weight_field(name: str) -> bool:
     return name in ("weight", "alpha", "beta") or name.endswith(("_weight", "_weights")) or name.startswith("lambda_")
 
 
@@ -125,13 +125,13 @@ class MethodParams(BaseModel):
         numbers = finite_numbers(value)
         if any(not math.isfinite(n) for n in numbers):
             raise ValueError("must be a finite number (not nan or inf)")
-        bad = [n for n in numbers if not 0.0 < n <= MAX_TEMPERATURE] if _is_temperature(name) else []
+        bad = [n for n in numbers if not 0.0 < n <= MAX_TEMPERATURE] if is_temperature_field(name) else []
         if bad:
             raise ValueError(
                 f"a temperature must be in (0, {MAX_TEMPERATURE:g}], got {bad[0]:g}: above that softmax is "
                 "uniform to float32 precision and the T^2-scaled loss is rounding noise"
             )
-        bad = [n for n in numbers if n < 0.0] if _is_weight(name) else []
+        bad = [n for n in numbers if n < 0.0] if is_weight_field(name) else []
         if bad:
             raise ValueError(f"a loss weight must be >= 0, got {bad[0]:g} (a negative weight maximises that loss)")
         return value
