@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -102,12 +102,14 @@ class OptimizerConfig(Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
 
 
 class SchedulerConfig(Strict):
     name: Literal["constant", "multistep", "cosine", "onecycle"] = "multistep"
-    milestones: list[float] = Field(default_factory=list, description="epochs where lr *= gamma")
+    milestones: list[Annotated[float, Field(ge=0.0)]] = Field(
+        default_factory=list, description="epochs where lr *= gamma"
+    )
     gamma: float = Field(0.1, gt=0.0)
     warmup_epochs: float = Field(0.0, ge=0.0)
     min_lr: float = Field(0.0, ge=0.0)
@@ -270,13 +272,12 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"recipe '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        detail = (getattr(exc, "problem", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+        raise ConfigError(f"recipe '{path}' is not valid YAML{where}: {detail}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
     _rebase_checkpoints(data, path.parent)
     rebase_imports(data, path.parent)
-    if "base" in data and not isinstance(data["base"], str):
-        raise ConfigError(f"recipe '{path}': 'base' must be the path of another recipe, got {data['base']!r}")
     if isinstance(data.get("base"), str):  # a recipe may extend another file
         base = data.pop("base")
         return deep_merge(read_yaml(path.parent / base, (*_chain, path.resolve())), data)

@@ -131,6 +131,8 @@ def load_suite(path: str | Path) -> tuple[SuiteSpec, Path]:
 def _resolve_base(recipe: dict[str, Any], folder: Path) -> dict[str, Any]:
     recipe = dict(recipe)
     base = recipe.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"'base' must be the path of a recipe, got {base!r}")
     merged = deep_merge(read_yaml(folder / base), recipe) if base else recipe
     rebase_imports(merged, folder)
     return merged
@@ -391,6 +393,5 @@ def _schedule(pool, pending, running, done, failed, jobs, threads, log_dir, echo
             else:
                 failed[run.label] = code
                 cause = f": {run.failure()}" if run.status() == "failed" else ""
-                echo(
-                    f"  FAILED {run.label} (exit {code}){cause}; log: {log_dir / (run.label.replace('/', '__') + '.log')}"
-                )
+                log = log_dir / (run.label.replace("/", "__") + ".log")
+                echo(f"  FAILED {run.label} (exit {code}){cause}; log: {log}")

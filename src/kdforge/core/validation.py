@@ -92,8 +92,8 @@ def _model_names(model: Any, seen: set[str] | None = None) -> set[str]:
 
 # --------------------------------------------------------------------------- strict scalars
 def _scalar_kinds(annotation: Any) -> set[Any]:
-    """The scalar types an annotation accepts (bool, int, float, str), 'model' for nested models,
-    'literal:<type>' for Literal values, 'other' for anything else (dicts, lists, Any)."""
+    """The scalar types an annotation accepts (bool, int, float, str; a Literal's value types),
+    'model' for nested models, 'container' for lists/tuples/dicts, 'other' for anything else."""
     import types
     import typing
 
@@ -113,6 +113,8 @@ def _scalar_kinds(annotation: Any) -> set[Any]:
         return kinds
     if origin is typing.Annotated:
         return _scalar_kinds(typing.get_args(annotation)[0])
+    if origin in (list, tuple, dict, set):
+        return {"container"}  # not a scalar; its items are checked by strict_scalar
     return {"other"}
 
 
@@ -120,8 +122,13 @@ def strict_scalar(annotation: Any, value: Any) -> None:
     """Refuse the silent coercions of pydantic's lax mode that turn a typo into a setting:
     a boolean where a number is expected (``epochs: true`` would be 1 epoch), and a number or a
     string where a boolean is expected (``horizontal_flip: "yes"``). Raises ValueError."""
+    items = _item_annotations(annotation, value)
+    if items is not None:
+        for item_annotation, item in items:
+            strict_scalar(item_annotation, item)
+        return
     kinds = _scalar_kinds(annotation)
-    if "other" in kinds or not kinds:
+    if "other" in kinds or not kinds or isinstance(value, (list, tuple, dict)):
         return
     if isinstance(value, bool):
         if bool not in kinds and (kinds & {int, float, str}):
@@ -130,6 +137,30 @@ def strict_scalar(annotation: Any, value: Any) -> None:
         return
     if bool in kinds and not (kinds & {int, float, str}) and isinstance(value, (int, float, str)):
         raise ValueError("expected true or false")
+
+
+def _item_annotations(annotation: Any, value: Any) -> list[tuple[Any, Any]] | None:
+    """(annotation, item) pairs when ``value`` is a list checked against ``list[X]`` or ``tuple[X, ...]``
+    (also inside ``X | None``); None otherwise."""
+    import types
+    import typing
+
+    if not isinstance(value, (list, tuple)):
+        return None
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _item_annotations(typing.get_args(annotation)[0], value)
+    if origin is typing.Union or origin is types.UnionType:
+        sequences = [a for a in typing.get_args(annotation) if typing.get_origin(a) in (list, tuple)]
+        return _item_annotations(sequences[0], value) if len(sequences) == 1 else None
+    args = typing.get_args(annotation)
+    if origin is list and len(args) == 1:
+        return [(args[0], item) for item in value]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return [(args[0], item) for item in value]
+    if origin is tuple and len(args) == len(value):
+        return list(zip(args, value))
+    return None
 
 
 def finite_numbers(value: Any) -> list[float]:

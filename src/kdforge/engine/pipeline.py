@@ -41,17 +41,27 @@ def stage_recipes(recipe: dict[str, Any], recipe_dir: Path) -> dict[str, dict[st
             f"unknown key '{sorted(extra)[0]}' beside 'pipeline'; a pipeline recipe has only 'pipeline' "
             "(and 'imports', applied to every stage)"
         )
-    shared_imports = list(recipe.get("imports") or [])
+    shared_imports = recipe.get("imports") or []
+    if isinstance(shared_imports, str):
+        shared_imports = [shared_imports]
+    if not (isinstance(shared_imports, list) and all(isinstance(i, str) for i in shared_imports)):
+        raise ConfigError(f"bad value for 'imports': a list of module names or .py paths, got {shared_imports!r}")
     resolved = {}
     for name, stage in stages.items():
         if not isinstance(stage, dict):
             raise ConfigError(f"pipeline stage '{name}' must be a recipe mapping")
         stage = dict(stage)
         base = stage.pop("base", None)
-        resolved[name] = deep_merge(read_yaml(recipe_dir / base), stage) if base else stage
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"pipeline stage '{name}': 'base' must be the path of a recipe, got {base!r}")
+        try:
+            resolved[name] = deep_merge(read_yaml(recipe_dir / base), stage) if base else stage
+        except ConfigError as exc:
+            raise ConfigError(f"pipeline stage '{name}': {exc}") from None
         resolved[name].setdefault("name", name)
         if shared_imports:
             own = resolved[name].get("imports") or []
+            own = [own] if isinstance(own, str) else own if isinstance(own, list) else [own]
             resolved[name]["imports"] = shared_imports + [i for i in own if i not in shared_imports]
     return resolved
 

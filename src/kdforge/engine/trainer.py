@@ -4,7 +4,8 @@ A run directory holds::
 
     config.yaml          the resolved recipe (every default written out)
     metrics.jsonl        one JSON line per epoch: train loss terms, lr, images/s, test (and val) metrics
-    summary.json         status (running / interrupted / failed, with the cause / finished), final and best metrics, cost
+    summary.json         status (running / interrupted / failed with its cause / finished), final and best
+                         metrics, cost
     curves.png           loss and accuracy against epoch
     checkpoints/
       state.pt           everything --resume needs (written atomically after every epoch)

@@ -24,13 +24,24 @@ answered by ``logits`` (header lists the failed devices); ``error`` carries a me
 
 Run a device by hand with ``python -m kdforge.nonn.serve device --model M --index I``; the
 ``kdforge serve-nonn`` command starts all of them and the aggregator (see docs/nonn.md).
+
+Limits (a peer is not trusted): a header over ``MAX_HEADER`` bytes or a payload over
+``MAX_PAYLOAD`` bytes is refused as soon as its prefix arrives (nothing is buffered); at most
+``MAX_CONNECTIONS`` connections are served at once (more are closed at once); a malformed frame
+gets an ``error`` answer and the connection is closed, and every such error is counted
+(``Device.errors``), never printed as a thread traceback. ``shutdown`` needs the serving run's
+secret token (``DeviceCluster`` draws one per run and hands it to its devices through the
+environment, ``KDFORGE_NONN_TOKEN``); a device without a token refuses every ``shutdown``.
+Devices started by ``DeviceCluster`` die with the process that started them, even by ``kill -9``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
+import secrets
 import selectors
 import socket
 import struct
@@ -47,12 +58,20 @@ import torch
 from torch import Tensor, nn
 
 from kdforge.core.errors import CheckpointError, KDForgeError
+from kdforge.core.signals import PARENT_ENV, die_with_parent
 
 MAGIC = b"NoNN"
 VERSION = 1
 _PREFIX = struct.Struct("!4sBII")
 PREFIX_BYTES = _PREFIX.size  # 13
-MAX_PAYLOAD = 1 << 31
+#: the largest payload accepted (a batch of 1,000 CIFAR images in float32 is 12 MiB)
+MAX_PAYLOAD = 64 << 20
+#: the largest JSON header accepted
+MAX_HEADER = 64 << 10
+#: connections a device or aggregator server serves at once
+MAX_CONNECTIONS = 32
+#: the environment variable that carries a serving run's shutdown token to its devices
+TOKEN_ENV = "KDFORGE_NONN_TOKEN"
 
 _DTYPES = {"float32": (torch.float32, np.float32), "uint8": (torch.uint8, np.uint8)}
 
@@ -84,7 +103,12 @@ def decode_payload(header: dict[str, Any], payload: bytes) -> Tensor | None:
     if dtype not in _DTYPES:
         raise ProtocolError(f"unknown dtype {dtype!r}")
     np_dtype = np.dtype(_DTYPES[dtype][1]).newbyteorder("<")
-    array = np.frombuffer(payload, dtype=np_dtype).reshape(header["shape"])
+    shape = header.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ProtocolError(f"bad tensor shape {shape!r}")
+    if int(np.prod(shape)) * np_dtype.itemsize != len(payload):
+        raise ProtocolError(f"a {dtype} tensor of shape {shape} does not fit a payload of {len(payload)} bytes")
+    array = np.frombuffer(payload, dtype=np_dtype).reshape(shape)
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
 
 
@@ -113,11 +137,18 @@ class FrameReader:
             if magic != MAGIC or version != VERSION:
                 raise ProtocolError(f"not a NoNN v{VERSION} frame (magic {bytes(magic)!r}, version {version})")
             if payload_len > MAX_PAYLOAD:
-                raise ProtocolError(f"payload of {payload_len} bytes is too large")
+                raise ProtocolError(f"payload of {payload_len} bytes is over the limit of {MAX_PAYLOAD}")
+            if head_len > MAX_HEADER:
+                raise ProtocolError(f"header of {head_len} bytes is over the limit of {MAX_HEADER}")
             total = PREFIX_BYTES + head_len + payload_len
             if len(self.buffer) < total:
                 break
-            header = json.loads(bytes(self.buffer[PREFIX_BYTES : PREFIX_BYTES + head_len]))
+            try:
+                header = json.loads(bytes(self.buffer[PREFIX_BYTES : PREFIX_BYTES + head_len]))
+            except (ValueError, UnicodeDecodeError):
+                raise ProtocolError("the frame's header is not JSON") from None
+            if not isinstance(header, dict):
+                raise ProtocolError("the frame's header is not a JSON object")
             payload = bytes(self.buffer[PREFIX_BYTES + head_len : total])
             del self.buffer[:total]
             frames.append((header, decode_payload(header, payload), total))
@@ -231,6 +262,15 @@ class Device:
         self.address = self.server.getsockname()[:2]
         self.lock = threading.Lock()  # one forward at a time (one "device")
         self.stopping = threading.Event()
+        self.token = os.environ.get(TOKEN_ENV) or None  # None: remote shutdown refused
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.errors = 0  # malformed frames and handler failures, counted (never a traceback)
+        self.refused = 0  # connections over MAX_CONNECTIONS and shutdowns without the token
+        self._count_lock = threading.Lock()
+
+    def _count(self, what: str) -> None:
+        with self._count_lock:
+            setattr(self, what, getattr(self, what) + 1)
 
     def features(self, x: Tensor) -> Tensor:
         if x.dtype == torch.uint8:
@@ -240,12 +280,31 @@ class Device:
         return out.float()
 
     def handle(self, conn: socket.socket) -> None:
+        try:
+            self._serve_connection(conn)
+        except Exception:  # noqa: BLE001 - a peer's mistake must never kill the device or print a traceback
+            self._count("errors")
+        finally:
+            self.slots.release()
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _serve_connection(self, conn: socket.socket) -> None:
         reader = FrameReader()
         with conn:
             while not self.stopping.is_set():
                 try:
                     header, tensor, _ = read_frame(conn, reader)
                 except (ConnectionError, OSError):
+                    return
+                except ProtocolError as exc:  # the stream cannot be resynchronised: answer, then close
+                    self._count("errors")
+                    try:
+                        conn.sendall(encode({"op": "error", "device": self.index, "message": str(exc)}))
+                    except OSError:
+                        pass
                     return
                 op = header.get("op")
                 try:
@@ -259,13 +318,23 @@ class Device:
                     elif op == "ping":
                         reply = encode({"op": "pong", "id": header.get("id"), "device": self.index, "pid": os.getpid()})
                     elif op == "shutdown":
+                        given = header.get("token")
+                        if (
+                            self.token is None
+                            or not isinstance(given, str)
+                            or not hmac.compare_digest(given, self.token)
+                        ):
+                            self._count("refused")
+                            raise ProtocolError("shutdown refused: it needs this serving run's token")
                         self.stopping.set()
                         self.server.close()
                         return
                     else:
                         raise ProtocolError(f"unknown op {op!r}")
                 except Exception as exc:  # noqa: BLE001 - report to the peer, keep serving
-                    reply = encode({"op": "error", "id": header.get("id"), "device": self.index, "message": str(exc)})
+                    self._count("errors")
+                    message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+                    reply = encode({"op": "error", "id": header.get("id"), "device": self.index, "message": message})
                 try:
                     conn.sendall(reply)
                 except OSError:
@@ -277,6 +346,10 @@ class Device:
                 conn, _ = self.server.accept()
             except OSError:
                 return
+            if not self.slots.acquire(blocking=False):  # over MAX_CONNECTIONS: refuse at once
+                self._count("refused")
+                conn.close()
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
 
@@ -290,6 +363,7 @@ def run_device(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each answer (tests)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    die_with_parent()  # started by DeviceCluster: stop when serve-nonn dies, even by kill -9
     torch.set_num_threads(args.threads)
     device = Device(args.model, args.index, args.host, args.port, args.delay)
     print(f"READY {device.address[0]} {device.address[1]}", flush=True)
@@ -322,9 +396,16 @@ class DeviceCluster:
         self.startup_timeout = startup_timeout
         self.processes: list[subprocess.Popen] = []
         self.addresses: list[tuple[str, int]] = []
+        self.token = secrets.token_hex(16)  # this serving run's shutdown token
 
     def start(self) -> DeviceCluster:
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "PYTHONUNBUFFERED": "1",
+            TOKEN_ENV: self.token,  # the environment, not argv: other users cannot read it from ps
+            PARENT_ENV: str(os.getpid()),
+        }
         for index in range(self.count):
             command = [
                 sys.executable,
@@ -575,8 +656,23 @@ class AggregatorServer:
         self.address = self.server.getsockname()[:2]
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.errors = 0
+        self.refused = 0
 
     def handle(self, conn: socket.socket) -> None:
+        try:
+            self._serve_connection(conn)
+        except Exception:  # noqa: BLE001 - a client's mistake must never print a thread traceback
+            self.errors += 1
+        finally:
+            self.slots.release()
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _serve_connection(self, conn: socket.socket) -> None:
         reader = FrameReader()
         with conn:
             while not self.stopping.is_set():
@@ -584,13 +680,30 @@ class AggregatorServer:
                     header, tensor, _ = read_frame(conn, reader)
                 except (ConnectionError, OSError):
                     return
+                except ProtocolError as exc:
+                    self.errors += 1
+                    try:
+                        conn.sendall(encode({"op": "error", "message": str(exc)}))
+                    except OSError:
+                        pass
+                    return
                 if header.get("op") == "classify" and tensor is not None:
-                    with self.lock:
-                        answer = self.aggregator.classify(tensor)
-                    reply = encode(
-                        {"op": "logits", "id": header.get("id"), "failed": answer.failed, "seconds": answer.seconds},
-                        answer.logits,
-                    )
+                    try:
+                        with self.lock:
+                            answer = self.aggregator.classify(tensor)
+                        reply = encode(
+                            {
+                                "op": "logits",
+                                "id": header.get("id"),
+                                "failed": answer.failed,
+                                "seconds": answer.seconds,
+                            },
+                            answer.logits,
+                        )
+                    except Exception as exc:  # noqa: BLE001 - e.g. inputs of the wrong shape: answer, keep serving
+                        self.errors += 1
+                        message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+                        reply = encode({"op": "error", "id": header.get("id"), "message": message})
                 else:
                     reply = encode({"op": "error", "id": header.get("id"), "message": "expected classify + inputs"})
                 try:
@@ -604,6 +717,10 @@ class AggregatorServer:
                 conn, _ = self.server.accept()
             except OSError:
                 return
+            if not self.slots.acquire(blocking=False):
+                self.refused += 1
+                conn.close()
+                continue
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
 
     def close(self) -> None:
