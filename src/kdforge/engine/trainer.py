@@ -366,8 +366,7 @@ class Trainer:
             with StopFlag() as self.stop_flag:
                 for epoch in range(self.start_epoch, epochs):
                     record = self._run_epoch(epoch)
-                    if self.fabric.is_global_zero:
-                        self._check_finite_epoch(epoch, record)
+                    self._check_finite_epoch(epoch, record)  # every rank: the weights are the same
                     self.history.append(record)
                     if self.fabric.is_global_zero:
                         with self.stop_flag.deferred():  # a signal waits until the epoch's files are written
