@@ -590,6 +590,20 @@ def test_weights_that_turn_nan_never_overwrite_model_last(tmp_path):
     assert summary["status"] == "failed" and summary["epochs_done"] == 1
 
 
+def test_an_unexpected_crash_is_recorded_as_failed_not_left_running(tmp_path):
+    from kdforge.engine.trainer import Trainer
+
+    def crash(trainer, epoch, record):
+        raise RuntimeError("CUDA out of memory (simulated)\nsecond line")
+
+    config = build_config(_digits_recipe(tmp_path, optimizer={"name": "sgd", "lr": 0.05}, epochs=2))
+    with pytest.raises(RuntimeError):
+        Trainer(config, tmp_path / "out", callbacks=[crash]).fit()
+    summary = _summary(tmp_path / "out")
+    assert summary["status"] == "failed"
+    assert summary["error"] == "crashed with RuntimeError: CUDA out of memory (simulated)"
+
+
 def test_bench_reports_a_failed_run_and_does_not_retry_it(tmp_path):
     from kdforge.suite import run_suite
 

@@ -391,6 +391,11 @@ class Trainer:
             if isinstance(exc, KDForgeError):
                 raise
             raise StorageError(message) from None
+        except Exception as exc:  # an unexpected crash: recorded as failed (with its cause), then re-raised
+            if self.fabric.is_global_zero:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                self._record_failure(f"crashed with {type(exc).__name__}: {first}"[:500])
+            raise
 
     def _record_failure(self, message: str) -> None:
         """Mark the run 'failed' with its cause in summary.json (best effort: the disk may be full)."""
