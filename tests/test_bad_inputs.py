@@ -332,6 +332,67 @@ def test_an_override_naming_no_stage_fails_before_training(tmp_path, capsys):
     assert "stage 'b'" in line and not (tmp_path / "o" / "a").exists()
 
 
+# --------------------------------------------------------------------------- data files
+def _data_case(folder: Path, case: str) -> dict:
+    """The ``data:`` section of a recipe for one bad data case (files made in ``folder``)."""
+    junk = folder / "junk"
+    junk.mkdir(exist_ok=True)
+    idx = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    if case == "unknown-name":
+        return {"name": "imagenett"}
+    if case in ("mnist-missing", "cifar10-missing", "cifar100-missing", "fashion_mnist-missing"):
+        return {"name": case.split("-")[0], "root": str(folder / "nowhere")}
+    if case == "mnist-random-bytes":
+        for name in idx:
+            (junk / name).write_bytes(os.urandom(1000))
+        return {"name": "mnist", "root": str(junk)}
+    if case == "mnist-truncated":
+        for name in idx:  # right magic number and counts, the pixels missing
+            ndim = 3 if "images" in name else 1
+            dims = [60000, 28, 28][:ndim] if "train" in name else [10000, 28, 28][:ndim]
+            (junk / name).write_bytes(struct.pack(">HBB", 0, 0x08, ndim) + struct.pack(f">{ndim}I", *dims) + bytes(10))
+        return {"name": "mnist", "root": str(junk)}
+    if case == "cifar10-random-bytes":
+        batches = junk / "cifar-10-batches-py"
+        batches.mkdir(exist_ok=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+            (batches / name).write_bytes(os.urandom(500))
+        return {"name": "cifar10", "root": str(junk)}
+    if case == "npz-missing":
+        return {"name": "npz", "options": {"path": str(folder / "none.npz")}}
+    if case == "npz-garbage":
+        (junk / "x.npz").write_bytes(os.urandom(300))
+        return {"name": "npz", "options": {"path": str(junk / "x.npz")}}
+    if case == "imagefolder-empty":
+        (junk / "empty").mkdir(exist_ok=True)
+        return {"name": "imagefolder", "root": str(junk / "empty")}
+    if case == "unknown-option":
+        return {"name": "digits", "options": {"colour": True}}
+    raise AssertionError(case)
+
+
+DATA_CASES = [
+    "unknown-name",
+    "mnist-missing",
+    "cifar10-missing",
+    "cifar100-missing",
+    "fashion_mnist-missing",
+    "mnist-random-bytes",
+    "mnist-truncated",
+    "cifar10-random-bytes",
+    "npz-missing",
+    "npz-garbage",
+    "imagefolder-empty",
+    "unknown-option",
+]
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_data_is_one_line(case, tmp_path, capsys):
+    recipe = _write(tmp_path, "r.yaml", {"data": _data_case(tmp_path, case), "student": {"name": "mlp"}})
+    cli_error(["train", str(recipe), "--out", str(tmp_path / "out")], capsys)
+
+
 # --------------------------------------------------------------------------- output folders
 def _slow_data_recipe(folder: Path) -> Path:
     """A recipe whose data loading would fail (missing files): an --out error must come first."""
@@ -768,6 +829,7 @@ def device(tmp_path_factory):
         dev = serve.Device(folder / "system.pt", 0)
     finally:
         del os.environ[serve.TOKEN_ENV]
+    dev.model_path = folder / "system.pt"
     thread = threading.Thread(target=dev.serve_forever, daemon=True)
     thread.start()
     yield dev, tracebacks
@@ -837,6 +899,47 @@ def test_bad_frame_is_refused_counted_and_the_device_keeps_serving(case, device)
     assert tracebacks == []
 
 
+@pytest.fixture(scope="module")
+def aggregator_server(device):
+    """An aggregator server in front of the device (twice: the head takes two students' vectors)."""
+    from kdforge.nonn.serve import Aggregator, AggregatorServer
+
+    dev, tracebacks = device
+    aggregator = Aggregator.from_model_file(dev.model_path, [dev.address, dev.address], deadline=5.0)
+    server = AggregatorServer(aggregator)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, tracebacks
+    server.close()
+    aggregator.close()
+
+
+AGGREGATOR_FRAMES = {k: v for k, v in BAD_FRAMES.items() if not k.startswith(("shutdown", "infer"))}
+
+
+@pytest.mark.parametrize("case", list(AGGREGATOR_FRAMES))
+def test_bad_frame_to_the_aggregator_is_refused_and_counted(case, aggregator_server):
+    from kdforge.nonn.serve import classify_remote
+
+    server, tracebacks = aggregator_server
+    errors = server.errors
+    header = _exchange(server.address, AGGREGATOR_FRAMES[case])
+    assert header is None or header.get("op") == "error"
+    deadline = time.monotonic() + 5
+    while server.errors == errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.errors > errors and tracebacks == []
+    logits, reply = classify_remote(server.address, torch.zeros(2, 1, 8, 8))  # still serving
+    assert logits.shape == (2, 10) and reply["failed"] == []
+
+
+def test_inputs_of_the_wrong_shape_are_answered_with_every_device_failed(aggregator_server):
+    from kdforge.nonn.serve import classify_remote
+
+    server, tracebacks = aggregator_server
+    _, reply = classify_remote(server.address, torch.zeros(2, 3))
+    assert reply["failed"] == [0, 1] and tracebacks == []
+
+
 def test_connections_over_the_cap_are_refused(device):
     from kdforge.nonn.serve import MAX_CONNECTIONS
 
@@ -901,8 +1004,10 @@ def test_the_corpus_is_large():
         + len(BOOL_KEYS) * 5
         + len(METHOD_CASES)
         + len(RECIPE_FILES)
+        + len(DATA_CASES)
         + len(CHECKPOINT_CASES)
         + len(BAD_FRAMES)
+        + len(AGGREGATOR_FRAMES)
     )
     assert count >= 300, count
 

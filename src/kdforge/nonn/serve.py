@@ -705,6 +705,7 @@ class AggregatorServer:
                         message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
                         reply = encode({"op": "error", "id": header.get("id"), "message": message})
                 else:
+                    self.errors += 1
                     reply = encode({"op": "error", "id": header.get("id"), "message": "expected classify + inputs"})
                 try:
                     conn.sendall(reply)
