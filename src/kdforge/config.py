@@ -97,6 +97,9 @@ class SchedulerConfig(Strict):
     pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="onecycle: fraction spent rising")
 
 
+LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow"]
+
+
 class TrainConfig(Strict):
     epochs: int = Field(240, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -119,8 +122,33 @@ class TrainConfig(Strict):
     compile: bool = False
     num_threads: int | None = Field(None, ge=1)
     progress: Literal["auto", "bar", "none"] = "auto"
-    tensorboard: bool = False
+    loggers: list[LoggerName] = Field(
+        default_factory=list,
+        description="experiment trackers fed each epoch's metrics (those of metrics.jsonl) and the recipe: "
+        "csv, tensorboard, wandb, mlflow; they write under the run directory by default (docs/engine.md)",
+    )
+    logger_options: dict[LoggerName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="keyword arguments of each logger's Lightning class, e.g. {wandb: {project: kd}, "
+        "mlflow: {tracking_uri: 'http://host:5000'}}; options of a logger not in train.loggers are ignored",
+    )
+    tensorboard: bool = Field(False, description="deprecated: the same as listing tensorboard in train.loggers")
     eval_every: int = Field(1, ge=1)
+
+    @field_validator("loggers")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"list each logger once ({', '.join(repeated)} is repeated)")
+        return value
+
+    def logger_names(self) -> list[str]:
+        """``loggers``, plus tensorboard when the deprecated ``tensorboard: true`` is set."""
+        names: list[str] = list(self.loggers)
+        if self.tensorboard and "tensorboard" not in names:
+            names.append("tensorboard")
+        return names
 
 
 class TeacherBankConfig(Strict):

@@ -229,7 +229,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), self.out_dir / "config.yaml")
             self._rewrite_metrics()
-        self.writer = self._tensorboard() if fabric.is_global_zero else None
+        self.experiment_loggers = self._experiment_loggers() if fabric.is_global_zero else None
 
     def _teacher_bank(self, augmentation):
         """The stored teacher outputs to replay, when the recipe asks for them and the method can use them."""
@@ -256,16 +256,20 @@ class Trainer:
             device=self.fabric.device,
         )
 
-    def _tensorboard(self):
-        if not self.config.train.tensorboard:
+    def _experiment_loggers(self):
+        """train.loggers (kdforge.engine.loggers): rank 0 sends each epoch's record and the recipe."""
+        names = self.config.train.logger_names()
+        if not names:
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(
-                "train.tensorboard: true needs the tensorboard package: pip install tensorboard"
-            ) from None
-        return SummaryWriter(str(self.out_dir / "tensorboard"))
+        if self.config.train.tensorboard and self.config.train.progress != "none":
+            self.fabric.print(f"[{self.config.name}] train.tensorboard is deprecated; use train.loggers: [tensorboard]")
+        from kdforge.engine.loggers import ExperimentLoggers
+
+        loggers = ExperimentLoggers(
+            names, dict(self.config.train.logger_options), self.out_dir, self.config.name, self.config.to_dict()
+        )
+        loggers.start(self.history)
+        return loggers
 
     # ------------------------------------------------------------------ state
     def _trainable_state(self) -> dict[str, torch.Tensor]:
@@ -538,10 +542,8 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
         self._save_state(epoch + 1)
         self._write_summary("running")
-        if self.writer is not None:
-            for section in ("train", "test", "val"):
-                for key, value in record.get(section, {}).items():
-                    self.writer.add_scalar(f"{section}/{key}", value, epoch)
+        if self.experiment_loggers is not None:
+            self.experiment_loggers.log_epoch(record)
         epochs = self.config.train.epochs
         every = max(1, math.ceil(epochs / 10))  # about ten lines per run, whatever its length
         if self.config.train.progress != "none" and ((epoch + 1) % every == 0 or epoch == 0):
@@ -589,8 +591,9 @@ class Trainer:
             from kdforge.engine.curves import plot_curves
 
             plot_curves(self.history, self.out_dir / "curves.png", title=self.config.name)
-        if self.writer is not None:
-            self.writer.close()
+        loggers = getattr(self, "experiment_loggers", None)
+        if loggers is not None:
+            loggers.close(status)
         return summary
 
 
@@ -671,7 +674,15 @@ def evaluate_model(
 #: settings a resumed run may change: they decide how often and how visibly the run is evaluated
 #: and logged, or how many threads it uses, not what it trains (config.yaml records the new values)
 RESUME_FREE_KEYS = frozenset(
-    {"train.eval_every", "train.eval_batch_size", "train.progress", "train.num_threads", "train.tensorboard"}
+    {
+        "train.eval_every",
+        "train.eval_batch_size",
+        "train.progress",
+        "train.num_threads",
+        "train.tensorboard",
+        "train.loggers",
+        "train.logger_options",
+    }
 )
 
 
