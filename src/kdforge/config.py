@@ -25,13 +25,13 @@ class Strict(BaseModel):
 
 class AugmentConfig(Strict):
     crop_padding: int = Field(0, ge=0, description="random crop of the image zero-padded by this many pixels (0: none)")
-    horizontal_flip: bool = Field(False, description="flip each training image left-right with probability 1/2")
+    horizontal_flip: bool = Field(default=False, description="flip each training image left-right with probability 1/2")
 
 
 class DataConfig(Strict):
     name: str = Field("digits", description="dataset (`kdforge list datasets`)")
     root: str | None = Field(None, description="folder holding the dataset's official files")
-    download: bool = Field(False, description="fetch the official files into root when missing (MD5-checked)")
+    download: bool = Field(default=False, description="fetch the official files into root when missing (MD5-checked)")
     val_fraction: float = Field(
         0.0,
         ge=0.0,
@@ -204,7 +204,9 @@ class RunConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig, description="the dataset")
     student: ModelConfig = Field(..., description="the network trained and deployed")
     teachers: list[ModelConfig] = Field(default_factory=list, description="frozen teachers, usually model files")
-    method: MethodConfig = Field(default_factory=MethodConfig, description="the method and its hyperparameters")
+    method: MethodConfig = Field(
+        default_factory=lambda: MethodConfig(name="ce"), description="the method and its hyperparameters"
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
     teacher_bank: TeacherBankConfig = Field(default_factory=TeacherBankConfig, description="stored teacher outputs")
 
