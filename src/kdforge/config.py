@@ -132,8 +132,10 @@ class TrainConfig(Strict):
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = Field(
         "auto", description="Fabric strategy; auto: ddp when devices > 1 (docs/gpus-and-clusters.md)"
     )
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = Field(
-        "32-true", description="bf16-mixed: bfloat16 autocast (GPU or CPU); 16-mixed: float16 with loss scaling (GPU)"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = Field(
+        "32-true",
+        description="bf16-mixed: bfloat16 autocast (GPU or CPU); 16-mixed: float16 with loss scaling (GPU only); "
+        "auto: bf16-mixed on a CUDA GPU with bfloat16, else 32-true",
     )
     channels_last: bool = Field(False, description="NHWC memory layout for images and weights")
     compile: bool = Field(False, description="compile the student with torch.compile")

@@ -80,8 +80,29 @@ def _make_fabric(config: RunConfig):
         accelerator=config.train.accelerator,
         devices=config.train.devices,
         strategy=strategy,
-        precision=config.train.precision,
+        precision=resolve_precision(config.train.precision, accelerator),  # type: ignore[arg-type]
     )
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """The Fabric precision of a run: ``auto`` is bf16-mixed on a CUDA GPU that supports bfloat16,
+    else 32-true; 16-mixed (float16 with loss scaling) is refused on the CPU, where Lightning would
+    quietly switch to bf16-mixed."""
+    cuda = accelerator in ("cuda", "auto") and torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not cuda and not torch.backends.mps.is_available())
+    if precision == "16-mixed" and on_cpu:
+        raise ConfigError(
+            "train.precision 16-mixed (float16 with loss scaling) needs a GPU and this run is on the CPU; "
+            "use bf16-mixed (bfloat16 autocast, supported on the CPU) or 32-true"
+        )
+    return precision
+
+
+def _fabric_precision(fabric: Any, requested: str) -> str:
+    """The precision Fabric runs with ("32-true", "bf16-mixed", ...), or the recipe's when unknown."""
+    return str(getattr(getattr(fabric.strategy, "precision", None), "precision", None) or requested)
 
 
 @dataclasses.dataclass
@@ -168,7 +189,11 @@ class Trainer:
 
         self.data: DataSplits = build_data(config.data)
         if config.train.progress != "none":  # the run's first line says where it trains
-            self.fabric.print(f"[{config.name}] {self.data.summary()}; training on {device_description(fabric.device)}")
+            precision = _fabric_precision(fabric, config.train.precision)
+            shown = "" if precision == "32-true" else f", {precision}"
+            self.fabric.print(
+                f"[{config.name}] {self.data.summary()}; training on {device_description(fabric.device)}{shown}"
+            )
         self.info = self.data.info
         torch.manual_seed(config.seed)  # model initialisation depends on the seed only
         distiller, self.spec = build_distiller(config, self.info, self.data.train)
@@ -579,6 +604,7 @@ class Trainer:
             "seconds_per_batch": self.train_seconds / max(self.global_step, 1),
             "global_step": self.global_step,
             "world_size": self.fabric.world_size,
+            "precision": _fabric_precision(self.fabric, self.config.train.precision),
             "record": run_record(self.fabric.device, self.config.seed),
             "compression": _compression_summary(self),
         }
