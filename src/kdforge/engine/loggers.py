@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,14 @@ class ExperimentLoggers:
         """Create the loggers, log the recipe; a resumed run's CSV is rewritten from ``history``."""
         saved = self._saved_ids()
         start_epoch = len(history)
+        with warnings.catch_warnings():  # Lightning warns that a resumed run's CSV is rewritten: intended
+            warnings.filterwarnings("ignore", message="Experiment logs directory")
+            self._create(saved, start_epoch, history)
+        ids = {name: str(self.loggers[name].version) for name in ("wandb", "mlflow") if name in self.loggers}
+        if ids:
+            (self.out_dir / STATE_FILE).write_text(json.dumps({**saved, **ids}, indent=2) + "\n")
+
+    def _create(self, saved: dict[str, str], start_epoch: int, history: list[dict[str, Any]]) -> None:
         for name in self.names:
             options = dict(self.options.get(name) or {})
             try:
@@ -100,9 +109,6 @@ class ExperimentLoggers:
             for record in history:
                 csv.log_metrics(flatten_metrics(record), step=int(record["epoch"]))
             csv.save()
-        ids = {name: str(self.loggers[name].version) for name in ("wandb", "mlflow") if name in self.loggers}
-        if ids:
-            (self.out_dir / STATE_FILE).write_text(json.dumps({**saved, **ids}, indent=2) + "\n")
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         metrics = flatten_metrics(record)
