@@ -17,6 +17,8 @@ SHIPPED = {"configs": ("*.yaml",), "benchmarks/teachers": ("*.pt", "*.md", "*.ya
 class BuildPyWithRecipes(build_py):
     def run(self):
         super().run()
+        if getattr(self, "editable_mode", False):  # pip install -e: kdforge finds configs/ in the checkout
+            return
         for folder, patterns in SHIPPED.items():
             source = ROOT / folder
             if not source.is_dir():  # an sdist without them: nothing to add
