@@ -34,8 +34,10 @@ def train_run(config, out_dir: Path, resume: bool = False) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from kdforge.config import build_config, read_yaml
+    from kdforge.core.recipes import find_recipe
     from kdforge.engine.pipeline import is_pipeline, run_pipeline
 
+    args.config = find_recipe(args.config)  # a file, or a packaged recipe's name (kdforge list recipes)
     recipe = read_yaml(args.config)
     overrides = [item for group in args.set for item in group]
     if is_pipeline(recipe):
@@ -157,6 +159,14 @@ def _fraction(text: str) -> float:
 
 # ----------------------------------------------------------------------------- list / profile
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.what in ("recipes", "suites"):  # the packaged YAML files, by the names train and bench take
+        from kdforge.core.recipes import packaged
+
+        listing = packaged(args.what)
+        width = max((len(n) for n in listing), default=0)
+        for name, about in listing.items():
+            print(f"{name.ljust(width)}  {about}")
+        return 0
     if args.what == "models":
         from kdforge.models import MODELS as registry
     elif args.what == "methods":
@@ -244,10 +254,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
+    from kdforge.core.recipes import find_recipe
     from kdforge.suite import run_suite
 
     result = run_suite(
-        args.suite, args.out, jobs=args.jobs, threads=args.threads, methods=args.methods, seeds=args.seeds
+        find_recipe(args.suite, "suites"),
+        args.out,
+        jobs=args.jobs,
+        threads=args.threads,
+        methods=args.methods,
+        seeds=args.seeds,
     )
     if not args.no_report:
         from kdforge.report import write_report
@@ -260,11 +276,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_teacher_bank(args: argparse.Namespace) -> int:
     from kdforge.config import build_config, read_yaml
+    from kdforge.core.recipes import find_recipe
     from kdforge.engine.bank import TeacherBank
     from kdforge.engine.build import build_augmentation, build_data, build_distiller
 
     overrides = [item for group in args.set for item in group]
-    config = build_config(read_yaml(args.config), overrides)
+    config = build_config(read_yaml(find_recipe(args.config)), overrides)
     data = build_data(config.data)
     distiller, _ = build_distiller(config, data.info, data.train)
     if not len(distiller.teachers):
@@ -305,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a recipe (or a pipeline of recipes)")
-    train.add_argument("config", help="YAML recipe (see configs/)")
+    train.add_argument("config", help="YAML recipe, or a packaged recipe's name (kdforge list recipes)")
     train.add_argument(
         "--set",
         nargs="+",
@@ -338,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--restarts", type=int, default=1, help="PGD random restarts (per-sample worst kept)")
     evaluate.set_defaults(func=cmd_eval)
 
-    listing = sub.add_parser("list", help="list registered models, methods or datasets")
-    listing.add_argument("what", choices=["models", "methods", "datasets"])
+    listing = sub.add_parser("list", help="list registered models, methods, datasets; packaged recipes, suites")
+    listing.add_argument("what", choices=["models", "methods", "datasets", "recipes", "suites"])
     listing.set_defaults(func=cmd_list)
 
     profile = sub.add_parser("profile", help="parameters, FLOPs, size, CPU latency; rates against a teacher")
@@ -353,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(func=cmd_profile)
 
     bench = sub.add_parser("bench", help="run a suite: methods x pairs x seeds, then a report")
-    bench.add_argument("suite", help="suite YAML (see configs/suites/)")
+    bench.add_argument("suite", help="suite YAML, or a packaged suite's name (kdforge list suites)")
     bench.add_argument("--out", help="suite folder (default runs/suites/<name>)")
     bench.add_argument("--jobs", type=int, default=1, help="runs at once, as separate processes")
     bench.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")

@@ -41,18 +41,25 @@ class Strict(BaseModel):
 
 
 class AugmentConfig(Strict):
-    crop_padding: int = Field(0, ge=0)
-    horizontal_flip: bool = False
+    crop_padding: int = Field(0, ge=0, description="random crop of the image zero-padded by this many pixels (0: none)")
+    horizontal_flip: bool = Field(default=False, description="flip each training image left-right with probability 1/2")
 
 
 class DataConfig(Strict):
-    name: str = "digits"
+    name: str = Field("digits", description="dataset (`kdforge list datasets`)")
     root: str | None = Field(None, description="folder holding the dataset's official files")
-    download: bool = False
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    download: bool = Field(default=False, description="fetch the official files into root when missing (MD5-checked)")
+    val_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of train held out as a validation split (the best epoch is chosen on it)",
+    )
     train_subset: int | None = Field(None, gt=0, description="class-balanced subset of train")
     seed: int = Field(0, ge=0, lt=2**32, description="seed of the validation split and the subset")
-    augment: bool | AugmentConfig = Field(True, description="true: the dataset's default")
+    augment: bool | AugmentConfig = Field(
+        True, description="training augmentation: true: the dataset's default; false: none; or a mapping"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
 
 
@@ -60,7 +67,7 @@ class LMAConfig(Strict):
     """Swap every ReLU for an LMA activation (kdforge.compress.lma; docs/compression.md)."""
 
     k: int = Field(8, ge=2, description="segments")
-    momentum: float = Field(0.99, ge=0.0, lt=1.0)
+    momentum: float = Field(0.99, ge=0.0, lt=1.0, description="running-average momentum of the segment statistics")
 
 
 class PruneConfig(Strict):
@@ -77,17 +84,21 @@ class PruneConfig(Strict):
 class QATConfig(Strict):
     """Fake-quantize convs/linears for quantization-aware training (kdforge.compress.quantize)."""
 
-    weight_bits: int = Field(8, ge=2, le=8)
-    activation_bits: int = Field(8, ge=2, le=8)
+    weight_bits: int = Field(8, ge=2, le=8, description="weights: symmetric, per output channel")
+    activation_bits: int = Field(8, ge=2, le=8, description="layer inputs: affine, per tensor")
 
 
 class ModelConfig(Strict):
     name: str | None = Field(None, description="zoo name; may be omitted when a checkpoint names it")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str | None = None
-    lma: LMAConfig | None = None
-    prune: PruneConfig | None = None
-    qat: QATConfig | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments, e.g. {hidden: [64]}")
+    checkpoint: str | None = Field(
+        None,
+        description="kdforge model file to load (relative: to the working directory, else the recipe's folder; "
+        "{stage}: an earlier pipeline stage's run directory)",
+    )
+    lma: LMAConfig | None = Field(None, description="LMA activations instead of ReLU")
+    prune: PruneConfig | None = Field(None, description="prune when the run starts")
+    qat: QATConfig | None = Field(None, description="quantization-aware training")
 
     @model_validator(mode="after")
     def _named(self) -> ModelConfig:
@@ -97,55 +108,95 @@ class ModelConfig(Strict):
 
 
 class OptimizerConfig(Strict):
-    name: Literal["sgd", "adamw", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0.0)
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    name: Literal["sgd", "adamw", "adam"] = Field("sgd", description="optimizer")
+    lr: float = Field(0.05, gt=0.0, description="peak learning rate (the scheduler scales it)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd momentum")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0.0, description="on weights only (not biases or norm layers)")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        (0.9, 0.999), description="adam, adamw: moment decay rates"
+    )
 
 
 class SchedulerConfig(Strict):
-    name: Literal["constant", "multistep", "cosine", "onecycle"] = "multistep"
+    name: Literal["constant", "multistep", "cosine", "onecycle"] = Field(
+        "multistep", description="learning-rate schedule, stepped every batch"
+    )
     milestones: list[Annotated[float, Field(ge=0.0)]] = Field(
         default_factory=list, description="epochs where lr *= gamma"
     )
-    gamma: float = Field(0.1, gt=0.0)
-    warmup_epochs: float = Field(0.0, ge=0.0)
-    min_lr: float = Field(0.0, ge=0.0)
+    gamma: float = Field(0.1, gt=0.0, description="multistep: the factor at each milestone")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up from 0 (multistep, cosine, constant)")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine: the final learning rate")
     pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="onecycle: fraction spent rising")
 
 
+LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow"]
+
+
 class TrainConfig(Strict):
-    epochs: int = Field(240, ge=1)
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(512, ge=1)
+    epochs: int = Field(240, ge=1, description="training epochs")
+    batch_size: int = Field(64, ge=1, description="training images per step and process (DDP: per device)")
+    eval_batch_size: int = Field(512, ge=1, description="images per evaluation forward")
     drop_last: bool = Field(
         True,
         description="drop each epoch's partial last training batch (evaluation keeps every sample); "
         "losses over pairs in a batch (sp, pkt) scale as 1/B and a small last batch would be over-weighted",
     )
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    grad_clip: float | None = Field(None, gt=0.0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="the optimizer")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="the learning-rate schedule")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value")
     accelerator: Literal["cpu", "cuda", "mps", "auto"] = Field(
         "auto", description="auto: the GPU when there is one, else the CPU (the run's first line says which)"
     )
-    devices: int = Field(1, ge=1)
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
-    channels_last: bool = False
-    compile: bool = False
-    num_threads: int | None = Field(None, ge=1)
-    progress: Literal["auto", "bar", "none"] = "auto"
-    tensorboard: bool = False
-    eval_every: int = Field(1, ge=1)
+    devices: int = Field(1, ge=1, description="processes on this node (GPUs, or CPU processes); > 1: DDP")
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = Field(
+        "auto", description="Fabric strategy; auto: ddp when devices > 1 (docs/gpus-and-clusters.md)"
+    )
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = Field(
+        "32-true",
+        description="bf16-mixed: bfloat16 autocast (GPU or CPU); 16-mixed: float16 with loss scaling (GPU only); "
+        "auto: bf16-mixed on a CUDA GPU with bfloat16, else 32-true",
+    )
+    channels_last: bool = Field(False, description="NHWC memory layout for images and weights")
+    compile: bool = Field(False, description="compile the student with torch.compile")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    progress: Literal["auto", "bar", "none"] = Field(
+        "auto", description="auto: a progress bar on a terminal, about ten epoch lines otherwise; none: silent"
+    )
+    loggers: list[LoggerName] = Field(
+        default_factory=list,
+        description="experiment trackers fed each epoch's metrics (those of metrics.jsonl) and the recipe: "
+        "csv, tensorboard, wandb, mlflow; they write under the run directory by default (docs/engine.md)",
+    )
+    logger_options: dict[LoggerName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="keyword arguments of each logger's Lightning class, e.g. {wandb: {project: kd}, "
+        "mlflow: {tracking_uri: 'http://host:5000'}}; options of a logger not in train.loggers are ignored",
+    )
+    tensorboard: bool = Field(False, description="deprecated: the same as listing tensorboard in train.loggers")
+    eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and after the last)")
+
+    @field_validator("loggers")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"list each logger once ({', '.join(repeated)} is repeated)")
+        return value
+
+    def logger_names(self) -> list[str]:
+        """``loggers``, plus tensorboard when the deprecated ``tensorboard: true`` is set."""
+        names: list[str] = list(self.loggers)
+        if self.tensorboard and "tensorboard" not in names:
+            names.append("tensorboard")
+        return names
 
 
 class TeacherBankConfig(Strict):
     """Replay stored teacher outputs instead of running the teachers (see kdforge.engine.bank)."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="replay stored teacher logits (methods using teacher features ignore it)")
     directory: str | None = Field(None, description="default: $KDFORGE_BANK or ~/.cache/kdforge/teacher-bank")
     top_k: int | None = Field(None, ge=1, description="keep only the k largest logits per sample")
 
@@ -154,7 +205,7 @@ class MethodConfig(BaseModel):
     """``name`` plus the method's own hyperparameters, validated by the method's Params model."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "ce"
+    name: str = Field("ce", description="the method (`kdforge list methods`)")
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -170,13 +221,17 @@ class RunConfig(Strict):
         description="modules or .py files imported before the recipe is validated: the user's own "
         "models, methods and datasets (kdforge.core.plugins)",
     )
-    seed: int = Field(0, ge=0, lt=2**32, description="0 <= seed < 2^32 (torch's generators take 64 bits; numpy's 32)")
-    data: DataConfig = Field(default_factory=DataConfig)
-    student: ModelConfig
-    teachers: list[ModelConfig] = Field(default_factory=list)
-    method: MethodConfig = Field(default_factory=MethodConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    teacher_bank: TeacherBankConfig = Field(default_factory=TeacherBankConfig)
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="fixes initialisation, data order, augmentation and dropout (below 2^32)"
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="the dataset")
+    student: ModelConfig = Field(..., description="the network trained and deployed")
+    teachers: list[ModelConfig] = Field(default_factory=list, description="frozen teachers, usually model files")
+    method: MethodConfig = Field(
+        default_factory=lambda: MethodConfig(name="ce"), description="the method and its hyperparameters"
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
+    teacher_bank: TeacherBankConfig = Field(default_factory=TeacherBankConfig, description="stored teacher outputs")
 
     @field_validator("name")
     @classmethod

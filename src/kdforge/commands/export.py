@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from kdforge.compress.arch import input_shape_of, load_model_file
-from kdforge.compress.export import check_onnx, export_onnx, export_torchscript
+from kdforge.compress.export import check_onnx, export_onnx, export_torchscript, input_metadata, write_onnx_metadata
 from kdforge.compress.quantize import OnnxModule, deployable, quantize_onnx
 from kdforge.config import DataConfig
 from kdforge.core.errors import KDForgeError
@@ -67,6 +67,9 @@ def export_checkpoint(
         return result
     float_path = path.with_name(path.name.removesuffix(".int8.onnx") + ".float.onnx") if int8 else path
     export_onnx(model, float_path, shape)
+    metadata = onnx_metadata(record, shape)
+    write_onnx_metadata(float_path, metadata)
+    result["metadata"] = metadata
     if check and importlib.util.find_spec("onnxruntime") is not None:
         result["max_abs_diff"] = check_onnx(model, float_path, shape)
     result["path"] = str(float_path)
@@ -75,6 +78,7 @@ def export_checkpoint(
         if not dataset:
             raise KDForgeError("the checkpoint does not say its dataset; pass --data NAME for calibration")
         quantize_onnx(float_path, path, calibration_batches(dataset, root, batches, batch_size))
+        write_onnx_metadata(path, {**metadata, "kdforge.quantization": "int8 static, per-channel (ONNX Runtime)"})
         result.update(int8_path=str(path), calibration_images=batches * batch_size)
         if check:
             network = deployable(model)
@@ -85,10 +89,28 @@ def export_checkpoint(
     return result
 
 
+def onnx_metadata(record: dict[str, Any], shape: tuple[int, int, int]) -> dict[str, str]:
+    """The model file's input contract (its dataset's mean, std and class names) as ONNX metadata."""
+    from kdforge import __version__
+
+    dataset = record.get("dataset") or {}
+    spec = record.get("model") or {}
+    return input_metadata(
+        shape,
+        dataset.get("mean"),
+        dataset.get("std"),
+        dataset.get("class_names"),
+        dataset=dataset.get("name"),
+        model=spec.get("name"),
+        num_classes=spec.get("num_classes"),
+        kdforge_version=__version__,
+    )
+
+
 def default_path(checkpoint: str | Path, format: str, int8: bool = False) -> Path:
     checkpoint = Path(checkpoint)
     suffix = (".int8.onnx" if int8 else ".onnx") if format == "onnx" else ".torchscript.pt"
     return checkpoint.with_name(checkpoint.stem + suffix)
 
 
-__all__ = ["calibration_batches", "default_path", "export_checkpoint"]
+__all__ = ["calibration_batches", "default_path", "export_checkpoint", "onnx_metadata"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import logging
 import warnings
 from collections.abc import Iterable
@@ -90,6 +91,70 @@ def _quiet_logs():
         logger.setLevel(level)
 
 
+#: the metadata_props keys kdforge writes into an exported ONNX file (read them with
+#: :func:`read_onnx_metadata` or ``onnx.load(path).metadata_props``)
+METADATA_PREFIX = "kdforge."
+
+
+def input_metadata(
+    input_shape: tuple[int, ...],
+    mean: list[float] | tuple[float, ...] | None,
+    std: list[float] | tuple[float, ...] | None,
+    class_names: list[str] | None = None,
+    **extra: Any,
+) -> dict[str, str]:
+    """What a caller must feed the network, as ONNX metadata: layout, shape, pixel scale,
+    normalisation and class names (values are JSON strings; keys start with ``kdforge.``)."""
+    channels = int(input_shape[0])
+    entries: dict[str, Any] = {
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_layout": "NCHW",
+        "input_shape": ["batch", *(int(d) for d in input_shape)],
+        "input_dtype": "float32",
+        "color": "RGB" if channels == 3 else ("grayscale" if channels == 1 else f"{channels} channels"),
+        "pixel_scale": "pixel / 255 (values in [0, 1])",
+        "normalization": "(pixel / 255 - mean[c]) / std[c] per channel c; the network does not normalise",
+        "mean": [float(v) for v in mean] if mean is not None else None,
+        "std": [float(v) for v in std] if std is not None else None,
+        "class_names": list(class_names) if class_names is not None else None,
+        "output": "logits (batch x classes, no softmax)",
+        **extra,
+    }
+    return {
+        METADATA_PREFIX + key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in entries.items()
+        if value is not None
+    }
+
+
+def write_onnx_metadata(path: str | Path, metadata: dict[str, str]) -> None:
+    """Set ``metadata`` as the file's metadata_props (replacing kdforge's earlier entries)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key not in metadata]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """kdforge's metadata of an ONNX file, ``kdforge.`` dropped and JSON values decoded."""
+    import onnx
+
+    found: dict[str, Any] = {}
+    for prop in onnx.load(str(path), load_external_data=False).metadata_props:
+        if prop.key.startswith(METADATA_PREFIX):
+            try:
+                found[prop.key.removeprefix(METADATA_PREFIX)] = json.loads(prop.value)
+            except ValueError:
+                found[prop.key.removeprefix(METADATA_PREFIX)] = prop.value
+    return found
+
+
 def export_torchscript(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> Path:
     """Write ``model`` traced to TorchScript (load with ``torch.jit.load``)."""
     path = Path(path)
@@ -141,4 +206,14 @@ def quantize_model(
     return float_path, quantize_onnx(float_path, int8_path, calibration, per_channel, method)
 
 
-__all__ = ["FORMATS", "check_onnx", "export", "export_onnx", "export_torchscript", "quantize_model"]
+__all__ = [
+    "FORMATS",
+    "check_onnx",
+    "export",
+    "export_onnx",
+    "export_torchscript",
+    "input_metadata",
+    "quantize_model",
+    "read_onnx_metadata",
+    "write_onnx_metadata",
+]

@@ -84,8 +84,29 @@ def _make_fabric(config: RunConfig):
         accelerator=config.train.accelerator,
         devices=config.train.devices,
         strategy=strategy,
-        precision=config.train.precision,
+        precision=resolve_precision(config.train.precision, accelerator),  # type: ignore[arg-type]
     )
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """The Fabric precision of a run: ``auto`` is bf16-mixed on a CUDA GPU that supports bfloat16,
+    else 32-true; 16-mixed (float16 with loss scaling) is refused on the CPU, where Lightning would
+    quietly switch to bf16-mixed."""
+    cuda = accelerator in ("cuda", "auto") and torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not cuda and not torch.backends.mps.is_available())
+    if precision == "16-mixed" and on_cpu:
+        raise ConfigError(
+            "train.precision 16-mixed (float16 with loss scaling) needs a GPU and this run is on the CPU; "
+            "use bf16-mixed (bfloat16 autocast, supported on the CPU) or 32-true"
+        )
+    return precision
+
+
+def _fabric_precision(fabric: Any, requested: str) -> str:
+    """The precision Fabric runs with ("32-true", "bf16-mixed", ...), or the recipe's when unknown."""
+    return str(getattr(getattr(fabric.strategy, "precision", None), "precision", None) or requested)
 
 
 @dataclasses.dataclass
@@ -176,7 +197,11 @@ class Trainer:
 
         self.data: DataSplits = build_data(config.data)
         if config.train.progress != "none":  # the run's first line says where it trains
-            self.fabric.print(f"[{config.name}] {self.data.summary()}; training on {device_description(fabric.device)}")
+            precision = _fabric_precision(fabric, config.train.precision)
+            shown = "" if precision == "32-true" else f", {precision}"
+            self.fabric.print(
+                f"[{config.name}] {self.data.summary()}; training on {device_description(fabric.device)}{shown}"
+            )
         self.info = self.data.info
         torch.manual_seed(config.seed)  # model initialisation depends on the seed only
         distiller, self.spec = build_distiller(config, self.info, self.data.train)
@@ -238,7 +263,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), self.out_dir / "config.yaml")
             self._rewrite_metrics()
-        self.writer = self._tensorboard() if fabric.is_global_zero else None
+        self.experiment_loggers = self._experiment_loggers() if fabric.is_global_zero else None
 
     def _teacher_bank(self, augmentation):
         """The stored teacher outputs to replay, when the recipe asks for them and the method can use them."""
@@ -265,16 +290,20 @@ class Trainer:
             device=self.fabric.device,
         )
 
-    def _tensorboard(self):
-        if not self.config.train.tensorboard:
+    def _experiment_loggers(self):
+        """train.loggers (kdforge.engine.loggers): rank 0 sends each epoch's record and the recipe."""
+        names = self.config.train.logger_names()
+        if not names:
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(
-                "train.tensorboard: true needs the tensorboard package: pip install tensorboard"
-            ) from None
-        return SummaryWriter(str(self.out_dir / "tensorboard"))
+        if self.config.train.tensorboard and self.config.train.progress != "none":
+            self.fabric.print(f"[{self.config.name}] train.tensorboard is deprecated; use train.loggers: [tensorboard]")
+        from kdforge.engine.loggers import ExperimentLoggers
+
+        loggers = ExperimentLoggers(
+            names, dict(self.config.train.logger_options), self.out_dir, self.config.name, self.config.to_dict()
+        )
+        loggers.start(self.history)
+        return loggers
 
     # ------------------------------------------------------------------ state
     def _trainable_state(self) -> dict[str, torch.Tensor]:
@@ -598,10 +627,8 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
         self._save_state(epoch + 1)
         self._write_summary("running")
-        if self.writer is not None:
-            for section in ("train", "test", "val"):
-                for key, value in record.get(section, {}).items():
-                    self.writer.add_scalar(f"{section}/{key}", value, epoch)
+        if self.experiment_loggers is not None:
+            self.experiment_loggers.log_epoch(record)
         epochs = self.config.train.epochs
         every = max(1, math.ceil(epochs / 10))  # about ten lines per run, whatever its length
         if self.config.train.progress != "none" and ((epoch + 1) % every == 0 or epoch == 0):
@@ -638,6 +665,7 @@ class Trainer:
             "seconds_per_batch": self.train_seconds / max(self.global_step, 1),
             "global_step": self.global_step,
             "world_size": self.fabric.world_size,
+            "precision": _fabric_precision(self.fabric, self.config.train.precision),
             "record": run_record(self.fabric.device, self.config.seed),
             "compression": _compression_summary(self),
         }
@@ -650,8 +678,9 @@ class Trainer:
             from kdforge.engine.curves import plot_curves
 
             plot_curves(self.history, self.out_dir / "curves.png", title=self.config.name)
-        if self.writer is not None:
-            self.writer.close()
+        loggers = getattr(self, "experiment_loggers", None)
+        if loggers is not None:
+            loggers.close(status)
         return summary
 
 
@@ -732,7 +761,15 @@ def evaluate_model(
 #: settings a resumed run may change: they decide how often and how visibly the run is evaluated
 #: and logged, or how many threads it uses, not what it trains (config.yaml records the new values)
 RESUME_FREE_KEYS = frozenset(
-    {"train.eval_every", "train.eval_batch_size", "train.progress", "train.num_threads", "train.tensorboard"}
+    {
+        "train.eval_every",
+        "train.eval_batch_size",
+        "train.progress",
+        "train.num_threads",
+        "train.tensorboard",
+        "train.loggers",
+        "train.logger_options",
+    }
 )
 
 

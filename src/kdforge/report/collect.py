@@ -32,7 +32,16 @@ UNKNOWN = "?"
 _IGNORED_KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "seed", "imports"),
     "data": ("root", "download"),
-    "train": ("progress", "tensorboard", "accelerator", "num_threads", "eval_every", "eval_batch_size"),
+    "train": (
+        "progress",
+        "tensorboard",
+        "loggers",
+        "logger_options",
+        "accelerator",
+        "num_threads",
+        "eval_every",
+        "eval_batch_size",
+    ),
     "teacher_bank": ("directory",),
 }
 

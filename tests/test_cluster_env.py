@@ -1,0 +1,65 @@
+"""How a run finds its place in a multi-node job (docs/gpus-and-clusters.md): Fabric, as kdforge
+creates it, takes ranks and the world size from the torchrun or SLURM environment. Simulated on the
+CPU (no process group is started); real multi-node runs are not part of CI."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdforge.config import build_config
+from kdforge.engine.trainer import _make_fabric
+
+TORCHRUN = {  # the variables torchrun sets: 2 nodes x 2 processes, this is node 1's second process
+    "TORCHELASTIC_RUN_ID": "job",
+    "WORLD_SIZE": "4",
+    "RANK": "3",
+    "LOCAL_RANK": "1",
+    "GROUP_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "10.0.0.1",
+    "MASTER_PORT": "29500",
+}
+SLURM = {  # sbatch --nodes=2 --ntasks-per-node=2, then srun: task 2 runs on the second node
+    "SLURM_NTASKS": "4",
+    "SLURM_NTASKS_PER_NODE": "2",
+    "SLURM_NNODES": "2",
+    "SLURM_PROCID": "2",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "1",
+    "SLURM_NODELIST": "gpu[07-08]",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "kd",
+}
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in [*TORCHRUN, *SLURM, "LT_NUM_NODES"]:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def config():
+    return build_config({"student": {"name": "mlp"}, "train": {"accelerator": "cpu", "devices": 2}})
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_ranks_and_world_size_come_from_the_launcher(clean_env, launcher):
+    for name, value in (TORCHRUN if launcher == "torchrun" else SLURM).items():
+        clean_env.setenv(name, value)
+    clean_env.setenv("LT_NUM_NODES", "2")
+    fabric = _make_fabric(config())
+    expected_rank = 3 if launcher == "torchrun" else 2
+    assert (fabric.world_size, fabric.global_rank, fabric.node_rank) == (4, expected_rank, 1)
+    assert fabric.strategy.num_nodes == 2 and type(fabric.strategy).__name__ == "DDPStrategy"
+    environment = fabric.strategy.cluster_environment
+    assert type(environment).__name__ == ("TorchElasticEnvironment" if launcher == "torchrun" else "SLURMEnvironment")
+    assert environment.main_address == ("10.0.0.1" if launcher == "torchrun" else "gpu07")
+
+
+def test_without_the_node_count_fabric_stops_before_the_rendezvous(clean_env):
+    for name, value in TORCHRUN.items():
+        clean_env.setenv(name, value)
+    fabric = _make_fabric(config())
+    with pytest.raises(ValueError, match=r"devices=2. and .num_nodes=1.*world size \(4\)"):
+        fabric.launch()
