@@ -29,7 +29,10 @@ class AugmentConfig(Strict):
 
 
 class DataConfig(Strict):
-    name: str = "digits"
+    name: str = Field(
+        ...,
+        description="a dataset of `kdforge list datasets`, or a Dataset factory 'module:function' / 'file.py:function'",
+    )
     root: str | None = Field(None, description="folder holding the dataset's official files")
     download: bool = False
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -37,6 +40,7 @@ class DataConfig(Strict):
     seed: int = Field(0, ge=0, lt=2**32, description="seed of the validation split and the subset")
     augment: bool | AugmentConfig = Field(True, description="true: the dataset's default")
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers reading a streamed (custom) Dataset")
 
 
 class LMAConfig(Strict):
@@ -152,7 +156,7 @@ class RunConfig(Strict):
         "models, methods and datasets (kdforge.core.plugins)",
     )
     seed: int = Field(0, ge=0, lt=2**32, description="0 <= seed < 2^32 (torch's generators take 64 bits; numpy's 32)")
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig
     student: ModelConfig
     teachers: list[ModelConfig] = Field(default_factory=list)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -249,6 +253,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
     _rebase_checkpoints(data, path.parent)
     rebase_imports(data, path.parent)
+    _rebase_data_spec(data, path.parent)
     if isinstance(data.get("base"), str):  # a recipe may extend another file
         base = data.pop("base")
         return deep_merge(read_yaml(path.parent / base), data)
@@ -268,6 +273,20 @@ def rebase_imports(recipe: dict[str, Any], folder: Path) -> None:
             file = Path(entry).expanduser()
             if not file.is_absolute() and not file.exists() and (folder / file).exists():
                 entries[i] = str((folder / file).resolve())
+
+
+def _rebase_data_spec(recipe: dict[str, Any], folder: Path) -> None:
+    """A ``data.name`` of the form ``file.py:function`` is tried against the working directory, then
+    against the recipe's folder (like ``imports:``); pipeline stages too."""
+    sections = [recipe, *((recipe.get("pipeline") or {}).values() if isinstance(recipe.get("pipeline"), dict) else ())]
+    for section in sections:
+        data = section.get("data") if isinstance(section, dict) else None
+        name = data.get("name") if isinstance(data, dict) else None
+        if isinstance(name, str) and ":" in name:
+            target, _, function = name.rpartition(":")
+            file = Path(target).expanduser()
+            if target.endswith(".py") and not file.is_absolute() and not file.exists() and (folder / file).exists():
+                data["name"] = f"{(folder / file).resolve()}:{function}"
 
 
 def _rebase_checkpoints(recipe: dict[str, Any], folder: Path) -> None:
@@ -313,6 +332,12 @@ def build_config(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
     if imports is not None and not (isinstance(imports, list) and all(isinstance(i, str) for i in imports)):
         raise ConfigError(f"bad value for 'imports': a list of module names or .py paths, got {imports!r}")
     import_all(imports)  # the user's models and methods register before the recipe is checked
+    section = data.get("data")
+    if section is None or (isinstance(section, dict) and not section.get("name")):
+        raise ConfigError(
+            "the recipe names no dataset: set data.name (see `kdforge list datasets`, or a Dataset factory "
+            "'module:function' / 'file.py:function')"
+        )
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:

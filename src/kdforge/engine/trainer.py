@@ -44,7 +44,7 @@ from kdforge.core.checkpoint import (
 )
 from kdforge.core.errors import ConfigError, KDForgeError
 from kdforge.core.runlock import RunLock
-from kdforge.data import BatchLoader, DataSplits
+from kdforge.data import DataSplits, make_loader
 from kdforge.engine.build import (
     ModelSpec,
     build_augmentation,
@@ -179,9 +179,10 @@ class Trainer:
             distiller.student.compile()
 
         augmentation = build_augmentation(config.data, self.info)
-        self.train_loader = BatchLoader(
+        self.train_loader = make_loader(
             self.data.train,
             config.train.batch_size,
+            num_workers=config.data.num_workers,
             shuffle=True,
             drop_last=config.train.drop_last,
             seed=config.seed,
@@ -242,8 +243,12 @@ class Trainer:
                 "uses teacher features, so its teachers run live"
             )
             return None
-        from kdforge.engine.bank import TeacherBank
+        from kdforge.engine.bank import TeacherBank, unusable_reason
 
+        reason = unusable_reason(self.data.train, augmentation)
+        if reason is not None:
+            self.fabric.print(f"[{self.config.name}] teacher_bank ignored: {reason}; its teachers run live")
+            return None
         return TeacherBank(
             settings.directory,
             list(self.distiller.teachers),
@@ -330,6 +335,7 @@ class Trainer:
             dataset=dataclasses.asdict(self.info),
             metrics=metrics,
         )
+        record["data"] = self.config.data.model_dump(mode="json")  # eval/export reuse root and options
         if self.config.imports:  # what an error should tell a later process to --import
             record["imports"] = list(self.config.imports)
         if getattr(spec, "architecture", None):  # LMA / pruned / QAT networks (kdforge.compress.arch)
@@ -519,6 +525,7 @@ class Trainer:
             autocast=self.fabric.autocast,
             channels_last=self.config.train.channels_last,
             device=self.fabric.device,
+            num_workers=self.config.data.num_workers,
         )
 
     # ------------------------------------------------------------------ bookkeeping
@@ -631,14 +638,17 @@ def evaluate_model(
     autocast: Callable[[], Any] | None = None,
     channels_last: bool = False,
     device: torch.device | str | None = None,
+    num_workers: int = 0,
 ) -> dict[str, float]:
-    """Evaluate a classifier on a TensorData split: top-1, top-5 (%), mean cross-entropy."""
+    """Evaluate a classifier on a split (TensorData or StreamData): top-1, top-5 (%), mean cross-entropy."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count
     if world_size > 1:  # a strided shard per rank, without the padding a training sampler adds
         split = split.select(torch.arange(rank, len(split), world_size))
-    loader = BatchLoader(split, batch_size, shuffle=False, augmentation=augmentation, train=False, device=device)
+    loader = make_loader(
+        split, batch_size, num_workers=num_workers, shuffle=False, augmentation=augmentation, train=False, device=device
+    )
     with torch.inference_mode():
         for batch in loader:
             image = batch.image.contiguous(memory_format=torch.channels_last) if channels_last else batch.image
