@@ -100,14 +100,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         split = split.select(evaluation_subset(split.labels, args.limit))
     augmentation = recorded_augmentation(record, data_cfg, data.info)  # the run's standardisation
-    result = evaluate_model(model, split, augmentation, args.batch_size, num_workers=data_cfg.num_workers)
-    result = {
+    metrics = evaluate_model(model, split, augmentation, args.batch_size, num_workers=data_cfg.num_workers)
+    result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "model": spec["name"],
         "dataset": dataset,
         "split": args.split,
         "images": len(split),
-        **result,
+        **metrics,
     }
     if args.attack:
         from kdforge.robust import robust_evaluate

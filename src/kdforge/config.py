@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from kdforge.core.errors import ConfigError, closest
 from kdforge.core.plugins import import_all
@@ -40,7 +40,7 @@ class DataConfig(Strict):
     seed: int = Field(0, ge=0, lt=2**32, description="seed of the validation split and the subset")
     augment: bool | AugmentConfig = Field(True, description="true: the dataset's default")
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers reading a streamed (custom) Dataset")
+    num_workers: NonNegativeInt = 0  # DataLoader workers reading a streamed (custom) Dataset
 
 
 class LMAConfig(Strict):
@@ -281,7 +281,9 @@ def _rebase_data_spec(recipe: dict[str, Any], folder: Path) -> None:
     sections = [recipe, *((recipe.get("pipeline") or {}).values() if isinstance(recipe.get("pipeline"), dict) else ())]
     for section in sections:
         data = section.get("data") if isinstance(section, dict) else None
-        name = data.get("name") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            continue
+        name = data.get("name")
         if isinstance(name, str) and ":" in name:
             target, _, function = name.rpartition(":")
             file = Path(target).expanduser()

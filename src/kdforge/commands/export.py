@@ -87,11 +87,14 @@ def export_checkpoint(
         if not (data or (record.get("dataset") or {}).get("name")):
             raise KDForgeError("the checkpoint does not say its dataset; pass --data NAME for calibration")
         cfg = recorded_data_config(record, checkpoint, data, root)  # the run's root and options
-        quantize_onnx(float_path, path, calibration_batches(cfg, batches=batches, batch_size=batch_size, record=record))
+        calibration = calibration_batches(cfg, batches=batches, batch_size=batch_size, record=record)
+        # tabular rows (B x D) feed a network exported for D x 1 x 1 input
+        quantize_onnx(float_path, path, [x.reshape(len(x), *shape) for x in calibration])
         result.update(int8_path=str(path), calibration_images=batches * batch_size)
         if check:
             network = deployable(model)
             x = calibration_batches(cfg, batches=1, batch_size=64, seed=1, record=record)[0]
+            x = x.reshape(len(x), *shape)
             with torch.no_grad():
                 agree = (OnnxModule(path)(x).argmax(1) == network(x).argmax(1)).float().mean()
             result["int8_agreement"] = float(agree)

@@ -191,6 +191,7 @@ class StreamLoader(BatchLoader):
 
     def __init__(self, data: StreamData, batch_size: int, *, num_workers: int = 0, **options: Any) -> None:
         super().__init__(data, batch_size, **options)  # type: ignore[arg-type]
+        self.stream = data
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
@@ -200,7 +201,7 @@ class StreamLoader(BatchLoader):
         batches = [order[n * self.batch_size : (n + 1) * self.batch_size].tolist() for n in range(len(self))]
         pin = self.device is not None and self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
-            _Positions(self.data),  # type: ignore[arg-type]
+            _Positions(self.stream),
             batch_sampler=batches,
             num_workers=self.num_workers,
             collate_fn=_collate,
@@ -208,7 +209,7 @@ class StreamLoader(BatchLoader):
         )
         for built in loader:
             if isinstance(built, _Bad):
-                raise DataError(f"{self.data.name or 'dataset'}: {built.message}; return one shape for every item")
+                raise DataError(f"{self.stream.name or 'dataset'}: {built.message}; return one shape for every item")
             inputs, targets, index = built
             if self.device is not None:
                 inputs, targets, index = (t.to(self.device, non_blocking=True) for t in (inputs, targets, index))
@@ -216,7 +217,7 @@ class StreamLoader(BatchLoader):
 
     def make_batch(self, positions: torch.Tensor) -> Batch:
         built = _collate(
-            [(*read_item(self.data.dataset, int(self.data.indices[p]), "dataset"), int(p)) for p in positions]
+            [(*read_item(self.stream.dataset, int(self.stream.indices[p]), "dataset"), int(p)) for p in positions]
         )
         if isinstance(built, _Bad):
             raise DataError(built.message)

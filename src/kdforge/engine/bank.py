@@ -43,7 +43,7 @@ from torch import nn
 from kdforge.core.checkpoint import atomic_save, atomic_write_text
 from kdforge.core.errors import KDForgeError
 from kdforge.data.augment import Augmentation
-from kdforge.data.types import TensorData
+from kdforge.data.types import StreamData, TensorData
 
 BANK_FORMAT = "kdforge-teacher-bank"
 BANK_VERSION = 1
@@ -192,7 +192,7 @@ class TeacherBank:
         directory: str | Path | None,
         teachers: Sequence[nn.Module],
         teacher_files: Sequence[str | Path | None],
-        data: TensorData,
+        data: TensorData | StreamData,
         dataset_name: str,
         augmentation: Augmentation | None,
         seed: int,
@@ -205,6 +205,7 @@ class TeacherBank:
         reason = unusable_reason(data, augmentation)
         if reason is not None:
             raise TeacherBankError(f"teacher bank cannot apply: {reason}; disable teacher_bank for this recipe")
+        assert isinstance(data, TensorData)
         if len(teachers) != len(teacher_files):
             raise TeacherBankError(
                 f"teacher bank: {len(teachers)} teachers but {len(teacher_files)} teacher files; give one file per teacher"  # noqa: E501

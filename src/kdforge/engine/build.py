@@ -15,7 +15,15 @@ from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
 from kdforge.core.checkpoint import read_model_file
 from kdforge.core.errors import CheckpointError, ConfigError, DataError
 from kdforge.core.plugins import require_registered
-from kdforge.data import Augmentation, DatasetInfo, DataSplits, TensorData, default_augmentation, load_dataset
+from kdforge.data import (
+    Augmentation,
+    DatasetInfo,
+    DataSplits,
+    StreamData,
+    TensorData,
+    default_augmentation,
+    load_dataset,
+)
 from kdforge.data.sources.common import MissingDataError
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import MODELS, create
@@ -81,13 +89,16 @@ def recorded_data_config(
             recorded = None
     if not isinstance(recorded, dict) or recorded.get("name") != dataset:
         recorded = {}
-    options = recorded.get("options") if isinstance(recorded.get("options"), dict) else {}
+    options: dict[str, Any] = recorded["options"] if isinstance(recorded.get("options"), dict) else {}
     return DataConfig(
         name=dataset,
         root=root if root is not None else recorded.get("root"),
         options=options,
         num_workers=int(recorded.get("num_workers") or 0),
         augment=False,
+        val_fraction=0.0,
+        train_subset=None,
+        seed=0,
     )
 
 
@@ -153,7 +164,7 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
 
 
 def build_distiller(
-    config: RunConfig, info: DatasetInfo, train: TensorData | None = None
+    config: RunConfig, info: DatasetInfo, train: TensorData | StreamData | None = None
 ) -> tuple[Distiller, ModelSpec]:
     """The method with its networks. Methods that size modules from the data declare keywords:
     ``input_shape`` (C, H, W) for feature adapters, ``num_samples`` (training-set size) and

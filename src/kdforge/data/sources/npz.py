@@ -120,9 +120,10 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
             f"{', '.join(REQUIRED_KEYS)}"
         )
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ValueError("it holds one array (np.save), not an archive of named arrays (np.savez)")
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array (np.save), not an archive of named arrays (np.savez)")
+        with archive:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         raise DataError(
