@@ -50,10 +50,16 @@ DATASET_FILE = textwrap.dedent(
 
     def make_bad(split, kind="x"):
         class Bad(Dataset):
+            targets = [0, 1, 0, 1]
+
             def __len__(self):
                 return 4
 
             def __getitem__(self, i):
+                if kind == "raise" and i == 3:
+                    raise FileNotFoundError(f"sample {i} is gone")
+                if kind in ("raise", "shape"):
+                    return torch.zeros(3 + (kind == "shape" and i == 3)), i % 2
                 return ("text", 0) if kind == "x" else (torch.zeros(3), "cat")
 
         return Bad()
@@ -106,6 +112,16 @@ def test_custom_validation_split_and_subset(dataset_file):
         load_dataset(f"{dataset_file}:make", n=60, train_subset=2)
 
 
+@pytest.mark.parametrize(
+    ("kind", "problem"), [("raise", "reading item 3 failed: FileNotFoundError"), ("shape", "differ")]
+)
+def test_errors_inside_loader_workers_are_one_line(dataset_file, kind, problem):
+    splits = load_dataset(f"{dataset_file}:make_bad", kind=kind)
+    with pytest.raises(DataError, match=problem) as caught:
+        list(make_loader(splits.train, 4, num_workers=1, shuffle=False))
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
 def test_custom_dict_of_splits_and_its_own_validation(dataset_file):
     splits = load_dataset(f"{dataset_file}:make_dict", n=24)
     assert len(splits.train) == 24 and len(splits.val) == 12 and splits.info.sample_shape == (4,)
@@ -145,7 +161,7 @@ def test_recipe_with_a_dataset_file_next_to_it_trains_streamed(tmp_path, dataset
     folder.mkdir()
     (folder / "blobs.py").write_text(DATASET_FILE)
     (folder / "teacher.yaml").write_text(
-        "data: {name: 'blobs.py:make', options: {n: 90, features: 5}, augment: false, num_workers: 1}\n"
+        "data: {name: 'blobs.py:make', options: {n: 90, features: 7}, augment: false, num_workers: 1}\n"
         "student: {name: mlp, kwargs: {hidden: [32]}}\n"
         "train: {epochs: 4, batch_size: 15, optimizer: {name: adam, lr: 0.01, weight_decay: 0}, progress: none}\n"
     )
@@ -154,11 +170,18 @@ def test_recipe_with_a_dataset_file_next_to_it_trains_streamed(tmp_path, dataset
     assert isinstance(trainer.data.train, StreamData)
     assert summary["final"]["test"]["top1"] > 80.0  # three separable blobs; chance is 33%
     teacher_file = tmp_path / "teacher" / "checkpoints" / "model_last.pt"
+    from kdforge.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(teacher_file), "--json"]) == 0  # the recorded options: 7 features, 90 samples
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["images"] == 90 and evaluated["top1"] == pytest.approx(summary["final"]["test"]["top1"])
     student = load_config(
         folder / "teacher.yaml",
         [
             f"teachers.0.checkpoint={teacher_file}",
             "method.name=crd",
+            "method.num_negatives=32",
             "teacher_bank.enabled=true",
             f"teacher_bank.directory={tmp_path / 'bank'}",
             "train.epochs=1",

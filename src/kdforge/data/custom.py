@@ -137,8 +137,11 @@ class _LabelReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, position: int) -> int:
-        return read_item(self.dataset, position, self.what)[1]
+    def __getitem__(self, position: int) -> int | str:
+        try:
+            return read_item(self.dataset, position, self.what)[1]
+        except DataError as error:  # raised in the main process, as one line
+            return str(error)
 
 
 def dataset_labels(dataset: Any, what: str, num_workers: int = 0) -> torch.Tensor:
@@ -157,7 +160,13 @@ def dataset_labels(dataset: Any, what: str, num_workers: int = 0) -> torch.Tenso
     loader = torch.utils.data.DataLoader(
         _LabelReader(dataset, what), batch_size=256, num_workers=num_workers, collate_fn=list
     )
-    return torch.tensor([label for batch in loader for label in batch], dtype=torch.int64)
+    labels = []
+    for batch in loader:
+        for label in batch:
+            if isinstance(label, str):
+                raise DataError(label)
+            labels.append(label)
+    return torch.tensor(labels, dtype=torch.int64)
 
 
 def _numbers(spec: str, key: str, value: Any, count: int) -> tuple[float, ...]:

@@ -145,8 +145,12 @@ def _label_value(value: Any, what: str, position: int) -> int:
 
 
 def read_item(dataset: Any, position: int, what: str) -> tuple[torch.Tensor, int]:
-    """``dataset[position]`` as (x tensor, int label), with a one-line error for any other shape."""
-    item = dataset[position]
+    """``dataset[position]`` as (x tensor, int label), with a one-line error for any other shape
+    (and for an exception raised by the Dataset itself)."""
+    try:
+        item = dataset[position]
+    except Exception as error:  # the user's code: one line naming the item, not a worker traceback
+        raise DataError(f"{what}: reading item {position} failed: {type(error).__name__}: {error}") from None
     if not isinstance(item, tuple | list) or len(item) != 2:
         raise DataError(f"{what}: item {position} is a {type(item).__name__}; a Dataset must return (x, y) pairs")
     return _sample_tensor(item[0], what, position), _label_value(item[1], what, position)
@@ -163,16 +167,28 @@ class _Positions(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int]:
-        x, y = read_item(self.dataset, self.indices[position], self.name)
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int] | _Bad:
+        try:
+            x, y = read_item(self.dataset, self.indices[position], self.name)
+        except DataError as error:  # raised in the main process, as one line
+            return _Bad(str(error))
         return x, y, position
 
 
-def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | _Bad:
+def _collate(
+    items: list[tuple[torch.Tensor, int, int] | _Bad],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | _Bad:
+    for item in items:
+        if isinstance(item, _Bad):
+            return item
+    items = [item for item in items if not isinstance(item, _Bad)]  # (for the type checker)
     shapes = {tuple(x.shape) for x, _, _ in items}
     dtypes = {x.dtype for x, _, _ in items}
     if len(shapes) > 1 or len(dtypes) > 1:
-        return _Bad(f"items of one batch differ in shape or type ({sorted(shapes)[:2]}, {sorted(map(str, dtypes))})")
+        return _Bad(
+            f"dataset: items of one batch differ in shape or type ({sorted(shapes)[:2]}, {sorted(map(str, dtypes))}); "
+            "return one shape and type for every item"
+        )
     inputs = torch.stack([x for x, _, _ in items])
     if inputs.dtype != torch.uint8:
         inputs = inputs.to(torch.float32)
@@ -209,7 +225,7 @@ class StreamLoader(BatchLoader):
         )
         for built in loader:
             if isinstance(built, _Bad):
-                raise DataError(f"{self.stream.name or 'dataset'}: {built.message}; return one shape for every item")
+                raise DataError(built.message)
             inputs, targets, index = built
             if self.device is not None:
                 inputs, targets, index = (t.to(self.device, non_blocking=True) for t in (inputs, targets, index))

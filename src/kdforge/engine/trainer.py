@@ -681,7 +681,14 @@ def evaluate_model(
 #: settings a resumed run may change: they decide how often and how visibly the run is evaluated
 #: and logged, or how many threads it uses, not what it trains (config.yaml records the new values)
 RESUME_FREE_KEYS = frozenset(
-    {"train.eval_every", "train.eval_batch_size", "train.progress", "train.num_threads", "train.tensorboard"}
+    {
+        "train.eval_every",
+        "train.eval_batch_size",
+        "train.progress",
+        "train.num_threads",
+        "train.tensorboard",
+        "data.num_workers",
+    }
 )
 
 
