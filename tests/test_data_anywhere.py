@@ -268,8 +268,10 @@ def test_tabular_teacher_to_student_kd_through_the_cli(tmp_path, monkeypatch, ca
         common + "student: {name: mlp, kwargs: {hidden: [8]}}\n"
         "teachers: [{checkpoint: runs/teacher/checkpoints/model_last.pt}]\n"
         "method: {name: kd, temperature: 4, kd_weight: 0.9, ce_weight: 0.1}\n"
+        "teacher_bank: {enabled: true, directory: bank}\n"  # float rows in memory: the bank applies
     )
     assert main(["train", "student.yaml", "--out", "runs/student"]) == 0
+    assert len(list((tmp_path / "bank").glob("*/static.pt"))) == 1
     summary = json.loads((tmp_path / "runs/student/summary.json").read_text())
     top1 = summary["final"]["test"]["top1"]
     assert top1 > 80.0  # chance is 33.3% on wine's three classes

@@ -178,24 +178,25 @@ class _Positions(torch.utils.data.Dataset):
 def _collate(
     items: list[tuple[torch.Tensor, int, int] | _Bad],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | _Bad:
+    good: list[tuple[torch.Tensor, int, int]] = []
     for item in items:
         if isinstance(item, _Bad):
             return item
-    items = [item for item in items if not isinstance(item, _Bad)]  # (for the type checker)
-    shapes = {tuple(x.shape) for x, _, _ in items}
-    dtypes = {x.dtype for x, _, _ in items}
+        good.append(item)
+    shapes = {tuple(x.shape) for x, _, _ in good}
+    dtypes = {x.dtype for x, _, _ in good}
     if len(shapes) > 1 or len(dtypes) > 1:
         return _Bad(
             f"dataset: items of one batch differ in shape or type ({sorted(shapes)[:2]}, {sorted(map(str, dtypes))}); "
             "return one shape and type for every item"
         )
-    inputs = torch.stack([x for x, _, _ in items])
+    inputs = torch.stack([x for x, _, _ in good])
     if inputs.dtype != torch.uint8:
         inputs = inputs.to(torch.float32)
     if inputs.dim() == 3:  # H x W items are one-channel images
         inputs = inputs.unsqueeze(1)
-    targets = torch.tensor([y for _, y, _ in items], dtype=torch.int64)
-    return inputs, targets, torch.tensor([p for _, _, p in items], dtype=torch.int64)
+    targets = torch.tensor([y for _, y, _ in good], dtype=torch.int64)
+    return inputs, targets, torch.tensor([p for _, _, p in good], dtype=torch.int64)
 
 
 class StreamLoader(BatchLoader):

@@ -651,7 +651,8 @@ def evaluate_model(
     )
     with torch.inference_mode():
         for batch in loader:
-            image = batch.image.contiguous(memory_format=torch.channels_last) if channels_last else batch.image
+            channels = channels_last and batch.image.dim() == 4  # tabular rows have no channel layout
+            image = batch.image.contiguous(memory_format=torch.channels_last) if channels else batch.image
             with autocast() if autocast else nullcontext():
                 logits = model(image)
             logits = logits.float()
