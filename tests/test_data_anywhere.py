@@ -88,6 +88,7 @@ def test_stream_loader_uses_workers_and_keeps_batch_index(dataset_file):
     splits = load_dataset(f"{dataset_file}:make", n=30, features=4, mean=[1.0], std=[2.0])
     augmentation = Augmentation(mean=splits.info.mean, std=splits.info.std)
     loader = make_loader(splits.train, 8, num_workers=2, augmentation=augmentation, seed=3, drop_last=True)
+    assert len(list(loader)) == 3  # epoch 0, then epoch 1
     loader.set_epoch(1)
     batches = list(loader)
     assert len(batches) == 3 == len(loader)
@@ -186,6 +187,7 @@ def test_recipe_with_a_dataset_file_next_to_it_trains_streamed(tmp_path, dataset
             f"teacher_bank.directory={tmp_path / 'bank'}",
             "train.epochs=1",
             "train.progress=auto",
+            "data.num_workers=0",
         ],
     )
     trainer, summary = _train(student, tmp_path / "student")
@@ -383,7 +385,7 @@ def test_truncated_or_corrupt_npz_and_bad_options(tmp_path):
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
     (tmp_path / "noise.npz").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
     for name in ("cut.npz", "noise.npz"):
-        with pytest.raises(DataError, match="truncated or not an np.savez archive") as caught:
+        with pytest.raises(DataError, match="cannot read.*intact np.savez archive") as caught:
             load_dataset("npz", path=str(tmp_path / name))
         assert "\n" not in str(caught.value)
     with pytest.raises(ConfigError, match="must be a file path"):
@@ -409,6 +411,13 @@ def test_imagefolder_broken_image_is_one_line(tmp_path):
     with pytest.raises(DataError, match="cannot decode") as caught:
         load_dataset("imagefolder", root=tmp_path)
     assert "\n" not in str(caught.value)
+
+
+def test_train_subset_smaller_than_the_classes_is_refused():
+    with pytest.raises(ConfigError, match="train_subset 5 is smaller than the 10 classes of 'digits'") as caught:
+        load_dataset("digits", train_subset=5)
+    assert "\n" not in str(caught.value)
+    assert load_dataset("digits", train_subset=10).train.class_counts(10).tolist() == [1] * 10
 
 
 def test_in_memory_tensor_data_accepts_float_features_only_as_float32():

@@ -199,6 +199,21 @@ def _collate(
     return inputs, targets, torch.tensor([p for _, _, p in good], dtype=torch.int64)
 
 
+class _EpochBatches:
+    """The batch sampler of a StreamLoader: the loader's current epoch order, cut into its batches."""
+
+    def __init__(self, loader: StreamLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order, size = self.loader.epoch_order(), self.loader.batch_size
+        for number in range(len(self.loader)):
+            yield order[number * size : (number + 1) * size].tolist()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 class StreamLoader(BatchLoader):
     """``BatchLoader`` over a ``StreamData``: the same order, ranks, batches and ``Batch.index``,
     but every batch is read by a ``torch.utils.data.DataLoader`` (``num_workers`` processes,
@@ -214,15 +229,14 @@ class StreamLoader(BatchLoader):
         self.num_workers = num_workers
 
     def __iter__(self) -> Iterator[Batch]:
-        order = self.epoch_order()
-        batches = [order[n * self.batch_size : (n + 1) * self.batch_size].tolist() for n in range(len(self))]
-        pin = self.device is not None and self.device.type == "cuda"
+        # a DataLoader per epoch: persistent workers were measured to stall 5 s each when the loader
+        # is garbage-collected (their shutdown waits for the join timeout); forking new ones is cheap
         loader = torch.utils.data.DataLoader(
             _Positions(self.stream),
-            batch_sampler=batches,
+            batch_sampler=_EpochBatches(self),
             num_workers=self.num_workers,
             collate_fn=_collate,
-            pin_memory=pin,
+            pin_memory=self.device is not None and self.device.type == "cuda",
         )
         for built in loader:
             if isinstance(built, _Bad):

@@ -50,7 +50,7 @@ def to_nchw(images: np.ndarray, layout: str | None, where: str) -> np.ndarray:
     if images.ndim == 3:
         return images[:, None, :, :]
     if images.ndim != 4:
-        raise DataError(f"{where}: images must be N x H x W or 4-D, got shape {images.shape}")
+        raise DataError(f"{where}: samples must be N x D features, N x H x W or 4-D images, got shape {images.shape}")
     if _channel_layout(images.shape, layout, where) == "nhwc":
         return images.transpose(0, 3, 1, 2)
     return images
@@ -127,8 +127,8 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         raise DataError(
-            f"npz: cannot read {path} ({type(error).__name__}: {error}); the file is truncated or not an "
-            "np.savez archive: write it again with np.savez"
+            f"npz: cannot read {path} ({type(error).__name__}: {error}); it must be an intact np.savez "
+            "archive of numeric arrays: write it again with np.savez"
         ) from None
 
 
