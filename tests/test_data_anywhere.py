@@ -298,13 +298,22 @@ def test_eval_reuses_the_runs_root_and_points_at_root_when_missing(tmp_path, mon
         (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
     config = build_config(
         {
-            "data": {"name": "csv", "root": str(folder), "augment": False},
+            "data": {"name": "csv", "root": str(folder), "augment": False, "val_fraction": 0.25},
             "student": {"name": "mlp", "kwargs": {"hidden": [8]}},
             "train": {"epochs": 3, "batch_size": 20, "optimizer": {"name": "adam", "lr": 0.02}, "progress": "none"},
         }
     )
     Trainer(config, tmp_path / "run").fit()
     model_file = tmp_path / "run" / "checkpoints" / "model_last.pt"
+    from kdforge.core.checkpoint import read_model_file
+    from kdforge.engine.build import recorded_augmentation, recorded_data_config
+
+    record = read_model_file(model_file)
+    cfg = recorded_data_config(record, model_file)
+    assert cfg.root == str(folder) and cfg.val_fraction == 0.0
+    refitted = load_dataset("csv", root=folder).info  # statistics of all 60 rows, not the run's 45
+    fitted = recorded_augmentation(record, cfg, refitted)
+    assert fitted.mean == tuple(record["dataset"]["mean"]) and fitted.mean != refitted.mean
     monkeypatch.chdir(tmp_path / "run")  # the recorded root, not ./data, is used
     assert main(["eval", str(model_file), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 30
