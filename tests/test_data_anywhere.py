@@ -4,7 +4,9 @@ a required dataset name, eval/export reusing the run's data settings."""
 from __future__ import annotations
 
 import json
+import os
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -433,3 +435,64 @@ def test_in_memory_tensor_data_accepts_float_features_only_as_float32():
     assert TensorData(torch.zeros(3, 5), torch.zeros(3)).is_float
     with pytest.raises(DataError, match="float32 features"):
         TensorData(torch.zeros(3, 5, dtype=torch.float64), torch.zeros(3))
+
+
+# --------------------------------------------------------------------------- real files, streamed
+REAL_DATA = Path(os.environ.get("KDFORGE_DATA", Path(__file__).parents[1] / "data"))
+MEMMAP_DATASET = textwrap.dedent(
+    """
+    import gzip
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from torch.utils.data import Dataset
+
+
+    class MemmapMNIST(Dataset):
+        # images stay on disk (np.memmap over the un-gzipped IDX file); one item is read per index
+        def __init__(self, raw, cache, split):
+            prefix = "train" if split == "train" else "t10k"
+            images = Path(cache) / f"{prefix}-images"
+            if not images.is_file():
+                images.write_bytes(gzip.decompress((Path(raw) / f"{prefix}-images-idx3-ubyte.gz").read_bytes()))
+            self.images = np.memmap(images, dtype=np.uint8, mode="r", offset=16).reshape(-1, 1, 28, 28)
+            labels = gzip.decompress((Path(raw) / f"{prefix}-labels-idx1-ubyte.gz").read_bytes())
+            self.targets = np.frombuffer(labels, dtype=np.uint8, offset=8).astype(np.int64)
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return torch.from_numpy(np.array(self.images[i])), int(self.targets[i])
+
+
+    def make(split, raw, cache):
+        return MemmapMNIST(raw, cache, split)
+    """
+)
+
+
+def test_real_mnist_streamed_from_a_memmap_dataset(tmp_path):
+    """Official MNIST files behind a user's Dataset: uint8 items, random crops, workers, a subset."""
+    raw = REAL_DATA / "MNIST" / "raw"
+    if not (raw / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST IDX files are absent from {raw} (set KDFORGE_DATA)")
+    (tmp_path / "memmap_mnist.py").write_text(MEMMAP_DATASET)
+    config = build_config(
+        {
+            "data": {
+                "name": f"{tmp_path / 'memmap_mnist.py'}:make",
+                "options": {"raw": str(raw), "cache": str(tmp_path), "mean": 0.1307, "std": 0.3081},
+                "augment": {"crop_padding": 2},
+                "train_subset": 2000,
+                "num_workers": 2,
+            },
+            "student": {"name": "mlp", "kwargs": {"hidden": [64]}},
+            "train": {"epochs": 1, "batch_size": 50, "optimizer": {"name": "adam", "lr": 0.003}, "progress": "none"},
+        }
+    )
+    trainer, summary = _train(config, tmp_path / "run")
+    assert trainer.info.sample_shape == (1, 28, 28) and trainer.info.num_classes == 10
+    assert len(trainer.data.train) == 2000 and trainer.data.train.class_counts(10).tolist() == [200] * 10
+    assert summary["final"]["test"]["top1"] > 75.0  # 10,000 official test images; chance is 10%
