@@ -357,6 +357,14 @@ def test_a_recipe_without_a_dataset_is_refused(recipe):
     assert build_config(recipe, ["data.name=wine"]).data.name == "wine"
 
 
+def test_list_datasets_names_the_tables_and_the_factory_form(capsys):
+    from kdforge.cli import main
+
+    assert main(["list", "datasets"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("wine", "breast_cancer", "iris", "csv")) and "'module:function'" in listed
+
+
 # --------------------------------------------------------------------------- bad data files
 def _idx_header_only(path, ndim_bytes):
     path.write_bytes(bytes([0, 0, 0x08, 3]) + ndim_bytes)

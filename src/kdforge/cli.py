@@ -164,6 +164,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     width = max(len(n) for n in registry.names())
     for name in registry.names():
         print(f"{name.ljust(width)}  {registry.describe(name)}")
+    if args.what == "datasets":  # besides the names: any Dataset the user builds (docs/data.md)
+        print("or data.name: 'module:function' / 'file.py:function' returning a torch Dataset (docs/data.md)")
     return 0
 
 
