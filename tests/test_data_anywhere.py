@@ -504,3 +504,20 @@ def test_real_mnist_streamed_from_a_memmap_dataset(tmp_path):
     assert trainer.info.sample_shape == (1, 28, 28) and trainer.info.num_classes == 10
     assert len(trainer.data.train) == 2000 and trainer.data.train.class_counts(10).tolist() == [200] * 10
     assert summary["final"]["test"]["top1"] > 75.0  # 10,000 official test images; chance is 10%
+
+
+def test_a_suite_finds_a_dataset_file_beside_it(tmp_path, monkeypatch):
+    from kdforge.suite import load_suite, plan
+
+    folder = tmp_path / "suites"
+    folder.mkdir()
+    (folder / "blobs.py").write_text(DATASET_FILE)
+    (folder / "s.yaml").write_text(
+        "name: s\nseeds: [0]\nbase: {data: {name: 'blobs.py:make', augment: false}, train: {epochs: 1}}\n"
+        "pairs: [{student: {name: mlp}}]\nmethods: {ce: {method: {name: ce}}}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    spec, where = load_suite(folder / "s.yaml")
+    (run,) = plan(spec, where, tmp_path / "out")
+    assert run.recipe["data"]["name"] == f"{(folder / 'blobs.py').resolve()}:make"
+    assert build_config(run.recipe).data.name == run.recipe["data"]["name"]

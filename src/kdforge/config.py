@@ -253,7 +253,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
     _rebase_checkpoints(data, path.parent)
     rebase_imports(data, path.parent)
-    _rebase_data_spec(data, path.parent)
+    rebase_data_spec(data, path.parent)
     if isinstance(data.get("base"), str):  # a recipe may extend another file
         base = data.pop("base")
         return deep_merge(read_yaml(path.parent / base), data)
@@ -275,7 +275,7 @@ def rebase_imports(recipe: dict[str, Any], folder: Path) -> None:
                 entries[i] = str((folder / file).resolve())
 
 
-def _rebase_data_spec(recipe: dict[str, Any], folder: Path) -> None:
+def rebase_data_spec(recipe: dict[str, Any], folder: Path) -> None:
     """A ``data.name`` of the form ``file.py:function`` is tried against the working directory, then
     against the recipe's folder (like ``imports:``); pipeline stages too."""
     sections = [recipe, *((recipe.get("pipeline") or {}).values() if isinstance(recipe.get("pipeline"), dict) else ())]
