@@ -5,7 +5,7 @@ import pytest
 from kdforge.config import apply_override, build_config, load_config, parse_override
 from kdforge.core.errors import ConfigError
 
-MINIMAL = {"student": {"name": "mlp"}}
+MINIMAL = {"data": {"name": "digits"}, "student": {"name": "mlp"}}
 
 
 def error_of(data, overrides=()):
@@ -62,7 +62,9 @@ def test_override_syntax_errors():
 
 
 def test_recipe_files(tmp_path):
-    (tmp_path / "base.yaml").write_text("student: {name: mlp}\ntrain: {epochs: 7, batch_size: 32}\n")
+    (tmp_path / "base.yaml").write_text(
+        "data: {name: digits}\nstudent: {name: mlp}\ntrain: {epochs: 7, batch_size: 32}\n"
+    )
     (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {epochs: 9}\n")
     c = load_config(tmp_path / "child.yaml")
     assert c.train.epochs == 9 and c.train.batch_size == 32

@@ -190,7 +190,10 @@ def info_for(name: str = "test", channels: int = 3) -> DatasetInfo:
 
 
 def test_registry_lists_every_source():
-    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "mnist", "npz"]
+    assert DATASETS.names() == [
+        "breast_cancer", "cifar10", "cifar100", "csv", "digits", "fashion_mnist", "imagefolder", "iris", "mnist",
+        "npz", "wine",
+    ]  # fmt: skip
 
 
 def test_unknown_dataset_and_option_are_config_errors():

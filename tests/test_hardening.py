@@ -34,20 +34,20 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 )
 def test_unsafe_run_names_are_refused(name, problem):
     with pytest.raises(ConfigError, match=problem) as caught:
-        build_config({"name": name, "student": {"name": "mlp"}})
+        build_config({"name": name, "data": {"name": "digits"}, "student": {"name": "mlp"}})
     assert "\n" not in str(caught.value).replace(repr(name), "")
 
 
 @pytest.mark.parametrize("name", ["run", "kd (resnet20-resnet8)", "sp_w300", "teacher lenet4", "é-ü 1.5"])
 def test_plain_run_names_are_accepted(name):
-    assert build_config({"name": name, "student": {"name": "mlp"}}).name == name
+    assert build_config({"name": name, "data": {"name": "digits"}, "student": {"name": "mlp"}}).name == name
 
 
 @pytest.mark.parametrize("key", ["seed", "data.seed"])
 @pytest.mark.parametrize("value", [-1, 2**32, 2**70])
 def test_seeds_are_bounded(key, value):
     with pytest.raises(ConfigError, match="seed"):
-        build_config({"student": {"name": "mlp"}}, [f"{key}={value}"])
+        build_config({"data": {"name": "digits"}, "student": {"name": "mlp"}}, [f"{key}={value}"])
 
 
 def write_model(tmp_path, weights):
@@ -124,7 +124,9 @@ def test_eval_of_a_nan_checkpoint_fails_in_one_line(tmp_path):
 def test_cuda_without_a_gpu_is_one_line(tmp_path):
     from kdforge.engine.trainer import Trainer
 
-    config = build_config({"student": {"name": "mlp"}, "train": {"epochs": 1, "accelerator": "cuda"}})
+    config = build_config(
+        {"data": {"name": "digits"}, "student": {"name": "mlp"}, "train": {"epochs": 1, "accelerator": "cuda"}}
+    )
     with pytest.raises(ConfigError, match="no CUDA GPU.*accelerator: auto"):
         Trainer(config, tmp_path / "run")
-    assert build_config({"student": {"name": "mlp"}}).train.accelerator == "auto"
+    assert build_config({"data": {"name": "digits"}, "student": {"name": "mlp"}}).train.accelerator == "auto"

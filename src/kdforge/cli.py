@@ -77,21 +77,18 @@ def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
 
 # ----------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kdforge.config import DataConfig
     from kdforge.core.checkpoint import read_model_file
-    from kdforge.core.errors import CheckpointError, ConfigError
-    from kdforge.engine.build import build_augmentation, build_data
+    from kdforge.core.errors import CheckpointError
+    from kdforge.engine.build import build_command_data, recorded_augmentation, recorded_data_config
     from kdforge.engine.trainer import evaluate_model
 
     record = read_model_file(args.checkpoint)
     spec = record.get("model") or {}
     if not spec.get("name"):
         raise CheckpointError(f"'{args.checkpoint}' is a plain state dict; evaluate a kdforge model file")
-    dataset = args.data or (record.get("dataset") or {}).get("name")
-    if not dataset:
-        raise ConfigError("the checkpoint does not say its dataset; pass --data NAME")
-    data_cfg = DataConfig(name=dataset, root=args.root, augment=False)
-    data = build_data(data_cfg)
+    data_cfg = recorded_data_config(record, args.checkpoint, args.data, args.root)  # the run's root and options
+    dataset = data_cfg.name
+    data = build_command_data(data_cfg)
     if data.info.num_classes != spec["num_classes"]:
         raise CheckpointError(
             f"'{args.checkpoint}' predicts {spec['num_classes']} classes; dataset '{dataset}' has {data.info.num_classes}"  # noqa: E501
@@ -104,14 +101,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from kdforge.data.splits import evaluation_subset
 
         split = split.select(evaluation_subset(split.labels, args.limit))
-    result = evaluate_model(model, split, build_augmentation(data_cfg, data.info), args.batch_size)
-    result = {
+    augmentation = recorded_augmentation(record, data_cfg, data.info)  # the run's standardisation
+    metrics = evaluate_model(model, split, augmentation, args.batch_size, num_workers=data_cfg.num_workers)
+    result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "model": spec["name"],
         "dataset": dataset,
         "split": args.split,
         "images": len(split),
-        **result,
+        **metrics,
     }
     if args.attack:
         from kdforge.robust import robust_evaluate
@@ -176,6 +174,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     width = max(len(n) for n in registry.names())
     for name in registry.names():
         print(f"{name.ljust(width)}  {registry.describe(name)}")
+    if args.what == "datasets":  # besides the names: any Dataset the user builds (docs/data.md)
+        print("or data.name: 'module:function' / 'file.py:function' returning a torch Dataset (docs/data.md)")
     return 0
 
 

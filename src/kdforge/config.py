@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -46,7 +47,10 @@ class AugmentConfig(Strict):
 
 
 class DataConfig(Strict):
-    name: str = Field("digits", description="dataset (`kdforge list datasets`)")
+    name: str = Field(
+        ...,
+        description="a dataset of `kdforge list datasets`, or a Dataset factory 'module:function' / 'file.py:function'",
+    )
     root: str | None = Field(None, description="folder holding the dataset's official files")
     download: bool = Field(default=False, description="fetch the official files into root when missing (MD5-checked)")
     val_fraction: float = Field(
@@ -61,6 +65,9 @@ class DataConfig(Strict):
         True, description="training augmentation: true: the dataset's default; false: none; or a mapping"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+    num_workers: NonNegativeInt = Field(
+        0, description="DataLoader worker processes reading a streamed (custom) Dataset; 0 reads in the main process"
+    )
 
 
 class LMAConfig(Strict):
@@ -224,7 +231,7 @@ class RunConfig(Strict):
     seed: int = Field(
         0, ge=0, lt=2**32, description="fixes initialisation, data order, augmentation and dropout (below 2^32)"
     )
-    data: DataConfig = Field(default_factory=DataConfig, description="the dataset")
+    data: DataConfig = Field(..., description="the dataset (required)")
     student: ModelConfig = Field(..., description="the network trained and deployed")
     teachers: list[ModelConfig] = Field(default_factory=list, description="frozen teachers, usually model files")
     method: MethodConfig = Field(
@@ -333,6 +340,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         raise ConfigError(f"recipe '{path}' must be a mapping of keys (data:, student:, method:, ...)")
     _rebase_checkpoints(data, path.parent)
     rebase_imports(data, path.parent)
+    rebase_data_spec(data, path.parent)
     if isinstance(data.get("base"), str):  # a recipe may extend another file
         base = data.pop("base")
         return deep_merge(read_yaml(path.parent / base, (*_chain, path.resolve())), data)
@@ -352,6 +360,22 @@ def rebase_imports(recipe: dict[str, Any], folder: Path) -> None:
             file = Path(entry).expanduser()
             if not file.is_absolute() and not file.exists() and (folder / file).exists():
                 entries[i] = str((folder / file).resolve())
+
+
+def rebase_data_spec(recipe: dict[str, Any], folder: Path) -> None:
+    """A ``data.name`` of the form ``file.py:function`` is tried against the working directory, then
+    against the recipe's folder (like ``imports:``); pipeline stages too."""
+    sections = [recipe, *((recipe.get("pipeline") or {}).values() if isinstance(recipe.get("pipeline"), dict) else ())]
+    for section in sections:
+        data = section.get("data") if isinstance(section, dict) else None
+        if not isinstance(data, dict):
+            continue
+        name = data.get("name")
+        if isinstance(name, str) and ":" in name:
+            target, _, function = name.rpartition(":")
+            file = Path(target).expanduser()
+            if target.endswith(".py") and not file.is_absolute() and not file.exists() and (folder / file).exists():
+                data["name"] = f"{(folder / file).resolve()}:{function}"
 
 
 def _rebase_checkpoints(recipe: dict[str, Any], folder: Path) -> None:
@@ -397,6 +421,12 @@ def build_config(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
     if imports is not None and not (isinstance(imports, list) and all(isinstance(i, str) for i in imports)):
         raise ConfigError(f"bad value for 'imports': a list of module names or .py paths, got {imports!r}")
     import_all(imports)  # the user's models and methods register before the recipe is checked
+    section = data.get("data")
+    if section is None or (isinstance(section, dict) and not section.get("name")):
+        raise ConfigError(
+            "the recipe names no dataset: set data.name (see `kdforge list datasets`, or a Dataset factory "
+            "'module:function' / 'file.py:function')"
+        )
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:

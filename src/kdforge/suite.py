@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdforge.config import build_config, deep_merge, read_yaml, rebase_imports
+from kdforge.config import build_config, deep_merge, read_yaml, rebase_data_spec, rebase_imports
 from kdforge.core.errors import ConfigError, closest
 from kdforge.core.plugins import import_all
 from kdforge.core.runlock import RunLock
@@ -135,6 +135,7 @@ def _resolve_base(recipe: dict[str, Any], folder: Path) -> dict[str, Any]:
         raise ConfigError(f"'base' must be the path of a recipe, got {base!r}")
     merged = deep_merge(read_yaml(folder / base), recipe) if base else recipe
     rebase_imports(merged, folder)
+    rebase_data_spec(merged, folder)  # data.name 'file.py:function' beside the suite
     return merged
 
 

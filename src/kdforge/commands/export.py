@@ -18,18 +18,31 @@ from kdforge.compress.export import check_onnx, export_onnx, export_torchscript,
 from kdforge.compress.quantize import OnnxModule, deployable, quantize_onnx
 from kdforge.config import DataConfig
 from kdforge.core.errors import KDForgeError
-from kdforge.data import BatchLoader
-from kdforge.engine.build import build_augmentation, build_data
+from kdforge.data import make_loader
+from kdforge.engine.build import build_command_data, recorded_augmentation, recorded_data_config
 
 
 def calibration_batches(
-    dataset: str, root: str | None = None, batches: int = 8, batch_size: int = 64, seed: int = 0
+    dataset: str | DataConfig,
+    root: str | None = None,
+    batches: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+    record: dict[str, Any] | None = None,
 ) -> list[torch.Tensor]:
-    """``batches`` shuffled training batches of ``dataset``, normalised as at test time (no augmentation)."""
-    cfg = DataConfig(name=dataset, root=root, augment=False)
-    data = build_data(cfg)
-    loader = BatchLoader(
-        data.train, batch_size, shuffle=True, seed=seed, augmentation=build_augmentation(cfg, data.info), train=False
+    """``batches`` shuffled training batches of ``dataset`` (a name or the run's DataConfig),
+    normalised as at test time (no augmentation; with ``record``'s statistics when given)."""
+    cfg = dataset if isinstance(dataset, DataConfig) else DataConfig(name=dataset, root=root, augment=False)
+    data = build_command_data(cfg)
+    augmentation = recorded_augmentation(record or {}, cfg, data.info)
+    loader = make_loader(
+        data.train,
+        batch_size,
+        num_workers=cfg.num_workers,
+        shuffle=True,
+        seed=seed,
+        augmentation=augmentation,
+        train=False,
     )
     found = []
     for batch in loader:
@@ -74,15 +87,18 @@ def export_checkpoint(
         result["max_abs_diff"] = check_onnx(model, float_path, shape)
     result["path"] = str(float_path)
     if int8:
-        dataset = data or (record.get("dataset") or {}).get("name")
-        if not dataset:
+        if not (data or (record.get("dataset") or {}).get("name")):
             raise KDForgeError("the checkpoint does not say its dataset; pass --data NAME for calibration")
-        quantize_onnx(float_path, path, calibration_batches(dataset, root, batches, batch_size))
+        cfg = recorded_data_config(record, checkpoint, data, root)  # the run's root and options
+        calibration = calibration_batches(cfg, batches=batches, batch_size=batch_size, record=record)
+        # tabular rows (B x D) feed a network exported for D x 1 x 1 input
+        quantize_onnx(float_path, path, [x.reshape(len(x), *shape) for x in calibration])
         write_onnx_metadata(path, {**metadata, "kdforge.quantization": "int8 static, per-channel (ONNX Runtime)"})
         result.update(int8_path=str(path), calibration_images=batches * batch_size)
         if check:
             network = deployable(model)
-            x = calibration_batches(dataset, root, 1, 64, seed=1)[0]
+            x = calibration_batches(cfg, batches=1, batch_size=64, seed=1, record=record)[0]
+            x = x.reshape(len(x), *shape)
             with torch.no_grad():
                 agree = (OnnxModule(path)(x).argmax(1) == network(x).argmax(1)).float().mean()
             result["int8_agreement"] = float(agree)

@@ -63,15 +63,35 @@ class Augmentation:
     ) -> torch.Tensor:
         """float32 B x C x H x W: augmented (``train=True``) and normalized uint8 ``images``.
 
-        ``index`` (int64, one per image) is the sample identity that keys the randomness.
+        ``index`` (int64, one per image) is the sample identity that keys the randomness. Float
+        input (tabular rows B x D, float images B x C x H x W) is standardised only:
+        ``(x - mean) / std`` along axis 1, never scaled by 1/255; crops and flips need images.
         """
-        if images.dtype != torch.uint8 or images.dim() != 4:
+        floating = images.is_floating_point()
+        if not floating and (images.dtype != torch.uint8 or images.dim() != 4):
             raise ValueError(f"expected uint8 images B x C x H x W, got {images.dtype} {tuple(images.shape)}")
         if index.shape != images.shape[:1]:
             raise ValueError(f"need one index per image: {tuple(index.shape)} for {images.shape[0]} images")
         if train and self.is_random:
+            if images.dim() != 4:
+                raise ConfigError(
+                    f"random crops and flips need images B x C x H x W, got {tuple(images.shape)}; "
+                    "set data.augment: false for tabular data"
+                )
             images = self.crop_and_flip(images, index, seed, epoch)
-        return self.normalize(images)
+        return self.standardize(images) if floating else self.normalize(images)
+
+    def standardize(self, values: torch.Tensor) -> torch.Tensor:
+        """``(values - mean) / std`` along axis 1 (features or channels), as float32."""
+        shape = (1, -1, *([1] * (values.dim() - 2)))
+        std = torch.tensor(self.std, dtype=torch.float32, device=values.device).view(shape)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=values.device).view(shape)
+        if values.dim() < 2 or std.shape[1] not in (1, values.shape[1]):
+            raise ConfigError(
+                f"{std.shape[1]} normalization values for samples of shape {tuple(values.shape[1:])}; "
+                "give one mean/std per channel (per feature for tabular rows)"
+            )
+        return (values.to(torch.float32) - mean) / std
 
     def crop_and_flip(self, images: torch.Tensor, index: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
         """The random crops (and flips) of a uint8 batch, still uint8."""

@@ -1,4 +1,5 @@
-"""``BatchLoader``: batches straight from an in-memory uint8 tensor, no worker processes.
+"""``BatchLoader``: batches straight from an in-memory tensor, no worker processes; ``StreamLoader``:
+the same batches read from a Dataset by a ``DataLoader`` with workers (``make_loader`` picks).
 
 Every batch is one index gather from ``TensorData.images`` followed by one batched augmentation
 call. ``Batch.index`` is the sample's position in the TensorData the loader was built on (0..N-1):
@@ -10,14 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
+import torch.utils.data
 
-from kdforge.core.errors import ConfigError
+from kdforge.core.errors import ConfigError, DataError
 from kdforge.data.augment import Augmentation
 from kdforge.data.batch import Batch
 from kdforge.data.hashing import derive_seed
-from kdforge.data.types import TensorData
+from kdforge.data.types import StreamData, TensorData
 
 _SHUFFLE_STREAM = 3
 
@@ -110,5 +114,150 @@ class BatchLoader:
 
     def _transform(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.augmentation is None:
-            return images.to(torch.float32) / 255.0
+            return images.to(torch.float32) if images.is_floating_point() else images.to(torch.float32) / 255.0
         return self.augmentation(images, index, self.seed, self.epoch, train=self.train)
+
+
+class _Bad:
+    """What a worker returns instead of a batch it could not build (the main process raises it)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _sample_tensor(value: Any, what: str, position: int) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise DataError(
+        f"{what}: item {position} holds a {type(value).__name__} as x; return a torch.Tensor or numpy array "
+        "(C x H x W for images, D for features)"
+    )
+
+
+def _label_value(value: Any, what: str, position: int) -> int:
+    if isinstance(value, torch.Tensor | np.ndarray | np.generic) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{what}: item {position} has label {value!r}; labels must be class indices 0..K-1 (int)")
+    return int(value)
+
+
+def read_item(dataset: Any, position: int, what: str) -> tuple[torch.Tensor, int]:
+    """``dataset[position]`` as (x tensor, int label), with a one-line error for any other shape
+    (and for an exception raised by the Dataset itself)."""
+    try:
+        item = dataset[position]
+    except Exception as error:  # the user's code: one line naming the item, not a worker traceback
+        raise DataError(f"{what}: reading item {position} failed: {type(error).__name__}: {error}") from None
+    if not isinstance(item, tuple | list) or len(item) != 2:
+        raise DataError(f"{what}: item {position} is a {type(item).__name__}; a Dataset must return (x, y) pairs")
+    return _sample_tensor(item[0], what, position), _label_value(item[1], what, position)
+
+
+class _Positions(torch.utils.data.Dataset):
+    """Split position -> (x, y, position), reading ``dataset[indices[position]]``."""
+
+    def __init__(self, data: StreamData) -> None:
+        self.dataset = data.dataset
+        self.indices = data.indices.tolist()
+        self.name = data.name or "dataset"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int] | _Bad:
+        try:
+            x, y = read_item(self.dataset, self.indices[position], self.name)
+        except DataError as error:  # raised in the main process, as one line
+            return _Bad(str(error))
+        return x, y, position
+
+
+def _collate(
+    items: list[tuple[torch.Tensor, int, int] | _Bad],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | _Bad:
+    good: list[tuple[torch.Tensor, int, int]] = []
+    for item in items:
+        if isinstance(item, _Bad):
+            return item
+        good.append(item)
+    shapes = {tuple(x.shape) for x, _, _ in good}
+    dtypes = {x.dtype for x, _, _ in good}
+    if len(shapes) > 1 or len(dtypes) > 1:
+        return _Bad(
+            f"dataset: items of one batch differ in shape or type ({sorted(shapes)[:2]}, {sorted(map(str, dtypes))}); "
+            "return one shape and type for every item"
+        )
+    inputs = torch.stack([x for x, _, _ in good])
+    if inputs.dtype != torch.uint8:
+        inputs = inputs.to(torch.float32)
+    if inputs.dim() == 3:  # H x W items are one-channel images
+        inputs = inputs.unsqueeze(1)
+    targets = torch.tensor([y for _, y, _ in good], dtype=torch.int64)
+    return inputs, targets, torch.tensor([p for _, _, p in good], dtype=torch.int64)
+
+
+class _EpochBatches:
+    """The batch sampler of a StreamLoader: the loader's current epoch order, cut into its batches."""
+
+    def __init__(self, loader: StreamLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order, size = self.loader.epoch_order(), self.loader.batch_size
+        for number in range(len(self.loader)):
+            yield order[number * size : (number + 1) * size].tolist()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class StreamLoader(BatchLoader):
+    """``BatchLoader`` over a ``StreamData``: the same order, ranks, batches and ``Batch.index``,
+    but every batch is read by a ``torch.utils.data.DataLoader`` (``num_workers`` processes,
+    pinned memory when the device is a GPU). uint8 items are pixels (augmented and normalised as
+    in memory), anything else becomes float32 and is standardised with the dataset's mean/std.
+    """
+
+    def __init__(self, data: StreamData, batch_size: int, *, num_workers: int = 0, **options: Any) -> None:
+        super().__init__(data, batch_size, **options)  # type: ignore[arg-type]
+        self.stream = data
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+
+    def __iter__(self) -> Iterator[Batch]:
+        # a DataLoader per epoch: persistent workers were measured to stall 5 s each when the loader
+        # is garbage-collected (their shutdown waits for the join timeout); forking new ones is cheap
+        loader = torch.utils.data.DataLoader(
+            _Positions(self.stream),
+            batch_sampler=_EpochBatches(self),
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device is not None and self.device.type == "cuda",
+        )
+        for built in loader:
+            if isinstance(built, _Bad):
+                raise DataError(built.message)
+            inputs, targets, index = built
+            if self.device is not None:
+                inputs, targets, index = (t.to(self.device, non_blocking=True) for t in (inputs, targets, index))
+            yield Batch(inputs={"image": self._transform(inputs, index)}, targets=targets, index=index)
+
+    def make_batch(self, positions: torch.Tensor) -> Batch:
+        built = _collate(
+            [(*read_item(self.stream.dataset, int(self.stream.indices[p]), "dataset"), int(p)) for p in positions]
+        )
+        if isinstance(built, _Bad):
+            raise DataError(built.message)
+        inputs, targets, index = built
+        return Batch(inputs={"image": self._transform(inputs, index)}, targets=targets, index=index)
+
+
+def make_loader(data: TensorData | StreamData, batch_size: int, *, num_workers: int = 0, **options: Any) -> BatchLoader:
+    """The loader for ``data``: in-memory batches for a TensorData, a DataLoader for a StreamData."""
+    if isinstance(data, StreamData):
+        return StreamLoader(data, batch_size, num_workers=num_workers, **options)
+    return BatchLoader(data, batch_size, **options)

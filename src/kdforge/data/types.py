@@ -1,8 +1,15 @@
-"""The in-memory containers every dataset source returns: images, labels and what describes them."""
+"""The containers every dataset source returns: samples, labels and what describes them.
+
+``TensorData`` holds a split in memory: uint8 images, or float32 features (tabular rows N x D, or
+float images) that are never rounded to 8 bits. ``StreamData`` wraps a map-style
+``torch.utils.data.Dataset`` whose items are read on demand (through a ``DataLoader`` with
+workers), for data that does not fit in memory.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,7 +20,8 @@ from kdforge.core.errors import DataError
 class TensorData:
     """One split held in memory.
 
-    ``images`` is a uint8 tensor N x C x H x W, ``labels`` an int64 tensor N. ``indices`` (int64 N)
+    ``images`` is a uint8 tensor N x C x H x W (pixels), or a float32 tensor N x D (tabular
+    features) or N x C x H x W (float images); ``labels`` an int64 tensor N. ``indices`` (int64 N)
     records where every sample sits in the *source* split it was carved from (the official train
     or test set), so a subset can be traced back; it defaults to ``0..N-1``. The loader does not use
     it for identity: ``Batch.index`` is the position in this TensorData (see ``BatchLoader``).
@@ -25,10 +33,12 @@ class TensorData:
     indices: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+        pixels = self.images.dtype == torch.uint8 and self.images.dim() == 4
+        features = self.images.dtype == torch.float32 and self.images.dim() in (2, 4)
+        if not (pixels or features):
             raise DataError(
-                f"{self._label()}: images must be a uint8 tensor N x C x H x W, "
-                f"got {self.images.dtype} with shape {tuple(self.images.shape)}"
+                f"{self._label()}: samples must be uint8 images N x C x H x W or float32 features "
+                f"N x D / N x C x H x W, got {self.images.dtype} with shape {tuple(self.images.shape)}"
             )
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
         if self.labels.shape != (self.images.shape[0],):
@@ -43,6 +53,11 @@ class TensorData:
 
     def _label(self) -> str:
         return self.name or "dataset split"
+
+    @property
+    def is_float(self) -> bool:
+        """True for float32 features (standardised, never scaled by 1/255)."""
+        return self.images.dtype == torch.float32
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -67,7 +82,13 @@ class TensorData:
 class DatasetInfo:
     """What a model and the augmentation need to know about a dataset.
 
-    ``mean``/``std`` are per-channel statistics of pixel values scaled to [0, 1].
+    ``mean``/``std`` are per-channel statistics of pixel values scaled to [0, 1] (uint8 images),
+    or, for float data, per-channel (per-feature for tabular rows) statistics of the raw values.
+    ``input_shape`` is one sample's shape as the loader serves it ((D,) for tabular rows, (C, H, W)
+    for images); models are built with ``in_channels`` and ``image_size``, which for D features are
+    D and (1, 1). ``kind`` is "image" (uint8 pixels), "float" (float32 features in memory) or
+    "stream" (items read from a Dataset). ``fit_stats`` marks statistics fitted on the training
+    split (refitted when a validation split or subset is carved out).
     """
 
     name: str
@@ -77,22 +98,77 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: list[str]
+    input_shape: tuple[int, ...] | None = None
+    kind: str = "image"
+    fit_stats: bool = False
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample's shape as served: ``input_shape``, else (C, H, W)."""
+        return tuple(self.input_shape) if self.input_shape else (self.in_channels, *self.image_size)
 
 
 @dataclass
 class DataSplits:
     """The splits of one dataset: ``val`` is None unless a validation fraction was requested."""
 
-    train: TensorData
-    val: TensorData | None
-    test: TensorData
+    train: TensorData | StreamData
+    val: TensorData | StreamData | None
+    test: TensorData | StreamData
     info: DatasetInfo
 
     def summary(self) -> str:
-        """One line: name, split sizes, classes and image shape."""
+        """One line: name, split sizes, classes and sample shape."""
         val = f", val {len(self.val)}" if self.val is not None else ""
-        height, width = self.info.image_size
+        shape = "x".join(str(size) for size in self.info.sample_shape)
+        features = " features" if len(self.info.sample_shape) == 1 else ""
+        streamed = " (streamed)" if isinstance(self.train, StreamData) else ""
         return (
             f"{self.info.name}: train {len(self.train)}{val}, test {len(self.test)}; "
-            f"{self.info.num_classes} classes, {self.info.in_channels}x{height}x{width}"
+            f"{self.info.num_classes} classes, {shape}{features}{streamed}"
         )
+
+
+@dataclass
+class StreamData:
+    """One split of a map-style ``torch.utils.data.Dataset``, read item by item when iterated.
+
+    ``dataset[i]`` returns ``(x, y)``; ``labels`` (int64 N) holds every ``y`` (read once, or taken
+    from the dataset's ``targets``), ``indices`` the dataset positions of this split's samples
+    (a subset or validation carve selects them). ``Batch.index`` is the position in this split.
+    """
+
+    dataset: Any
+    labels: torch.Tensor
+    name: str | None = None
+    indices: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
+        if self.indices is None:
+            self.indices = torch.arange(len(self.labels), dtype=torch.int64)
+        self.indices = torch.as_tensor(self.indices, dtype=torch.int64)
+        if self.indices.shape != self.labels.shape:
+            raise DataError(f"{self.name or 'dataset split'}: indices and labels differ in length")
+
+    is_float = False
+
+    @property
+    def images(self) -> torch.Tensor:
+        raise DataError(
+            f"{self.name or 'this split'} is streamed from a Dataset and is not held in memory; this step "
+            "needs in-memory data (a built-in dataset, npz or csv)"
+        )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, positions: torch.Tensor, name: str | None = None) -> StreamData:
+        """The samples at ``positions`` (in that order), keeping their dataset indices."""
+        positions = torch.as_tensor(positions, dtype=torch.int64)
+        return StreamData(self.dataset, self.labels[positions], name or self.name, self.indices[positions])
+
+    def class_counts(self, num_classes: int | None = None) -> torch.Tensor:
+        """Samples per class (int64, length ``num_classes`` or ``max label + 1``)."""
+        length = num_classes if num_classes is not None else int(self.labels.max()) + 1
+        return torch.bincount(self.labels, minlength=length)

@@ -43,7 +43,7 @@ from torch import nn
 from kdforge.core.checkpoint import atomic_save, atomic_write_text
 from kdforge.core.errors import KDForgeError
 from kdforge.data.augment import Augmentation
-from kdforge.data.types import TensorData
+from kdforge.data.types import StreamData, TensorData
 
 BANK_FORMAT = "kdforge-teacher-bank"
 BANK_VERSION = 1
@@ -158,6 +158,25 @@ def top_k_form(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return values, indices, tail
 
 
+def unusable_reason(data: Any, augmentation: Augmentation | None) -> str | None:
+    """Why a bank cannot serve this training split (one line), or None when it can.
+
+    A bank replays outputs keyed by (seed, epoch, sample) and recomputes them from the samples in
+    memory; a split streamed from a Dataset is read item by item and may transform its items
+    randomly on every read (its own augmentation), so stored outputs could differ from what the
+    student sees.
+    """
+    if isinstance(data, TensorData):
+        return None
+    name = getattr(data, "name", None) or "the training split"
+    random = augmentation is not None and augmentation.is_random
+    extra = " with random crops/flips" if random else ""
+    return (
+        f"'{name}' is streamed from a Dataset{extra}, whose items may change on every read; a teacher bank "
+        "needs in-memory data (a built-in dataset, npz or csv)"
+    )
+
+
 class TeacherBank:
     """Stored teacher logits for one (teachers, data, augmentation, seed, top_k).
 
@@ -173,7 +192,7 @@ class TeacherBank:
         directory: str | Path | None,
         teachers: Sequence[nn.Module],
         teacher_files: Sequence[str | Path | None],
-        data: TensorData,
+        data: TensorData | StreamData,
         dataset_name: str,
         augmentation: Augmentation | None,
         seed: int,
@@ -183,6 +202,10 @@ class TeacherBank:
     ) -> None:
         if not teachers:
             raise TeacherBankError("teacher bank: the method has no teachers; disable teacher_bank for this recipe")
+        reason = unusable_reason(data, augmentation)
+        if reason is not None:
+            raise TeacherBankError(f"teacher bank cannot apply: {reason}; disable teacher_bank for this recipe")
+        assert isinstance(data, TensorData)
         if len(teachers) != len(teacher_files):
             raise TeacherBankError(
                 f"teacher bank: {len(teachers)} teachers but {len(teacher_files)} teacher files; give one file per teacher"  # noqa: E501
@@ -355,7 +378,7 @@ class TeacherBank:
     def _transform(self, images: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """Exactly what ``BatchLoader`` does to a training batch."""
         if self.augmentation is None:
-            return images.to(torch.float32) / 255.0
+            return images.to(torch.float32) if images.is_floating_point() else images.to(torch.float32) / 255.0
         return self.augmentation(images, index, self.seed, epoch, train=True)
 
     # ------------------------------------------------------------------ replay

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
 from kdforge.compress.arch import materialize
 from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
 from kdforge.core.checkpoint import read_model_file
-from kdforge.core.errors import CheckpointError, ConfigError
+from kdforge.core.errors import CheckpointError, ConfigError, DataError
 from kdforge.core.plugins import require_registered
-from kdforge.data import Augmentation, DatasetInfo, DataSplits, TensorData, default_augmentation, load_dataset
+from kdforge.data import (
+    Augmentation,
+    DatasetInfo,
+    DataSplits,
+    StreamData,
+    TensorData,
+    default_augmentation,
+    load_dataset,
+)
+from kdforge.data.sources.common import MissingDataError
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import MODELS, create
 
@@ -38,6 +49,7 @@ def build_data(cfg: DataConfig) -> DataSplits:
         val_fraction=cfg.val_fraction,
         train_subset=cfg.train_subset,
         seed=cfg.seed,
+        num_workers=cfg.num_workers,
         **cfg.options,
     )
 
@@ -46,12 +58,68 @@ def build_augmentation(cfg: DataConfig, info: DatasetInfo) -> Augmentation:
     if cfg.augment is True:
         return default_augmentation(info)
     settings = cfg.augment if isinstance(cfg.augment, AugmentConfig) else AugmentConfig()
+    if (settings.crop_padding or settings.horizontal_flip) and len(info.sample_shape) == 1:
+        raise ConfigError(
+            f"data.augment crops or flips images, but '{info.name}' holds rows of {info.sample_shape[0]} "
+            "features; set data.augment: false (tabular data is standardised, never augmented)"
+        )
     return Augmentation(
         crop_padding=settings.crop_padding,
         horizontal_flip=settings.horizontal_flip,
         mean=info.mean,
         std=info.std,
     )
+
+
+def recorded_data_config(
+    record: dict[str, Any], checkpoint: str | Path, data: str | None = None, root: str | None = None
+) -> DataConfig:
+    """The data settings to evaluate (or calibrate) a model file on: ``data``/``root`` when given,
+    otherwise what its run used (the model file's ``data`` entry, else the run's config.yaml):
+    dataset name, root, options and workers; never the run's subset or validation carve."""
+    dataset = data or (record.get("dataset") or {}).get("name")
+    if not dataset:
+        raise ConfigError(f"'{checkpoint}' does not say its dataset; pass --data NAME")
+    recorded = record.get("data")
+    if not isinstance(recorded, dict):
+        saved = Path(checkpoint).parent.parent / "config.yaml"  # runs/<run>/checkpoints/<file>
+        try:
+            recorded = (yaml.safe_load(saved.read_text()) or {}).get("data") if saved.is_file() else None
+        except (OSError, yaml.YAMLError, AttributeError):
+            recorded = None
+    if not isinstance(recorded, dict) or recorded.get("name") != dataset:
+        recorded = {}
+    options: dict[str, Any] = recorded["options"] if isinstance(recorded.get("options"), dict) else {}
+    return DataConfig(
+        name=dataset,
+        root=root if root is not None else recorded.get("root"),
+        options=options,
+        num_workers=int(recorded.get("num_workers") or 0),
+        augment=False,
+        val_fraction=0.0,
+        train_subset=None,
+        seed=0,
+    )
+
+
+def build_command_data(cfg: DataConfig) -> DataSplits:
+    """``build_data`` for eval/export: missing files point at ``--root``, not at a recipe key."""
+    try:
+        return build_data(cfg)
+    except MissingDataError as error:
+        raise DataError(
+            f"{error.dataset}: {error.where}; pass --root FOLDER (the folder holding the dataset's files)"
+        ) from None
+
+
+def recorded_augmentation(record: dict[str, Any], cfg: DataConfig, info: DatasetInfo) -> Augmentation:
+    """Test-time normalisation with the statistics recorded in the model file (fitted on its run's
+    training split), falling back to the dataset's own."""
+    saved = record.get("dataset") or {}
+    mean, std = saved.get("mean"), saved.get("std")
+    if saved.get("name") == info.name and mean and std and len(mean) == len(info.mean) == len(std):
+        return Augmentation(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+    return build_augmentation(cfg, info)
 
 
 def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Module, ModelSpec]:
@@ -96,7 +164,7 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
 
 
 def build_distiller(
-    config: RunConfig, info: DatasetInfo, train: TensorData | None = None
+    config: RunConfig, info: DatasetInfo, train: TensorData | StreamData | None = None
 ) -> tuple[Distiller, ModelSpec]:
     """The method with its networks. Methods that size modules from the data declare keywords:
     ``input_shape`` (C, H, W) for feature adapters, ``num_samples`` (training-set size) and

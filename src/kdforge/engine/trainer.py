@@ -47,7 +47,7 @@ from kdforge.core.errors import ConfigError, KDForgeError, StorageError
 from kdforge.core.runlock import RunLock
 from kdforge.core.signals import StopFlag
 from kdforge.core.storage import ensure_writable_dir, remove_stale_temps, storage_message
-from kdforge.data import BatchLoader, DataSplits
+from kdforge.data import DataSplits, make_loader
 from kdforge.engine.build import (
     ModelSpec,
     build_augmentation,
@@ -212,9 +212,10 @@ class Trainer:
             distiller.student.compile()
 
         augmentation = build_augmentation(config.data, self.info)
-        self.train_loader = BatchLoader(
+        self.train_loader = make_loader(
             self.data.train,
             config.train.batch_size,
+            num_workers=config.data.num_workers,
             shuffle=True,
             drop_last=config.train.drop_last,
             seed=config.seed,
@@ -276,8 +277,12 @@ class Trainer:
                 "uses teacher features, so its teachers run live"
             )
             return None
-        from kdforge.engine.bank import TeacherBank
+        from kdforge.engine.bank import TeacherBank, unusable_reason
 
+        reason = unusable_reason(self.data.train, augmentation)
+        if reason is not None:
+            self.fabric.print(f"[{self.config.name}] teacher_bank ignored: {reason}; its teachers run live")
+            return None
         return TeacherBank(
             settings.directory,
             list(self.distiller.teachers),
@@ -370,6 +375,7 @@ class Trainer:
             dataset=dataclasses.asdict(self.info),
             metrics=metrics,
         )
+        record["data"] = self.config.data.model_dump(mode="json")  # eval/export reuse root and options
         if self.config.imports:  # what an error should tell a later process to --import
             record["imports"] = list(self.config.imports)
         if getattr(spec, "architecture", None):  # LMA / pruned / QAT networks (kdforge.compress.arch)
@@ -608,6 +614,7 @@ class Trainer:
             autocast=self.fabric.autocast,
             channels_last=self.config.train.channels_last,
             device=self.fabric.device,
+            num_workers=self.config.data.num_workers,
         )
 
     # ------------------------------------------------------------------ bookkeeping
@@ -721,17 +728,21 @@ def evaluate_model(
     autocast: Callable[[], Any] | None = None,
     channels_last: bool = False,
     device: torch.device | str | None = None,
+    num_workers: int = 0,
 ) -> dict[str, float]:
-    """Evaluate a classifier on a TensorData split: top-1, top-5 (%), mean cross-entropy."""
+    """Evaluate a classifier on a split (TensorData or StreamData): top-1, top-5 (%), mean cross-entropy."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count
     if world_size > 1:  # a strided shard per rank, without the padding a training sampler adds
         split = split.select(torch.arange(rank, len(split), world_size))
-    loader = BatchLoader(split, batch_size, shuffle=False, augmentation=augmentation, train=False, device=device)
+    loader = make_loader(
+        split, batch_size, num_workers=num_workers, shuffle=False, augmentation=augmentation, train=False, device=device
+    )
     with torch.inference_mode():
         for batch in loader:
-            image = batch.image.contiguous(memory_format=torch.channels_last) if channels_last else batch.image
+            channels = channels_last and batch.image.dim() == 4  # tabular rows have no channel layout
+            image = batch.image.contiguous(memory_format=torch.channels_last) if channels else batch.image
             with autocast() if autocast else nullcontext():
                 logits = model(image)
             logits = logits.float()
@@ -769,6 +780,7 @@ RESUME_FREE_KEYS = frozenset(
         "train.tensorboard",
         "train.loggers",
         "train.logger_options",
+        "data.num_workers",
     }
 )
 

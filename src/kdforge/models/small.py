@@ -1,7 +1,9 @@
 """Small networks for small inputs (8x8 digits, 28x28 MNIST-like): an MLP and a LeNet.
 
 ``mlp``: flatten -> hidden Linear-ReLU layers (``hidden=(64,)``) -> linear classifier. Its input
-size is fixed at construction, so it needs ``input_size=(H, W)``.
+size is fixed at construction, so it needs ``input_size=(H, W)``. It also takes a batch of flat
+rows B x (C*H*W): tabular data with D features is built as ``in_channels=D, input_size=(1, 1)``
+and fed as B x D.
 
 ``lenet``: LeCun et al., "Gradient-based learning applied to document recognition" (1998), in
 a modern form: two blocks of conv5x5 (padding 2) -> 2x2 max pooling -> ReLU with 6w and 16w
@@ -73,7 +75,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[1:]) != self.input_shape:
+        if tuple(x.shape[1:]) != self.input_shape and tuple(x.shape[1:]) != (math.prod(self.input_shape),):
             raise ConfigError(
                 f"mlp was built for inputs of shape {self.input_shape} but got "
                 f"{tuple(x.shape[1:])}; set input_size and in_channels to match the data"

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdforge.data.splits import evaluation_subset
-from kdforge.data.types import TensorData
+from kdforge.data.types import StreamData, TensorData
 from kdforge.robust.attacks import Norm, PixelModel, fgsm, pgd
 
 __all__ = ["attack_batch", "robust_evaluate"]
@@ -59,7 +59,7 @@ def attack_batch(
 
 def robust_evaluate(
     model: nn.Module,
-    split: TensorData,
+    split: TensorData | StreamData,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
     *,

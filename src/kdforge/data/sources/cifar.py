@@ -61,8 +61,11 @@ def read_cifar_pickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             content = _ArrayUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as error:
-        raise DataError(f"cannot read CIFAR pickle {path}: {error}") from None
+    except Exception as error:  # garbage bytes make the unpickler raise almost anything
+        raise DataError(
+            f"cannot read CIFAR pickle {path} ({type(error).__name__}: {error}); the file is damaged or not "
+            "an official CIFAR pickle, fetch it again"
+        ) from None
     if not isinstance(content, dict):
         raise DataError(f"{path}: expected a dict, found {type(content).__name__}")
     return {_text(key): value for key, value in content.items()}
@@ -74,11 +77,24 @@ def _entry(content: dict[str, Any], key: str, path: Path) -> Any:
     return content[key]
 
 
+def _names(meta: dict[str, Any], key: str, path: Path) -> list[str]:
+    names = _entry(meta, key, path)
+    if not isinstance(names, list | tuple | np.ndarray) or not len(names):
+        raise DataError(f"{path}: '{key}' must be a list of class names, got {type(names).__name__}")
+    return [_text(label) for label in names]
+
+
 def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images N x 3 x 32 x 32, int64 labels) from one data pickle."""
     content = read_cifar_pickle(path)
     rows = np.asarray(_entry(content, "data", path))
-    labels = np.asarray(_entry(content, label_key, path), dtype=np.int64)
+    labels = np.asarray(_entry(content, label_key, path))
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{path}: '{label_key}' must be a list of class indices (int), got {labels.dtype} {labels.shape}; "
+            "class names belong in the meta file"
+        )
+    labels = labels.astype(np.int64)
     if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != int(np.prod(IMAGE_SHAPE)):
         raise DataError(f"{path}: 'data' must be uint8 rows of 3072 values, got {rows.dtype} {rows.shape}")
     if len(rows) != len(labels):
@@ -118,7 +134,7 @@ def cifar10(root=None, download: bool = False) -> DataSplits:
     train = _read_batches([paths[file] for file in CIFAR10_TRAIN], "labels")
     test = _read_batch(paths["test_batch"], "labels")
     meta = read_cifar_pickle(paths["batches.meta"])
-    class_names = [_text(label) for label in _entry(meta, "label_names", paths["batches.meta"])]
+    class_names = _names(meta, "label_names", paths["batches.meta"])
     return build_splits("cifar10", train, test, class_names, CIFAR10_STATS)
 
 
@@ -134,5 +150,5 @@ def cifar100(root=None, download: bool = False, label_type: str = "fine") -> Dat
     train = _read_batch(paths["train"], label_key)
     test = _read_batch(paths["test"], label_key)
     meta = read_cifar_pickle(paths["meta"])
-    class_names = [_text(label) for label in _entry(meta, f"{label_type}_label_names", paths["meta"])]
+    class_names = _names(meta, f"{label_type}_label_names", paths["meta"])
     return build_splits("cifar100", train, test, class_names, CIFAR100_STATS)

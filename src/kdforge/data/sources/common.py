@@ -46,10 +46,65 @@ def find_folder(candidates: Sequence[Path], required: dict[str, Sequence[str]]) 
     return None
 
 
+class MissingDataError(DataError):
+    """A dataset's files are not where they were looked for; ``where`` says what was searched."""
+
+    def __init__(self, dataset: str, where: str, how: str) -> None:
+        super().__init__(f"{dataset}: {where}; {how}")
+        self.dataset = dataset
+        self.where = where
+
+
 def missing_files_error(dataset: str, searched: Sequence[Path], expected: str, how: str) -> DataError:
     """One line: which folders were searched, which files were expected, how to get them."""
     folders = ", ".join(str(folder) for folder in searched)
-    return DataError(f"{dataset}: dataset files not found (searched {folders}; expected {expected}); {how}")
+    return MissingDataError(dataset, f"dataset files not found (searched {folders}; expected {expected})", how)
+
+
+def feature_stats(values: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std along axis 1 of float data (per feature of N x D rows, per channel of images),
+    accumulated in float64; a constant feature gets std 1 (it is centred, not blown up)."""
+    if values.shape[0] == 0:
+        return (0.0,) * values.shape[1], (1.0,) * values.shape[1]
+    moved = values.transpose(0, 1).reshape(values.shape[1], -1).double()
+    mean = moved.mean(dim=1)
+    std = moved.std(dim=1, unbiased=False)
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+
+
+def info_for(
+    dataset: str,
+    sample_shape: Sequence[int],
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    kind: str,
+    fit_stats: bool = False,
+) -> DatasetInfo:
+    """DatasetInfo for samples of ``sample_shape``: (D,) features, (H, W) or (C, H, W)."""
+    shape = tuple(int(size) for size in sample_shape)
+    if len(shape) == 1:
+        channels, size = shape[0], (1, 1)
+    elif len(shape) == 2:
+        channels, size = 1, shape
+        shape = (1, *shape)
+    elif len(shape) == 3:
+        channels, size = shape[0], shape[1:]
+    else:
+        raise DataError(f"{dataset}: samples must be D features, H x W or C x H x W, got shape {shape}")
+    return DatasetInfo(
+        name=dataset,
+        num_classes=len(class_names),
+        in_channels=channels,
+        image_size=(int(size[0]), int(size[1])),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        class_names=[str(name) for name in class_names],
+        input_shape=shape,
+        kind=kind,
+        fit_stats=fit_stats,
+    )
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -72,10 +127,14 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 def _as_images(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
-        return array.contiguous()
-    if not array.flags.writeable or not array.flags.c_contiguous:
-        array = np.array(array, order="C")
-    return torch.from_numpy(array)
+        tensor = array.contiguous()
+    else:
+        if not array.flags.writeable or not array.flags.c_contiguous:
+            array = np.array(array, order="C")
+        tensor = torch.from_numpy(array)
+    if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        tensor = tensor.to(torch.float32)  # features stay float (never rounded to 8 bits)
+    return tensor
 
 
 def _check_labels(dataset: str, split: str, labels: torch.Tensor, num_classes: int) -> None:
@@ -94,8 +153,10 @@ def build_splits(
     stats: tuple[Sequence[float], Sequence[float]] | None = None,
     source_indices: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DataSplits:
-    """DataSplits from (images N x C x H x W uint8, labels) pairs; stats computed from train if None.
+    """DataSplits from (samples, labels) pairs; stats computed from train if None.
 
+    Samples are uint8 images N x C x H x W, or float features N x D / N x C x H x W (kept as
+    float32, standardised with per-feature statistics fitted on the training split).
     ``source_indices`` (train, test) overrides the default ``0..N-1`` sample identities.
     """
     splits = {}
@@ -114,15 +175,12 @@ def build_splits(
             f"{dataset}: train images are {tuple(splits['train'].images.shape[1:])} but test images are "
             f"{tuple(splits['test'].images.shape[1:])}; both splits must share one C x H x W"
         )
-    mean, std = stats if stats is not None else channel_stats(splits["train"].images)
-    _, channels, height, width = splits["train"].images.shape
-    info = DatasetInfo(
-        name=dataset,
-        num_classes=len(class_names),
-        in_channels=channels,
-        image_size=(height, width),
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
-        class_names=[str(name) for name in class_names],
-    )
+    train_values = splits["train"].images
+    if splits["train"].is_float:
+        mean, std = stats if stats is not None else feature_stats(train_values)
+        kind, fitted = "float", stats is None
+    else:
+        mean, std = stats if stats is not None else channel_stats(train_values)
+        kind, fitted = "image", False
+    info = info_for(dataset, tuple(train_values.shape[1:]), class_names, mean, std, kind, fitted)
     return DataSplits(train=splits["train"], val=None, test=splits["test"], info=info)

@@ -1,4 +1,8 @@
-"""Any image classification set stored as one ``.npz`` with ``x_train y_train x_test y_test``.
+"""Any classification set stored as one ``.npz`` with ``x_train y_train x_test y_test``.
+
+Tabular data: 2-D arrays N x D (floats, negative values included, or integers) are D features
+per sample, kept as float32 and standardised with per-feature statistics fitted on the training
+split (never stored as 8 bits, never augmented).
 
 Image layouts: N x H x W (one channel), N x H x W x C (channels-last) or N x C x H x W, with C in
 {1, 3, 4}. When both the second and the last axis could be channels, pass ``layout="nhwc"`` or
@@ -10,6 +14,8 @@ the classes are ``0..max label``.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +50,7 @@ def to_nchw(images: np.ndarray, layout: str | None, where: str) -> np.ndarray:
     if images.ndim == 3:
         return images[:, None, :, :]
     if images.ndim != 4:
-        raise DataError(f"{where}: images must be N x H x W or 4-D, got shape {images.shape}")
+        raise DataError(f"{where}: samples must be N x D features, N x H x W or 4-D images, got shape {images.shape}")
     if _channel_layout(images.shape, layout, where) == "nhwc":
         return images.transpose(0, 3, 1, 2)
     return images
@@ -80,9 +86,30 @@ def _float_to_uint8(images: np.ndarray, where: str) -> np.ndarray:
     )
 
 
+def to_features(values: np.ndarray, where: str) -> np.ndarray:
+    """float32 N x D features from a numeric 2-D array (finite values only)."""
+    if values.dtype == np.bool_ or not (
+        np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+    ):
+        raise DataError(f"{where}: features must be numbers, got {values.dtype}; encode text columns as numbers")
+    features = values.astype(np.float32)
+    if not np.isfinite(features).all():
+        raise DataError(f"{where}: features hold NaN or infinite values (or numbers beyond float32); clean them first")
+    return features
+
+
 def _labels(array: np.ndarray, where: str) -> np.ndarray:
-    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or np.array_equal(array, np.rint(array))):
-        raise DataError(f"{where}: labels must be a vector of whole numbers, got {array.dtype} {array.shape}")
+    integer = np.issubdtype(array.dtype, np.integer)
+    whole = (
+        np.issubdtype(array.dtype, np.floating)
+        and bool(np.isfinite(array).all())
+        and np.array_equal(array, np.rint(array))
+    )
+    if array.ndim != 1 or not (integer or whole):
+        raise DataError(
+            f"{where}: labels must be a vector of class indices (whole numbers), got {array.dtype} {array.shape}; "
+            "store text names in class_names"
+        )
     return array.astype(np.int64)
 
 
@@ -93,18 +120,26 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
             f"{', '.join(REQUIRED_KEYS)}"
         )
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array (np.save), not an archive of named arrays (np.savez)")
+        with archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as error:
-        raise DataError(f"npz: cannot read {path}: {error}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        raise DataError(
+            f"npz: cannot read {path} ({type(error).__name__}: {error}); it must be an intact np.savez "
+            "archive of numeric arrays: write it again with np.savez"
+        ) from None
 
 
 @DATASETS.register("npz")
 def npz(root=None, download: bool = False, path=None, layout: str | None = None) -> DataSplits:
-    """Images and labels from one .npz (x_train y_train x_test y_test, optional class_names)."""
+    """Images or N x D features and labels from one .npz (x_train y_train x_test y_test, class_names)."""
     source = path if path is not None else root
     if source is None:
         raise ConfigError("npz needs the file: set data.options.path (or data.root) to the .npz")
+    if not isinstance(source, str | Path):
+        raise ConfigError(f"npz: data.options.path must be a file path (a string), got {source!r}")
     source = Path(source).expanduser()
     arrays = _open_npz(source)
     missing = [key for key in REQUIRED_KEYS if key not in arrays]
@@ -113,14 +148,23 @@ def npz(root=None, download: bool = False, path=None, layout: str | None = None)
     splits = {}
     for split in ("train", "test"):
         where = f"{source} x_{split}"
-        images = to_uint8(to_nchw(arrays[f"x_{split}"], layout, where), where)
+        values = arrays[f"x_{split}"]
+        if values.ndim == 2:
+            images = to_features(values, where)
+        else:
+            images = to_uint8(to_nchw(values, layout, where), where)
         labels = _labels(arrays[f"y_{split}"], f"{source} y_{split}")
         if len(images) != len(labels):
             raise DataError(f"npz: {source} has {len(images)} {split} images but {len(labels)} labels")
         splits[split] = (images, labels)
+    if splits["train"][0].ndim != splits["test"][0].ndim:
+        raise DataError(
+            f"npz: {source} x_train is {splits['train'][0].ndim}-D but x_test is {splits['test'][0].ndim}-D; "
+            "store both splits alike"
+        )
     if "class_names" in arrays:
         class_names = [str(name) for name in arrays["class_names"].tolist()]
     else:
-        highest = max(int(labels.max()) for _, labels in splits.values() if len(labels))
+        highest = max((int(labels.max()) for _, labels in splits.values() if len(labels)), default=0)
         class_names = [str(label) for label in range(highest + 1)]
     return build_splits("npz", splits["train"], splits["test"], class_names)
