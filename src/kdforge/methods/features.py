@@ -42,9 +42,12 @@ def resolve_layers(model: nn.Module, names: list[str]) -> list[str]:
             points = getattr(model, "feature_points", None) or {}
             stages = [(int(m.group(1)), key) for key in points if (m := _STAGE.match(key))]
             if not stages:
+                children = [n for n, _ in model.named_children()][:8]
                 raise ConfigError(
                     f"{type(model).__name__} has no 'stageK' feature points, so '{LAST_STAGE}' "
-                    "means nothing; name its layers explicitly (student_layers / teacher_layers)"
+                    "means nothing; name its layers with method.student_layers / teacher_layers (module "
+                    f"names such as {', '.join(repr(c) for c in children) or 'its submodules'}; "
+                    "kdforge.models.module_names(model) lists them) or give the model a feature_points dict"
                 )
             name = max(stages)[1]
         resolved.append(name)
@@ -52,16 +55,22 @@ def resolve_layers(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def guess_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """The model's ``input_shape`` attribute, else (first conv's in_channels, 32, 32), else None.
+    """The shape a network was built for, else None. Only a fallback for methods built by hand: the
+    trainer passes the data's real shape, and ``Distiller.from_data`` takes it from the data.
 
-    Only a fallback for methods built by hand: the trainer passes the data's real shape.
+    In order: the model's ``input_shape`` attribute; the ``(C, H, W)`` that ``kdforge.models.create``
+    built it for (``kdforge_input_shape``); for kdforge zoo networks built without a size (they
+    pool adaptively, so only the channel count matters), (first conv's in_channels, 32, 32). Any
+    other network (the user's own) has no guess: its input shape must come from the data.
     """
-    shape = getattr(model, "input_shape", None)
-    if shape is not None:
-        return tuple(shape)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return (module.in_channels, 32, 32)
+    for attribute in ("input_shape", "kdforge_input_shape"):
+        shape = getattr(model, attribute, None)
+        if shape is not None:
+            return tuple(shape)
+    if getattr(model, "feature_points", None) and not hasattr(model, "kdforge_source"):
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                return (module.in_channels, 32, 32)
     return None
 
 
@@ -72,7 +81,8 @@ def input_shape_for(method: str, model: nn.Module, given: Sequence[int] | None) 
     guess = guess_input_shape(model)
     if guess is None:
         raise ConfigError(
-            f"{method}: cannot guess the input shape of {type(model).__name__}; pass input_shape=(C, H, W)"
+            f"{method}: the input shape of {type(model).__name__} is unknown; pass input_shape=(C, H, W) or "
+            f"build the method with METHODS.get('{method}').from_data(student, teachers, params, data=train_split)"
         )
     return guess
 
