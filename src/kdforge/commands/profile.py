@@ -53,19 +53,20 @@ def profile_networks(
     if teacher:
         if _is_file(teacher):
             saved = read_model_file(teacher) if teacher_record is None else teacher_record
-            theirs = input_shape_of(saved)
-            if theirs[0] != shape[0]:
+            theirs, ours = "x".join(map(str, input_shape_of(saved))), "x".join(map(str, shape))
+            if theirs.split("x")[0] != ours.split("x")[0]:
                 raise KDForgeError(
-                    f"teacher '{teacher}' takes {'x'.join(map(str, theirs))} input but {student_name} is profiled "
-                    f"at {'x'.join(map(str, shape))}; compare networks of the same data (--input {'x'.join(map(str, theirs))})"
+                    f"teacher '{teacher}' takes {theirs} input but {student_name} is profiled at {ours}; "
+                    f"compare networks of the same data (--input {theirs})"
                 )
         teacher_model, _, teacher_name, _ = _network(teacher, classes, tuple(shape))
     try:
         report = compression_report(student, shape, teacher_model, batch_sizes, num_threads=num_threads)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        size = "x".join(map(str, shape))
         raise KDForgeError(
-            f"profiling on {'x'.join(map(str, shape))} inputs failed ({first}); pass --input CxHxW matching the networks"
+            f"profiling on {size} inputs failed ({first}); pass --input CxHxW matching the networks"
         ) from None
     report["classes"] = classes
     return report, (student_name, teacher_name)

@@ -5,7 +5,8 @@ Two kinds of file:
 * a **model file** (``format: kdforge-model``): the inference network's weights plus what is
   needed to rebuild it (zoo name or model spec, constructor arguments, class count, input shape;
   for the user's code or a Hugging Face model ``model.source``: the spec's kind, the file path or
-  module, the Hugging Face config as a dict) and the dataset it was trained on. Teachers, ``kdforge eval`` and users load these.
+  module, the Hugging Face config as a dict) and the dataset it was trained on. Teachers,
+  ``kdforge eval`` and users load these.
 * a **training state** (``format: kdforge-state``): everything ``--resume`` needs (distiller
   weights, optimizer states, epoch, RNG state, history).
 """

@@ -16,8 +16,8 @@ from torch import nn
 
 from kdforge.core.errors import ConfigError, closest
 from kdforge.core.registry import Registry
+from kdforge.models.specs import attach, spec_kind
 from kdforge.models.specs import build as build_spec
-from kdforge.models.specs import spec_kind
 
 MODELS: Registry[nn.Module] = Registry("model", group="kdforge.models")
 
@@ -89,7 +89,7 @@ def create(
         size = normalize_input_size(input_size, name)
         model = build_spec(name, num_classes, in_channels, size, kwargs)
         if size is not None:
-            model.kdforge_input_shape = (in_channels, *size)
+            attach(model, kdforge_input_shape=(in_channels, *size))
         return model
     factory = MODELS.get(name)
     accepted = accepted_arguments(name)
@@ -105,5 +105,5 @@ def create(
     size = normalize_input_size(input_size, name)
     model = factory(num_classes=num_classes, in_channels=in_channels, input_size=size, **kwargs)
     if size is not None:  # the data's shape: feature methods built by hand probe with it
-        model.kdforge_input_shape = (in_channels, *size)
+        attach(model, kdforge_input_shape=(in_channels, *size))
     return model

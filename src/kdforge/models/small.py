@@ -4,7 +4,8 @@
 size is fixed at construction, so it needs ``input_size=(H, W)``.
 
 ``lenet``: a LeNet-5-like network after LeCun et al., "Gradient-based learning applied to
-document recognition" (1998), not LeNet-5 itself (see the factory's docstring for the differences): two blocks of conv5x5 (padding 2) -> 2x2 max pooling -> ReLU with 6w and 16w
+document recognition" (1998), not LeNet-5 itself (the factory's docstring lists the
+differences): two blocks of conv5x5 (padding 2) -> 2x2 max pooling -> ReLU with 6w and 16w
 channels, adaptive average pooling to 4x4, then Linear-ReLU-Linear-ReLU-Linear with 120w and
 84w hidden units. Padding and adaptive pooling make it work for any input of at least 4x4.
 (Pooling before the ReLU computes the same as the classic order, because max pooling and ReLU

@@ -47,6 +47,12 @@ COMMON = ("num_classes", "in_channels", "input_size")
 HF_INSTALL = 'pip install "kdforge[hf]"'
 
 
+def attach(model: nn.Module, **values: Any) -> None:
+    """Set plain attributes on a network (``kdforge_source``, ``kdforge_input_shape``)."""
+    for key, value in values.items():
+        setattr(model, key, value)
+
+
 # ----------------------------------------------------------------------------- parsing
 def spec_kind(name: str) -> str:
     """``zoo``, ``import`` or ``hf`` for a model name."""
@@ -154,7 +160,7 @@ def _call(
             f"model '{name}': {attribute}(...) returned a {type(model).__name__}, not a torch.nn.Module; "
             "point the spec at a model class or a function returning one"
         )
-    model.kdforge_source = source
+    attach(model, kdforge_source=source)
     return model
 
 
@@ -225,12 +231,8 @@ def build_hf(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model '{name}': cannot load it as an image classifier ({first})") from None
     model = HFImageClassifier(network)
-    model.kdforge_source = {
-        "kind": "hf",
-        "spec": name,
-        "kwargs": kwargs,
-        "config": json.loads(network.config.to_json_string(use_diff=False)),
-    }
+    config_dict = json.loads(network.config.to_json_string(use_diff=False))
+    attach(model, kdforge_source={"kind": "hf", "spec": name, "kwargs": kwargs, "config": config_dict})
     return model
 
 
@@ -243,7 +245,7 @@ def rebuild_hf(config: Mapping[str, Any], name: str = "hf model") -> nn.Module:
         raise ConfigError(f"{name}: transformers {transformers.__version__} does not know model type {model_type!r}")
     hf_config = transformers.CONFIG_MAPPING[model_type].from_dict(settings)
     model = HFImageClassifier(transformers.AutoModelForImageClassification.from_config(hf_config))
-    model.kdforge_source = {"kind": "hf", "spec": name, "kwargs": {}, "config": dict(config)}
+    attach(model, kdforge_source={"kind": "hf", "spec": name, "kwargs": {}, "config": dict(config)})
     return model
 
 
@@ -397,6 +399,7 @@ def source_of(model: nn.Module) -> dict[str, Any] | None:
 
 
 __all__ = [
+    "attach",
     "HFImageClassifier",
     "build",
     "build_hf",
