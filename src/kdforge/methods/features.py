@@ -35,21 +35,34 @@ _STAGE = re.compile(r"stage(\d+)$")
 
 
 def resolve_layers(model: nn.Module, names: list[str]) -> list[str]:
-    """Replace ``last_stage`` by the model's highest ``stageK`` feature point."""
+    """Replace ``last_stage`` by the model's highest ``stageK`` feature point. A logical name on a
+    network without ``feature_points`` (the user's own) is one error line saying how to name taps."""
+    points = getattr(model, "feature_points", None) or {}
+    modules = {n for n, _ in model.named_modules() if n}
+
+    def unnamed(name: str) -> ConfigError:
+        children = [n for n, _ in model.named_children()][:8]
+        return ConfigError(
+            f"{type(model).__name__} has no feature points, so '{name}' means nothing; name its layers with "
+            "method.student_layers / teacher_layers (module names such as "
+            f"{', '.join(repr(c) for c in children) or 'its submodules'}; kdforge.models.module_names(model) "
+            "lists them) or give the model a feature_points dict"
+        )
+
     resolved = []
     for name in names:
         if name == LAST_STAGE:
-            points = getattr(model, "feature_points", None) or {}
             stages = [(int(m.group(1)), key) for key in points if (m := _STAGE.match(key))]
             if not stages:
-                children = [n for n, _ in model.named_children()][:8]
-                raise ConfigError(
-                    f"{type(model).__name__} has no 'stageK' feature points, so '{LAST_STAGE}' "
-                    "means nothing; name its layers with method.student_layers / teacher_layers (module "
-                    f"names such as {', '.join(repr(c) for c in children) or 'its submodules'}; "
-                    "kdforge.models.module_names(model) lists them) or give the model a feature_points dict"
-                )
+                raise unnamed(name)
             name = max(stages)[1]
+        elif (
+            not points
+            and name not in modules
+            and isinstance(name, str)
+            and re.fullmatch(r"stem|pool|logits|stage\d+(_preact)?", name)
+        ):
+            raise unnamed(name)
         resolved.append(name)
     return resolved
 

@@ -108,13 +108,20 @@ def build(
     if spec_kind(name) == "hf":
         return build_hf(name, num_classes, in_channels, input_size, kwargs)
     target, attribute = split_import_spec(name)
-    module = plugins.import_user_module(target)
+    module = _import(name, target)
     source: dict[str, Any] = {"kind": "import", "spec": name, "kwargs": kwargs, "callable": attribute}
     if is_file_target(target):
         source["path"] = str(Path(module.__file__ or target).resolve())
     else:
         source["module"] = target
     return _call(module, attribute, name, num_classes, in_channels, input_size, kwargs, source)
+
+
+def _import(name: str, target: str) -> Any:
+    try:
+        return plugins.import_user_module(target)
+    except ConfigError as exc:
+        raise ConfigError(f"model '{name}': {str(exc).removeprefix('imports: ')}") from None
 
 
 def _call(
@@ -367,7 +374,7 @@ def rebuild(
         )
     if path and not Path(path).is_file():
         raise ConfigError(f"model file '{file}' was built by {path}, which no longer exists; restore that file")
-    module = plugins.import_user_module(str(target))
+    module = _import(str(saved.get("name")), str(target))
     rebuilt = dict(source) if source else {"kind": "import", "spec": saved.get("name"), "callable": attribute}
     rebuilt["kwargs"] = dict(kwargs)
     return _call(
