@@ -152,14 +152,13 @@ def test_user_model_file_in_a_new_process_needs_explicit_code(kd_run, user_code,
     """eval without the import: one line naming --import; with it (or --allow-model-code) it works;
     export to ONNX in a new process matches PyTorch."""
     model_file = kd_run / "checkpoints" / "model_last.pt"
+    user_file = str(user_code / "recipes" / "models.py")
     code = textwrap.dedent(
         f"""
-        import json, sys
         from kdforge.cli import main
-        rc = main(["eval", {str(model_file)!r}, "--limit", "100", "--json"])
-        print("RC", rc)
-        rc = main(["eval", {str(model_file)!r}, "--limit", "100", "--json", "--import", {str(user_code / "recipes" / "models.py")!r}])
-        print("RC", rc)
+        evaluate = ["eval", {str(model_file)!r}, "--limit", "100", "--json"]
+        print("RC", main(evaluate))
+        print("RC", main([*evaluate, "--import", {user_file!r}]))
         """
     )
     result = subprocess.run(
@@ -222,7 +221,8 @@ def test_python_api_feature_methods_on_a_users_network(user_code):
 
     with pytest.raises(
         ConfigError,
-        match="SmallCNN has no feature points, so 'stage2' means nothing; name its layers with method.student_layers.*'features', 'head'",
+        match="SmallCNN has no feature points, so 'stage2' means nothing; name its layers with "
+        "method.student_layers.*'features', 'head'",
     ):
         METHODS.get("fitnet").from_data(student, [teacher], {}, data=splits.train)
     with pytest.raises(ConfigError, match="needs num_samples.*from_data"):
