@@ -177,6 +177,7 @@ def _transformers() -> Any:
         raise ConfigError(f"Hugging Face models (hf:...) need the transformers package: {HF_INSTALL}")
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars between kdforge's lines
     return transformers
 
 
