@@ -121,6 +121,12 @@ def _import(name: str, target: str) -> Any:
     try:
         return plugins.import_user_module(target)
     except ConfigError as exc:
+        file = Path(target.replace(".", "/") + ".py")
+        if not is_file_target(target) and file.is_file():  # a module beside the user, not on sys.path
+            raise ConfigError(
+                f"model '{name}': module '{target}' is not importable (its folder is not on PYTHONPATH); "
+                f"name the file instead: '{file}:{name.rpartition(':')[2]}'"
+            ) from None
         raise ConfigError(f"model '{name}': {str(exc).removeprefix('imports: ')}") from None
 
 
