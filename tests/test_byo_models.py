@@ -232,6 +232,8 @@ def test_python_api_feature_methods_on_a_users_network(user_code):
         "method.student_layers.*'features', 'head'",
     ):
         METHODS.get("fitnet").from_data(student, [teacher], {}, data=splits.train)
+    with pytest.raises(ConfigError, match="LeNet has no layer 'features.3'; set method.teacher_layers .*stage2"):
+        METHODS.get("fitnet").from_data(student, [teacher], {"student_layers": ["features.3"]}, data=splits.train)
     with pytest.raises(ConfigError, match="needs num_samples.*from_data"):
         METHODS.get("crd")(student, [teacher], {"student_layers": ["head.1"], "teacher_layers": ["pool"]})
     crd = METHODS.get("crd").from_data(

@@ -188,6 +188,16 @@ class FeatureDistiller(Distiller):
         p: FeatureParams = self.params  # type: ignore[assignment]
         teacher = self.teachers[0]
         self.student_layers = resolve_layers(self.student, list(p.student_layers))
+        if p.teacher_layers is None:  # the student's names: a user network's module names rarely fit the teacher
+            modules = {n for n, _ in teacher.named_modules()}
+            points = getattr(teacher, "feature_points", None) or {}
+            absent = [n for n in p.student_layers if n != LAST_STAGE and n not in points and n not in modules]
+            if absent:
+                raise ConfigError(
+                    f"teacher_layers defaults to student_layers, but {type(teacher).__name__} has no layer "
+                    f"'{absent[0]}'; set method.teacher_layers"
+                    + (f" (its feature points: {', '.join(points)})" if points else "")
+                )
         self.teacher_layers = resolve_layers(teacher, list(p.teacher_layers or p.student_layers))
         if len(self.student_layers) != len(self.teacher_layers):
             raise ConfigError(
