@@ -360,10 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_list)
 
     profile = sub.add_parser("profile", help="parameters, FLOPs, size, CPU latency; rates against a teacher")
-    profile.add_argument("model", help="zoo name or model file (e.g. a pruned student's checkpoints/model_last.pt)")
-    profile.add_argument("--teacher", help="zoo name or model file: adds compression and computation rates")
+    profile.add_argument("model", help="zoo name, model spec or model file (e.g. checkpoints/model_last.pt)")
+    profile.add_argument("--teacher", help="zoo name, model spec or model file: adds compression and computation rates")
     profile.add_argument("--input", help="CxHxW (default: the model file's, else 3x32x32)")
-    profile.add_argument("--classes", type=int, default=100, help="classes of zoo-name models (default 100)")
+    profile.add_argument(
+        "--classes", type=int, help="classes of zoo-name models (default: the teacher file's, else 100)"
+    )
     profile.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     profile.add_argument("--threads", type=int, help="torch threads for the latency measurement")
     profile.add_argument("--json", action="store_true")
@@ -424,13 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="MODULE",
             help="import a module or .py file first (the user's models, methods, datasets); repeatable",
         )
+        command.add_argument(
+            "--allow-model-code",
+            action="store_true",
+            help="let model files import the module or .py file that built their network (recorded in the file)",
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from kdforge.core.plugins import import_all
+    from kdforge.core.plugins import allow_model_code, import_all
     from kdforge.engine.trainer import RunInterrupted
 
     previous = _stop_on_sigterm()
@@ -439,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()  # a suite's run or a NoNN device started with KDFORGE_PARENT_PID stops with its parent
     try:
         import_all(args.imports)  # the user's models, methods and datasets (kdforge.core.plugins)
+        allow_model_code(args.allow_model_code)
         return args.func(args)
     except RunInterrupted as exc:
         print(f"kdforge: {exc}", file=sys.stderr)

@@ -96,7 +96,11 @@ class QATConfig(Strict):
 
 
 class ModelConfig(Strict):
-    name: str | None = Field(None, description="zoo name; may be omitted when a checkpoint names it")
+    name: str | None = Field(
+        None,
+        description="zoo name, package.module:callable, path/to/file.py:callable or hf:<hub id or folder> "
+        "(docs/your-own-model.md); may be omitted when a checkpoint names it",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments, e.g. {hidden: [64]}")
     checkpoint: str | None = Field(
         None,
@@ -379,12 +383,17 @@ def rebase_data_spec(recipe: dict[str, Any], folder: Path) -> None:
 
 
 def _rebase_checkpoints(recipe: dict[str, Any], folder: Path) -> None:
-    """Model-file paths in a recipe are tried against the working directory, then against the
-    recipe's own folder: a path that only exists relative to the recipe is made absolute."""
+    """Model-file paths (and the files / folders of model specs) in a recipe are tried against the
+    working directory, then against the recipe's own folder: a path that only exists relative to
+    the recipe is made absolute."""
 
     def fix(section: Any) -> None:
         if not isinstance(section, dict):
             return
+        if isinstance(section.get("name"), str) and ":" in section["name"]:  # a file or hf: folder spec
+            from kdforge.models.specs import rebase_spec
+
+            section["name"] = rebase_spec(section["name"], folder)
         file = section.get("checkpoint")
         if isinstance(file, str) and "{" not in file and not Path(file).is_absolute():
             if not Path(file).exists() and (folder / file).exists():

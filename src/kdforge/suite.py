@@ -48,6 +48,7 @@ from kdforge.core.runlock import RunLock
 from kdforge.core.signals import PARENT_ENV
 from kdforge.core.storage import ensure_writable_dir
 from kdforge.core.validation import validation_message
+from kdforge.models.specs import rebase_spec
 
 
 class TeacherSpec(BaseModel):
@@ -209,6 +210,8 @@ def plan(spec: SuiteSpec, folder: Path, out: Path) -> list[PlannedRun]:
             for seed in spec.seeds:
                 recipe = deep_merge(base, partial)
                 recipe["student"] = copy.deepcopy(pair.student)
+                if isinstance(recipe["student"].get("name"), str):  # a file or hf: folder spec, relative to the suite
+                    recipe["student"]["name"] = rebase_spec(recipe["student"]["name"], folder)
                 recipe["teachers"] = [{"checkpoint": teacher_files[t]} for t in teacher_labels]
                 recipe["seed"] = seed
                 recipe["name"] = f"{method_label} ({pair_label})"

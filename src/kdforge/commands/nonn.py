@@ -67,13 +67,13 @@ def add_commands(sub: Any) -> None:
 
 # ----------------------------------------------------------------------------- nonn-partition
 def cmd_nonn_partition(args: argparse.Namespace) -> int:
+    from kdforge.compress.arch import load_model_file
     from kdforge.config import DataConfig
-    from kdforge.core.checkpoint import load_weights, read_model_file
+    from kdforge.core.checkpoint import read_model_file
     from kdforge.core.errors import CheckpointError, ConfigError
     from kdforge.data import Augmentation
     from kdforge.engine.build import build_data
     from kdforge.methods.features import resolve_layers
-    from kdforge.models import create
     from kdforge.nonn import partition_teacher
 
     record = read_model_file(args.teacher)
@@ -84,14 +84,7 @@ def cmd_nonn_partition(args: argparse.Namespace) -> int:
     if not dataset:
         raise ConfigError("the teacher file does not say its dataset; pass --data NAME")
     data = build_data(DataConfig(name=dataset, root=args.root, train_subset=args.train_subset, augment=False))
-    teacher = create(
-        spec["name"],
-        num_classes=spec["num_classes"],
-        in_channels=spec["in_channels"],
-        input_size=tuple(spec["input_size"]) if spec.get("input_size") else None,
-        **spec.get("kwargs", {}),
-    )
-    load_weights(teacher, record["state_dict"], str(args.teacher))
+    teacher, _ = load_model_file(args.teacher)  # zoo name or model spec (the user's code, hf:)
     layer = resolve_layers(teacher, [args.layer])[0]
     from kdforge.data.splits import evaluation_subset
 

@@ -145,8 +145,10 @@ def materialize(
     return model, saved + steps
 
 
-def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network of a kdforge model file (zoo name, kwargs, architecture steps, weights).
+def load_model_file(path: str | Path, allow_code: bool | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network of a kdforge model file (zoo name or model spec, kwargs, architecture
+    steps, weights). A network of the user's code needs that code imported first, or
+    ``allow_code=True`` (``--allow-model-code``) to import the module or file the file records.
 
     Returns ``(model in eval mode, the file's record)``.
     """
@@ -156,15 +158,19 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"'{path}' is a plain state dict; give a kdforge model file (checkpoints/model_*.pt)")
     from kdforge.core.plugins import require_registered
     from kdforge.models import MODELS
+    from kdforge.models.specs import rebuild as rebuild_spec
 
-    require_registered(MODELS, spec["name"], record, str(path))
-    model = create(
-        spec["name"],
-        num_classes=spec["num_classes"],
-        in_channels=spec["in_channels"],
-        input_size=tuple(spec["input_size"]) if spec.get("input_size") else None,
-        **(spec.get("kwargs") or {}),
+    size = tuple(spec["input_size"]) if spec.get("input_size") else None
+    kwargs = spec.get("kwargs") or {}
+    # the user's code (imported or allowed) or a Hugging Face config; None for zoo networks
+    model = rebuild_spec(
+        spec, record, str(path), spec["num_classes"], spec["in_channels"], size, kwargs, allow_code=allow_code
     )
+    if model is None:
+        require_registered(MODELS, spec["name"], record, str(path))
+        model = create(
+            spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"], input_size=size, **kwargs
+        )
     model, _ = materialize(model, record, source=str(path))
     return model.eval(), record
 

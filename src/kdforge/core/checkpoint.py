@@ -3,8 +3,10 @@
 Two kinds of file:
 
 * a **model file** (``format: kdforge-model``): the inference network's weights plus what is
-  needed to rebuild it (zoo name, constructor arguments, class count, input shape) and the
-  dataset it was trained on. Teachers, ``kdforge eval`` and users load these.
+  needed to rebuild it (zoo name or model spec, constructor arguments, class count, input shape;
+  for the user's code or a Hugging Face model ``model.source``: the spec's kind, the file path or
+  module, the Hugging Face config as a dict) and the dataset it was trained on. Teachers,
+  ``kdforge eval`` and users load these.
 * a **training state** (``format: kdforge-state``): everything ``--resume`` needs (distiller
   weights, optimizer states, epoch, RNG state, history).
 """
@@ -99,16 +101,21 @@ def model_record(
     dataset: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    saved: dict[str, Any] = {
+        "name": name,
+        "kwargs": kwargs,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "input_size": list(input_size) if input_size else None,
+    }
+    source = getattr(model, "kdforge_source", None)
+    if isinstance(source, dict) and source.get("kind") in ("import", "hf"):
+        # how to rebuild a network of the user's code or of Hugging Face (kdforge.models.specs)
+        saved["source"] = {**source, "kwargs": kwargs}
     return {
         "format": MODEL_FORMAT,
         "version": 1,
-        "model": {
-            "name": name,
-            "kwargs": kwargs,
-            "num_classes": num_classes,
-            "in_channels": in_channels,
-            "input_size": list(input_size) if input_size else None,
-        },
+        "model": saved,
         "dataset": dataset or {},
         "metrics": metrics or {},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},

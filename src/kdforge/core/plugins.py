@@ -46,6 +46,22 @@ ENTRY_POINT_GROUPS = {
 }
 
 _FILE_MODULES: dict[Path, ModuleType] = {}
+_ALLOW_MODEL_CODE = [False]
+
+
+def allow_model_code(allowed: bool = True) -> None:
+    """``--allow-model-code``: let model files import the user module or file that built their
+    network (recorded in the file). Off by default: loading code is always explicit."""
+    _ALLOW_MODEL_CODE[0] = bool(allowed)
+
+
+def model_code_allowed() -> bool:
+    return _ALLOW_MODEL_CODE[0]
+
+
+def file_imported(path: str | Path) -> bool:
+    """True when the ``.py`` file at ``path`` was imported by :func:`import_user_module`."""
+    return Path(path).expanduser().resolve() in _FILE_MODULES
 
 
 def import_submodules(package: str, path: Iterable[str]) -> list[str]:
@@ -143,6 +159,9 @@ def require_registered(registry: Any, name: str, record: dict[str, Any], source:
 
 __all__ = [
     "ENTRY_POINT_GROUPS",
+    "allow_model_code",
+    "file_imported",
+    "model_code_allowed",
     "entry_points",
     "import_all",
     "import_submodules",

@@ -27,11 +27,13 @@ from kdforge.data import (
 from kdforge.data.sources.common import MissingDataError
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import MODELS, create
+from kdforge.models.specs import rebuild as rebuild_spec
+from kdforge.models.specs import same_spec
 
 
 @dataclass
 class ModelSpec:
-    """What rebuilds a network: zoo name and constructor arguments."""
+    """What rebuilds a network: zoo name or model spec, and constructor arguments."""
 
     name: str
     kwargs: dict[str, Any]
@@ -123,7 +125,8 @@ def recorded_augmentation(record: dict[str, Any], cfg: DataConfig, info: Dataset
 
 
 def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Module, ModelSpec]:
-    """Create a zoo network, loading ``cfg.checkpoint`` when given, with checks that name the fix."""
+    """Create a network (zoo name or model spec), loading ``cfg.checkpoint`` when given, with checks
+    that name the fix."""
     record = read_model_file(cfg.checkpoint) if cfg.checkpoint else None
     saved = (record or {}).get("model", {})
     name = cfg.name or saved.get("name")
@@ -131,7 +134,7 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
         raise CheckpointError(
             f"{role} checkpoint '{cfg.checkpoint}' is a plain state dict; give the architecture as {role}.name"
         )
-    if saved.get("name") and cfg.name and saved["name"] != cfg.name:
+    if saved.get("name") and cfg.name and not same_spec(saved["name"], cfg.name):
         raise CheckpointError(
             f"{role} checkpoint '{cfg.checkpoint}' holds a '{saved['name']}' but the recipe says "
             f"'{cfg.name}'; fix {role}.name or drop it to use the checkpoint's architecture"
@@ -146,16 +149,21 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
             f"{role} checkpoint '{cfg.checkpoint}' takes {saved['in_channels']}-channel input but dataset "
             f"'{info.name}' has {info.in_channels}"
         )
-    if record is not None:
-        require_registered(MODELS, name, record, str(cfg.checkpoint))
     kwargs = {**saved.get("kwargs", {}), **cfg.kwargs}
     spec = ModelSpec(name, kwargs, info.num_classes, info.in_channels, tuple(info.image_size))
-    model = create(
-        name,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        input_size=tuple(info.image_size),
-        **kwargs,
+    size = (int(info.image_size[0]), int(info.image_size[1]))
+    # a model file of the user's code or of Hugging Face rebuilds from what it records
+    rebuilt = (
+        rebuild_spec(
+            saved, record, str(cfg.checkpoint), info.num_classes, info.in_channels, size, kwargs, cfg.name is not None
+        )
+        if record is not None
+        else None
+    )
+    if rebuilt is None and record is not None:
+        require_registered(MODELS, name, record, str(cfg.checkpoint))
+    model = rebuilt or create(
+        name, num_classes=info.num_classes, in_channels=info.in_channels, input_size=size, **kwargs
     )
     # materialize loads the weights; LMA, pruned and QAT networks too
     shape = (info.in_channels, *info.image_size)

@@ -175,6 +175,59 @@ class Distiller(nn.Module):
             teacher.requires_grad_(False)
             teacher.eval()
 
+    @classmethod
+    def from_data(
+        cls,
+        student: nn.Module,
+        teachers: Sequence[nn.Module] = (),
+        params: MethodParams | dict | None = None,
+        data: Any = None,
+        **extra: Any,
+    ) -> Distiller:
+        """Build the method with what it needs to know about the data, as the trainer does.
+
+        ``data`` is the train split (a ``TensorData``), a ``DataSplits``, a ``Batch`` or a tensor of
+        images: the method receives the keywords its constructor declares among ``input_shape``
+        (C, H, W of one image), ``num_samples`` and ``train_labels`` (CRD's memory banks),
+        ``train_data`` and ``normalization``. Keywords in ``extra`` win over the inferred ones.
+
+        >>> crd = METHODS.get("crd").from_data(student, [teacher], {}, data=splits.train)
+        """
+        import inspect
+
+        offered: dict[str, Any] = {}
+        info = getattr(data, "info", None)
+        train = getattr(data, "train", data)  # DataSplits -> its train split
+        if info is not None:
+            offered["normalization"] = (tuple(info.mean), tuple(info.std))
+        if hasattr(train, "images") and hasattr(train, "labels"):  # TensorData
+            offered.update(
+                input_shape=tuple(train.images.shape[1:]),
+                num_samples=len(train),
+                train_labels=train.labels,
+                train_data=train,
+            )
+        elif isinstance(train, Batch):
+            offered["input_shape"] = tuple(train.image.shape[1:])
+        elif isinstance(train, torch.Tensor):
+            offered["input_shape"] = tuple(train.shape[1:])
+        elif data is not None:
+            raise TypeError(
+                f"from_data: data must be a TensorData, DataSplits, Batch or image tensor, got {type(data).__name__}"
+            )
+        accepted = inspect.signature(cls.__init__).parameters
+        keywords = {k: v for k, v in offered.items() if k in accepted}
+        keywords.update(extra)
+        return cls(student, teachers, params, **keywords)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything the optimizer must step: the student's parameters and the method's own
+        trainable modules (adapters, projection heads, peers), never the frozen teachers'.
+
+        >>> optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
+        """
+        return [p for group in self.optimizer_groups() for p in group.parameters]
+
     # ----------------------------------------------------------------- contract
     def forward(self, batch: Batch, step: Step) -> Output:  # pragma: no cover - abstract
         raise NotImplementedError

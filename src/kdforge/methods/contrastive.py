@@ -266,8 +266,9 @@ class ContrastiveDistiller(FeatureDistiller):
         name = self.method_name()
         if num_samples is None:
             raise ConfigError(
-                f"{name} keeps a memory bank row per training sample and needs num_samples "
-                "(the size of the train split); the trainer passes it, pass it when building by hand"
+                f"{name} keeps a memory bank row per training sample and needs num_samples (the size of "
+                f"the train split); pass num_samples=len(train_split), or build it with "
+                f"METHODS.get('{name}').from_data(student, teachers, params, data=train_split)"
             )
         self.num_samples = int(num_samples)
         if self.num_samples < 2:

@@ -35,33 +35,55 @@ _STAGE = re.compile(r"stage(\d+)$")
 
 
 def resolve_layers(model: nn.Module, names: list[str]) -> list[str]:
-    """Replace ``last_stage`` by the model's highest ``stageK`` feature point."""
+    """Replace ``last_stage`` by the model's highest ``stageK`` feature point. A logical name on a
+    network without ``feature_points`` (the user's own) is one error line saying how to name taps."""
+    points = getattr(model, "feature_points", None) or {}
+    modules = {n for n, _ in model.named_modules() if n}
+
+    def unnamed(name: str) -> ConfigError:
+        children = [n for n, _ in model.named_children()][:8]
+        return ConfigError(
+            f"{type(model).__name__} has no feature points, so '{name}' means nothing; name its layers with "
+            "method.student_layers / teacher_layers (module names such as "
+            f"{', '.join(repr(c) for c in children) or 'its submodules'}; kdforge.models.module_names(model) "
+            "lists them) or give the model a feature_points dict"
+        )
+
     resolved = []
     for name in names:
         if name == LAST_STAGE:
-            points = getattr(model, "feature_points", None) or {}
             stages = [(int(m.group(1)), key) for key in points if (m := _STAGE.match(key))]
             if not stages:
-                raise ConfigError(
-                    f"{type(model).__name__} has no 'stageK' feature points, so '{LAST_STAGE}' "
-                    "means nothing; name its layers explicitly (student_layers / teacher_layers)"
-                )
+                raise unnamed(name)
             name = max(stages)[1]
+        elif (
+            not points
+            and name not in modules
+            and isinstance(name, str)
+            and re.fullmatch(r"stem|pool|logits|stage\d+(_preact)?", name)
+        ):
+            raise unnamed(name)
         resolved.append(name)
     return resolved
 
 
 def guess_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """The model's ``input_shape`` attribute, else (first conv's in_channels, 32, 32), else None.
+    """The shape a network was built for, else None. Only a fallback for methods built by hand: the
+    trainer passes the data's real shape, and ``Distiller.from_data`` takes it from the data.
 
-    Only a fallback for methods built by hand: the trainer passes the data's real shape.
+    In order: the model's ``input_shape`` attribute; the ``(C, H, W)`` that ``kdforge.models.create``
+    built it for (``kdforge_input_shape``); for kdforge zoo networks built without a size (they
+    pool adaptively, so only the channel count matters), (first conv's in_channels, 32, 32). Any
+    other network (the user's own) has no guess: its input shape must come from the data.
     """
-    shape = getattr(model, "input_shape", None)
-    if shape is not None:
-        return tuple(shape)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return (module.in_channels, 32, 32)
+    for attribute in ("input_shape", "kdforge_input_shape"):
+        shape = getattr(model, attribute, None)
+        if shape is not None:
+            return tuple(shape)
+    if getattr(model, "feature_points", None) and not hasattr(model, "kdforge_source"):
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                return (module.in_channels, 32, 32)
     return None
 
 
@@ -72,7 +94,8 @@ def input_shape_for(method: str, model: nn.Module, given: Sequence[int] | None) 
     guess = guess_input_shape(model)
     if guess is None:
         raise ConfigError(
-            f"{method}: cannot guess the input shape of {type(model).__name__}; pass input_shape=(C, H, W)"
+            f"{method}: the input shape of {type(model).__name__} is unknown; pass input_shape=(C, H, W) or "
+            f"build the method with METHODS.get('{method}').from_data(student, teachers, params, data=train_split)"
         )
     return guess
 
@@ -165,6 +188,16 @@ class FeatureDistiller(Distiller):
         p: FeatureParams = self.params  # type: ignore[assignment]
         teacher = self.teachers[0]
         self.student_layers = resolve_layers(self.student, list(p.student_layers))
+        if p.teacher_layers is None:  # the student's names: a user network's module names rarely fit the teacher
+            modules = {n for n, _ in teacher.named_modules()}
+            points = getattr(teacher, "feature_points", None) or {}
+            absent = [n for n in p.student_layers if n != LAST_STAGE and n not in points and n not in modules]
+            if absent:
+                raise ConfigError(
+                    f"teacher_layers defaults to student_layers, but {type(teacher).__name__} has no layer "
+                    f"'{absent[0]}'; set method.teacher_layers"
+                    + (f" (its feature points: {', '.join(points)})" if points else "")
+                )
         self.teacher_layers = resolve_layers(teacher, list(p.teacher_layers or p.student_layers))
         if len(self.student_layers) != len(self.teacher_layers):
             raise ConfigError(

@@ -16,6 +16,8 @@ from torch import nn
 
 from kdforge.core.errors import ConfigError, closest
 from kdforge.core.registry import Registry
+from kdforge.models.specs import attach, spec_kind
+from kdforge.models.specs import build as build_spec
 
 MODELS: Registry[nn.Module] = Registry("model", group="kdforge.models")
 
@@ -77,7 +79,18 @@ def create(
     >>> model = create("resnet20", num_classes=100)
     >>> model.feature_points["stage3"]
     'stage3'
+
+    `name` may also be a model spec (``package.module:callable``, ``path/to/file.py:callable``,
+    ``hf:<hub id or folder>``; see `kdforge.models.specs`).
     """
+    if isinstance(name, str) and name not in MODELS and spec_kind(name) != "zoo":
+        num_classes = _check_positive_int(name, "num_classes", num_classes)
+        in_channels = _check_positive_int(name, "in_channels", in_channels)
+        size = normalize_input_size(input_size, name)
+        model = build_spec(name, num_classes, in_channels, size, kwargs)
+        if size is not None:
+            attach(model, kdforge_input_shape=(in_channels, *size))
+        return model
     factory = MODELS.get(name)
     accepted = accepted_arguments(name)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
@@ -90,4 +103,7 @@ def create(
     num_classes = _check_positive_int(name, "num_classes", num_classes)
     in_channels = _check_positive_int(name, "in_channels", in_channels)
     size = normalize_input_size(input_size, name)
-    return factory(num_classes=num_classes, in_channels=in_channels, input_size=size, **kwargs)
+    model = factory(num_classes=num_classes, in_channels=in_channels, input_size=size, **kwargs)
+    if size is not None:  # the data's shape: feature methods built by hand probe with it
+        attach(model, kdforge_input_shape=(in_channels, *size))
+    return model

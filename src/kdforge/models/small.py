@@ -5,8 +5,9 @@ size is fixed at construction, so it needs ``input_size=(H, W)``. It also takes 
 rows B x (C*H*W): tabular data with D features is built as ``in_channels=D, input_size=(1, 1)``
 and fed as B x D.
 
-``lenet``: LeCun et al., "Gradient-based learning applied to document recognition" (1998), in
-a modern form: two blocks of conv5x5 (padding 2) -> 2x2 max pooling -> ReLU with 6w and 16w
+``lenet``: a LeNet-5-like network after LeCun et al., "Gradient-based learning applied to
+document recognition" (1998), not LeNet-5 itself (the factory's docstring lists the
+differences): two blocks of conv5x5 (padding 2) -> 2x2 max pooling -> ReLU with 6w and 16w
 channels, adaptive average pooling to 4x4, then Linear-ReLU-Linear-ReLU-Linear with 120w and
 84w hidden units. Padding and adaptive pooling make it work for any input of at least 4x4.
 (Pooling before the ReLU computes the same as the classic order, because max pooling and ReLU
@@ -154,7 +155,13 @@ def lenet(
     input_size: tuple[int, int] | None = None,
     width: float = 1.0,
 ) -> LeNet:
-    """LeNet-style CNN: 2 x (conv5x5, maxpool, ReLU) with 6/16 x width channels, then 3 linears."""
+    """LeNet-5-like CNN (not LeNet-5): 2 x (conv5x5 pad 2, maxpool, ReLU), 6/16w channels, 4x4 avg-pool, 3 linears.
+
+    It keeps LeNet-5's layer sizes (6 and 16 5x5 filters, 120 and 84 hidden units) but not its
+    details: padded convolutions, max pooling and ReLU instead of trainable subsampling and
+    tanh/sigmoid, full instead of partial C3 connections, adaptive average pooling to 4x4 before
+    a linear C5 (LeNet-5 convolves a 5x5 map), and a linear output instead of RBF units.
+    """
     return LeNet(num_classes, in_channels, width)
 
 
