@@ -116,6 +116,11 @@ class TrainConfig(Strict):
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     channels_last: bool = False
+    fold_teacher_bn: bool = Field(
+        True,
+        description="fold each frozen teacher's BatchNorms into the convolutions before them "
+        "(same outputs up to float rounding, faster teacher forwards; kdforge.compress.fold)",
+    )
     compile: bool = False
     num_threads: int | None = Field(None, ge=1)
     progress: Literal["auto", "bar", "none"] = "auto"

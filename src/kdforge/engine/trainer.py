@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from kdforge.compress.fold import fold_frozen_teachers
 from kdforge.compress.footprint import compression_report
 from kdforge.config import RunConfig, build_config
 from kdforge.core.checkpoint import (
@@ -173,6 +174,11 @@ class Trainer:
         torch.manual_seed(config.seed)  # model initialisation depends on the seed only
         distiller, self.spec = build_distiller(config, self.info, self.data.train)
         self.distiller: Distiller = distiller
+        self.teacher_folding = (
+            fold_frozen_teachers(list(distiller.teachers), trained=_non_teacher_parameters(distiller))
+            if config.train.fold_teacher_bn and len(distiller.teachers)
+            else None
+        )
         if config.train.channels_last:
             distiller.to(memory_format=torch.channels_last)
         if config.train.compile:
@@ -571,6 +577,7 @@ class Trainer:
             "selection_split": self._selection_split(),
             "student_parameters": sum(p.numel() for p in student.parameters()),
             "extra_parameters": self.distiller.extra_parameter_count(),
+            **({"teacher_bn_folding": self.teacher_folding} if self.teacher_folding else {}),
             **({"method_summary": extra} if (extra := self.distiller.summary_metrics()) else {}),
             "train_seconds": self.train_seconds,
             "wall_seconds": self._wall_seconds(),
@@ -685,3 +692,8 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             found.append(f"{path}: {a!r} then, {b!r} now")
     return found
+
+
+def _non_teacher_parameters(distiller: Distiller) -> list[nn.Parameter]:
+    """Every parameter of the distiller reachable outside ``teachers.`` (shared ones included)."""
+    return [p for name, p in distiller.named_parameters(remove_duplicate=False) if not name.startswith("teachers.")]
