@@ -115,7 +115,12 @@ class TrainConfig(Strict):
     devices: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
-    channels_last: bool = False
+    channels_last: bool | Literal["auto", "probe"] = Field(
+        "auto",
+        description="memory layout: auto = channels_last for networks with 2-D convolutions (not on MPS); "
+        "probe = time both layouts on the run's device before training and keep channels_last where it is "
+        "5% faster; true/false force it. The choice is recorded in summary.json (memory_format)",
+    )
     fold_teacher_bn: bool = Field(
         True,
         description="fold each frozen teacher's BatchNorms into the convolutions before them "
