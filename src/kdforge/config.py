@@ -165,11 +165,21 @@ class TrainConfig(Strict):
         "auto", description="Fabric strategy; auto: ddp when devices > 1 (docs/gpus-and-clusters.md)"
     )
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = Field(
-        "32-true",
+        "auto",
         description="bf16-mixed: bfloat16 autocast (GPU or CPU); 16-mixed: float16 with loss scaling (GPU only); "
         "auto: bf16-mixed on a CUDA GPU with bfloat16, else 32-true",
     )
-    channels_last: bool = Field(False, description="NHWC memory layout for images and weights")
+    channels_last: bool | Literal["auto", "probe"] = Field(
+        "auto",
+        description="memory layout: auto = channels_last for networks with 2-D convolutions (not on MPS); "
+        "probe = time both layouts on the run's device before training and keep channels_last where it is "
+        "5% faster; true/false force it. The choice is recorded in summary.json (memory_format)",
+    )
+    fold_teacher_bn: bool = Field(
+        True,
+        description="fold each frozen teacher's BatchNorms into the convolutions before them "
+        "(same outputs up to float rounding, faster teacher forwards; kdforge.compress.fold)",
+    )
     compile: bool = Field(False, description="compile the student with torch.compile")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     progress: Literal["auto", "bar", "none"] = Field(

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from kdforge.compress.fold import fold_frozen_teachers
 from kdforge.compress.footprint import compression_report
 from kdforge.config import RunConfig, build_config
 from kdforge.core.checkpoint import (
@@ -56,6 +57,7 @@ from kdforge.engine.build import (
 )
 from kdforge.engine.divergence import LossWatch, RunDiverged, likely_cause, nonfinite_tensors
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
+from kdforge.engine.probe import has_conv2d, probe_channels_last
 from kdforge.engine.record import device_description, run_record
 from kdforge.methods import Distiller, Output, Step
 
@@ -206,10 +208,12 @@ class Trainer:
         torch.manual_seed(config.seed)  # model initialisation depends on the seed only
         distiller, self.spec = build_distiller(config, self.info, self.data.train)
         self.distiller: Distiller = distiller
-        if config.train.channels_last:
-            distiller.to(memory_format=torch.channels_last)
-        if config.train.compile:
-            distiller.student.compile()
+        self.teacher_folding = None
+        if config.train.fold_teacher_bn and len(distiller.teachers):
+            _compression_summary(self)  # compression rates are against the teacher as trained
+            self.teacher_folding = fold_frozen_teachers(
+                list(distiller.teachers), trained=_non_teacher_parameters(distiller)
+            )
 
         augmentation = build_augmentation(config.data, self.info)
         self.train_loader = make_loader(
@@ -241,6 +245,9 @@ class Trainer:
                 f"batch size that divides the {self.train_loader.samples_per_rank} training images"
             )
         self.total_steps = self.steps_per_epoch * config.train.epochs
+        self.memory_format = self._choose_memory_format(augmentation)
+        if config.train.compile:
+            distiller.student.compile()
 
         groups = distiller.optimizer_groups()
         optimizers = [build_optimizer(g, config.train.optimizer) for g in groups]
@@ -265,6 +272,65 @@ class Trainer:
             atomic_write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), self.out_dir / "config.yaml")
             self._rewrite_metrics()
         self.experiment_loggers = self._experiment_loggers() if fabric.is_global_zero else None
+
+    def _choose_memory_format(self, augmentation) -> dict[str, Any]:
+        """Lay out the networks as ``train.channels_last`` says (engine/probe.py): ``auto`` gives
+        channels_last to every network with 2-D convolutions (faster for every zoo network's
+        training step and teacher forward we measured; benchmarks/RESULTS.md), except on MPS;
+        ``probe`` times both layouts on the run's device; true/false force it."""
+        setting = self.config.train.channels_last
+        distiller = self.distiller
+        teachers = list(distiller.teachers)
+        decision: dict[str, Any]
+        if setting == "auto":
+            usable = self.fabric.device.type != "mps"
+            decision = {
+                "student": usable and has_conv2d(distiller.inference_model()),
+                "teachers": [usable and has_conv2d(t) for t in teachers],
+                "reason": "auto: channels_last for networks with 2-D convolutions" if usable else "auto: MPS",
+            }
+        elif setting == "probe":
+            decision = self._probe_memory_format(augmentation, teachers)
+        else:
+            decision = {"student": bool(setting), "teachers": [bool(setting)] * len(teachers)}
+            decision["reason"] = f"train.channels_last: {str(bool(setting)).lower()}"
+        if decision["student"]:
+            for name, module in distiller.named_children():
+                if name != "teachers":
+                    module.to(memory_format=torch.channels_last)
+        for teacher, nhwc in zip(teachers, decision["teachers"]):
+            teacher.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        return decision
+
+    def _probe_memory_format(self, augmentation, teachers: list[nn.Module]) -> dict[str, Any]:
+        """Time both layouts once; a resumed run reuses its first session's choice (same numerics)."""
+        summary = self.out_dir / "summary.json"
+        if self.resume and summary.exists():
+            try:
+                earlier = json.loads(summary.read_text()).get("memory_format")
+            except (OSError, ValueError):
+                earlier = None
+            if isinstance(earlier, dict) and len(earlier.get("teachers", [])) == len(teachers):
+                return earlier
+        probe_loader = make_loader(
+            self.data.train,
+            min(self.config.train.batch_size, len(self.data.train)),
+            shuffle=False,
+            augmentation=augmentation,
+            train=False,
+            device=self.fabric.device,
+        )
+        batch = next(iter(probe_loader))
+        for teacher in teachers:
+            teacher.to(self.fabric.device)
+        try:
+            decision = probe_channels_last(self.distiller.inference_model(), teachers, batch.image, batch.targets)
+        except Exception as exc:  # noqa: BLE001 - a probe never stops a run; the default layout stays
+            decision = {"student": False, "teachers": [False] * len(teachers)}
+            decision["reason"] = f"probe failed ({type(exc).__name__}: {exc}); contiguous layout kept"
+        if self.fabric.world_size > 1:  # every rank uses rank 0's choice
+            decision = self.fabric.broadcast(decision, src=0)
+        return decision
 
     def _teacher_bank(self, augmentation):
         """The stored teacher outputs to replay, when the recipe asks for them and the method can use them."""
@@ -498,7 +564,7 @@ class Trainer:
         lrs = [lr_at(self.global_step) for lr_at in self.lr_at]
         for optimizer, lr in zip(self.optimizers, lrs):
             set_learning_rate(optimizer, lr)
-        if self.config.train.channels_last:
+        if self.memory_format["student"]:
             batch.inputs = {
                 k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
                 for k, v in batch.inputs.items()
@@ -612,7 +678,7 @@ class Trainer:
             world_size=self.fabric.world_size,
             reduce=lambda t: self.fabric.all_reduce(t.to(self.fabric.device), reduce_op="sum").cpu(),
             autocast=self.fabric.autocast,
-            channels_last=self.config.train.channels_last,
+            channels_last=self.memory_format["student"],
             device=self.fabric.device,
             num_workers=self.config.data.num_workers,
         )
@@ -666,6 +732,8 @@ class Trainer:
             "selection_split": self._selection_split(),
             "student_parameters": sum(p.numel() for p in student.parameters()),
             "extra_parameters": self.distiller.extra_parameter_count(),
+            **({"teacher_bn_folding": self.teacher_folding} if self.teacher_folding else {}),
+            "memory_format": self.memory_format,
             **({"method_summary": extra} if (extra := self.distiller.summary_metrics()) else {}),
             "train_seconds": self.train_seconds,
             "wall_seconds": self._wall_seconds(),
@@ -795,3 +863,8 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             found.append(f"{path}: {a!r} then, {b!r} now")
     return found
+
+
+def _non_teacher_parameters(distiller: Distiller) -> list[nn.Parameter]:
+    """Every parameter of the distiller reachable outside ``teachers.`` (shared ones included)."""
+    return [p for name, p in distiller.named_parameters(remove_duplicate=False) if not name.startswith("teachers.")]
