@@ -66,7 +66,8 @@ class DataConfig(Strict):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
     num_workers: NonNegativeInt = Field(
-        0, description="DataLoader worker processes reading a streamed (custom) Dataset; 0 reads in the main process"
+        default=0,
+        description="DataLoader worker processes reading a streamed (custom) Dataset; 0 reads in the main process",
     )
 
 

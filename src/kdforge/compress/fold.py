@@ -102,11 +102,11 @@ def fold_batchnorm(model: nn.Module) -> FoldReport:
         if node.op != "call_module" or not isinstance(node.target, str):
             continue
         norm = modules.get(node.target)
-        if type(norm) not in _NORMS:
+        if norm is None or type(norm) not in _NORMS:
             continue
         source = node.args[0] if node.args else None
         conv = modules.get(source.target) if isinstance(source, fx.Node) and source.op == "call_module" else None
-        if conv is None or type(conv) not in _CONVS or _CONVS[type(conv)] != _NORMS[type(norm)]:
+        if conv is None or _CONVS.get(type(conv)) != _NORMS[type(norm)]:
             continue  # not a convolution's output: nothing to fold into
         assert isinstance(source, fx.Node) and isinstance(norm, nn.modules.batchnorm._BatchNorm)
         why = None

@@ -94,7 +94,7 @@ def probe_channels_last(
     if has_conv2d(student):
         probe = copy.deepcopy(student).train()
         plain = _seconds(_student_step(probe, contiguous, labels), device, repeats)
-        probe = probe.to(memory_format=_CL)
+        probe = probe.to(memory_format=_CL)  # type: ignore[call-overload]
         fast = _seconds(_student_step(probe, nhwc, labels), device, repeats)
         del probe
         decision["student"] = fast < (1 - margin) * plain
@@ -103,11 +103,11 @@ def probe_channels_last(
         if not has_conv2d(teacher):
             continue
         plain = _seconds(_forward(teacher, contiguous), device, repeats)
-        teacher.to(memory_format=_CL)  # frozen: converting in place and back changes no value
+        teacher.to(memory_format=_CL)  # type: ignore[call-overload]  # frozen: in place and back changes no value
         fast = _seconds(_forward(teacher, contiguous), device, repeats)
         keep = fast < (1 - margin) * plain
         if not keep:
-            teacher.to(memory_format=torch.contiguous_format)
+            teacher.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
         decision["teachers"][i] = keep
         decision["ms"][f"teacher{i}_forward"] = {"contiguous": 1000 * plain, "channels_last": 1000 * fast}
     return decision

@@ -297,9 +297,9 @@ class Trainer:
         if decision["student"]:
             for name, module in distiller.named_children():
                 if name != "teachers":
-                    module.to(memory_format=torch.channels_last)
+                    module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         for teacher, nhwc in zip(teachers, decision["teachers"]):
-            teacher.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+            teacher.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # type: ignore[call-overload]
         return decision
 
     def _probe_memory_format(self, augmentation, teachers: list[nn.Module]) -> dict[str, Any]:
@@ -503,8 +503,9 @@ class Trainer:
         try:
             with StopFlag().deferred(check=False):
                 self._write_summary("failed", error=message)
-                if self.writer is not None:
-                    self.writer.close()
+                loggers = getattr(self, "experiment_loggers", None)
+                if loggers is not None:
+                    loggers.close("failed")
         except (OSError, KDForgeError):
             pass
 
