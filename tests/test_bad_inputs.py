@@ -437,7 +437,7 @@ def test_bench_out_is_an_existing_file(tmp_path, capsys):
         "s.yaml",
         {
             "name": "s",
-            "base": {"student": {"name": "mlp"}},
+            "base": {"data": {"name": "digits"}, "student": {"name": "mlp"}},
             "pairs": [{"student": {"name": "mlp"}}],
             "methods": {"ce": {}},
         },

@@ -40,7 +40,9 @@ def clean_env(monkeypatch):
 
 
 def config():
-    return build_config({"student": {"name": "mlp"}, "train": {"accelerator": "cpu", "devices": 2}})
+    return build_config(
+        {"data": {"name": "digits"}, "student": {"name": "mlp"}, "train": {"accelerator": "cpu", "devices": 2}}
+    )
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])

@@ -169,6 +169,7 @@ def test_crosslayer_rejects_bad_pairs():
     with pytest.raises(ConfigError, match="not in student_layers"):
         build_config(
             {
+                "data": {"name": "digits"},
                 "student": {"name": "resnet8"},
                 "teachers": [{"name": "resnet20"}],
                 "method": {"name": "crosslayer", "pairs": [["stage1", "stage9"]]},

@@ -129,6 +129,11 @@ def _code(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- the page
+def builtin_methods() -> list[str]:
+    """kdforge's own methods (plugins and methods registered by the user's code are not documented here)."""
+    return [name for name in METHODS.names() if getattr(METHODS.get(name), "__module__", "").startswith("kdforge.")]
+
+
 def _table(model: type[BaseModel], prefix: str, queue: list[tuple[str, type[BaseModel]]], seen: dict) -> list[str]:
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in model.model_fields.items():
@@ -189,7 +194,7 @@ def methods_section() -> list[str]:
         "",
     ]
     docs = Path(__file__).resolve().parents[3] / "docs" / "methods"
-    for name in METHODS.names():
+    for name in builtin_methods():
         cls: Any = METHODS.get(name)
         params: type[BaseModel] = cls.Params
         link = f" ([docs/methods/{name}.md](methods/{name}.md))" if (docs / f"{name}.md").is_file() else ""
