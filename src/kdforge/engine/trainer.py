@@ -116,15 +116,16 @@ class _EpochTotals:
     """Sums over one epoch's batches on this rank: loss terms (tensors), metrics, images."""
 
     losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     images: int = 0
 
     def add(self, output: Output, batch_size: int, replays: int) -> None:
         """Add one forward's loss terms and metrics, weighted by the batch size (and split over replays)."""
         for name, value in output.losses.items():
             self.losses[name] = self.losses.get(name, 0.0) + value.detach() * batch_size / replays
-        for name, value in output.metrics.items():
-            self.metrics[name] = self.metrics.get(name, 0.0) + float(value) * batch_size / replays
+        for name, value in output.metrics.items():  # tensors stay on the device (no per-step sync)
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+            self.metrics[name] = self.metrics.get(name, 0.0) + value * batch_size / replays
 
 
 class Trainer:
@@ -265,6 +266,10 @@ class Trainer:
         self.wall_seconds_before = 0.0  # wall time of earlier sessions of a resumed run
         self.best: dict[str, Any] = {}
         self.loss_watch = LossWatch()
+        # read step losses every step on the CPU, every 25 steps on an accelerator (no per-step sync)
+        self.loss_sync_every = 1 if fabric.device.type == "cpu" else 25
+        self._pending_losses: list[tuple[int, torch.Tensor]] = []
+        self._last_loss = math.nan
         if self.resume and self.state_path.exists():
             self._load_state()
         if fabric.is_global_zero:
@@ -537,6 +542,7 @@ class Trainer:
             totals.images += len(batch)
             self.global_step += 1
             self._log_step(bar, loss_value, totals.images, started)
+        self._flush_losses(None, None, epoch)
         seconds = time.perf_counter() - started
         if bar is not None:
             bar.close()
@@ -584,7 +590,7 @@ class Trainer:
         replays = max(int(self.distiller.batch_replays), 1)
         for _ in range(replays):
             output = self.model(batch, step)
-            loss_value = self._check_loss(output, batch, epoch)
+            loss_value = self._watch_loss(output, batch, epoch)
             self.fabric.backward(output.loss)
             self._optimizer_step()
             self.distiller.after_optimizer_step(step)
@@ -592,17 +598,46 @@ class Trainer:
         self.stop_flag.check()  # SIGTERM: stop between steps, never inside a save
         return loss_value
 
-    def _check_loss(self, output: Output, batch, epoch: int) -> float:
-        """The step's loss value; a NaN, infinite or exploding loss stops the run (kdforge.engine.divergence)."""
-        loss_value = float(output.loss.detach())
+    def _watch_loss(self, output: Output, batch, epoch: int) -> float:
+        """The step's loss value for the progress bar, checked by the divergence rules.
+
+        On the CPU each step's loss is read at once (free). On an accelerator reading it would
+        wait for the device every step, so the losses are kept on the device and read together
+        every ``loss_sync_every`` steps and at the epoch's end (one wait); a divergence is then
+        reported at most that many steps late, with the step it happened at, and the weights are
+        checked before anything is saved either way. Returns the last loss read (NaN before any).
+        """
+        self._pending_losses.append((self.global_step, output.loss.detach()))
+        if len(self._pending_losses) >= self.loss_sync_every:
+            self._flush_losses(output, batch, epoch)
+        return self._last_loss
+
+    def _flush_losses(self, output: Output | None, batch, epoch: int) -> None:
+        """Read the pending step losses (one device sync) and apply the divergence rules in order."""
+        if not self._pending_losses:
+            return
+        steps = [s for s, _ in self._pending_losses]
+        values = torch.stack([v.float().reshape(()) for _, v in self._pending_losses]).tolist()
+        self._pending_losses = []
+        for at, value in zip(steps, values):
+            self._last_loss = value
+            self._check_loss(value, output, batch, epoch, at)
+
+    def _check_loss(self, loss_value: float, output: Output | None, batch, epoch: int, at: int) -> None:
+        """A NaN, infinite or exploding loss stops the run (kdforge.engine.divergence)."""
         problem = self.loss_watch.check(loss_value)
         if problem is None:
-            return loss_value
+            return
+        if output is None:  # found at the epoch's end: the culprit analysis has no step at hand
+            raise RunDiverged(
+                f"run diverged at epoch {epoch + 1}, step {at}: {problem}; likely cause: the learning rate "
+                f"(or a temperature or loss weight); {self._kept_files()}"
+            )
         terms = {k: float(v.detach()) for k, v in output.losses.items()}
         worst = max(terms, key=lambda k: abs(terms[k]) if math.isfinite(terms[k]) else math.inf) if terms else None
         term = f" (loss term '{worst}' = {terms[worst]:.3g})" if worst and len(terms) > 1 else ""
         raise RunDiverged(
-            f"run diverged at epoch {epoch + 1}, step {self.global_step}: {problem}{term}; likely cause: "
+            f"run diverged at epoch {epoch + 1}, step {at}: {problem}{term}; likely cause: "
             f"{likely_cause(self, batch)}; {self._kept_files()}"
         )
 
@@ -621,7 +656,9 @@ class Trainer:
         bar.update(1)
         if self.global_step % 10 == 0:
             seconds = time.perf_counter() - started
-            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images / max(seconds, 1e-9):.0f}")
+            speed = {"img_s": f"{images / max(seconds, 1e-9):.0f}"}
+            loss = {"loss": f"{loss_value:.3f}"} if math.isfinite(loss_value) else {}  # none read yet on a GPU
+            bar.set_postfix(**loss, **speed)
 
     def _epoch_record(self, epoch: int, totals: _EpochTotals, seconds: float, bank_seconds: float) -> dict[str, Any]:
         """The epoch's metrics.jsonl line: loss terms and metrics summed over every rank, cost, lr."""
@@ -633,7 +670,7 @@ class Trainer:
             "train": {
                 "loss": sum(losses.values()),
                 **{f"loss_{k}": v for k, v in losses.items()},
-                **{k: v / max(images, 1) for k, v in totals.metrics.items()},
+                **{k: float(v) / max(images, 1) for k, v in totals.metrics.items()},
                 "images_per_second": float(total_images) / max(seconds, 1e-9),
                 "seconds": seconds,
                 **({"teacher_bank_seconds": bank_seconds} if self.bank is not None else {}),
