@@ -1064,3 +1064,37 @@ def _answers(address) -> bool:
         return _ping(address)
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_ddp_run_stops_its_other_rank(tmp_path):
+    """Fabric starts rank 1 from rank 0's process; killing rank 0 before the ranks connect must not
+    leave rank 1 waiting at the rendezvous (for the collectives' 30-minute timeout)."""
+    recipe = _write(
+        tmp_path,
+        "r.yaml",
+        {
+            "data": {"name": "digits"},
+            "student": {"name": "mlp"},
+            "train": {"epochs": 2000, "batch_size": 16, "devices": 2, "strategy": "ddp", "progress": "none"},
+        },
+    )
+    rank0 = subprocess.Popen(
+        [sys.executable, "-m", "kdforge", "train", str(recipe), "--out", str(tmp_path / "o")],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    children: list[str] = []
+    while time.monotonic() < deadline and not children:  # rank 1 exists: kill rank 0 before they connect
+        children = subprocess.run(["pgrep", "-P", str(rank0.pid)], capture_output=True, text=True).stdout.split()
+        time.sleep(0.05)
+    assert children, "rank 0 started no other rank"
+    time.sleep(1.0)  # rank 1 is importing or waiting at the rendezvous
+    rank0.kill()
+    rank0.wait(timeout=10)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(int(pid)) for pid in children):
+        time.sleep(0.2)
+    assert not any(_alive(int(pid)) for pid in children)

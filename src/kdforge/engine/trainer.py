@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ from kdforge.core.checkpoint import (
 )
 from kdforge.core.errors import ConfigError, KDForgeError, StorageError
 from kdforge.core.runlock import RunLock
-from kdforge.core.signals import StopFlag
+from kdforge.core.signals import PARENT_ENV, StopFlag
 from kdforge.core.storage import ensure_writable_dir, remove_stale_temps, storage_message
 from kdforge.data import DataSplits, make_loader
 from kdforge.engine.build import (
@@ -186,6 +187,10 @@ class Trainer:
         fabric = self.fabric
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
+        if fabric.world_size > 1 and os.environ.get("LOCAL_RANK", "0") == "0":
+            # the processes Fabric starts for the other local ranks stop when this one dies (even by
+            # kill -9 or a timeout), instead of waiting in a collective for half an hour
+            os.environ[PARENT_ENV] = str(os.getpid())
         fabric.launch()
         if fabric.is_global_zero:
             ensure_writable_dir(self.out_dir)  # before any data is loaded: a bad --out fails at once
