@@ -186,3 +186,17 @@ def test_logger_settings_are_checked(tmp_path, monkeypatch):
     assert "\n" not in str(caught.value)
     with pytest.raises(ConfigError, match="train.logger_options.csv"):
         Trainer(recipe(epochs=1, loggers=["csv"], logger_options={"csv": {"colour": "red"}}), tmp_path / "b").fit()
+
+
+def test_a_stale_process_wide_rank_does_not_silence_the_loggers(tmp_path):
+    """Lightning's rank-0-only switch is process-wide; a Fabric built earlier in this process for
+    another rank (a simulated cluster, a notebook) must not leave this run's loggers mute."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    before = getattr(rank_zero_only, "rank", 0)
+    rank_zero_only.rank = 3  # type: ignore[attr-defined]
+    try:
+        Trainer(recipe(epochs=2, loggers=["csv"]), tmp_path).fit()
+    finally:
+        rank_zero_only.rank = before  # type: ignore[attr-defined]
+    assert len(csv_rows(tmp_path)) == 2

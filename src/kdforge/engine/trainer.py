@@ -83,12 +83,19 @@ def _make_fabric(config: RunConfig):
     strategy = config.train.strategy
     if config.train.devices > 1 and strategy == "auto":
         strategy = "ddp"
-    return Fabric(
+    fabric = Fabric(
         accelerator=config.train.accelerator,
         devices=config.train.devices,
         strategy=strategy,
         precision=resolve_precision(config.train.precision, accelerator),  # type: ignore[arg-type]
     )
+    # Lightning keeps "which rank am I" in one process-wide setting that a Fabric sets only from a
+    # cluster environment; an earlier run in the same process (a notebook, a test) could leave
+    # another rank there, and the loggers' rank-0-only methods would then do nothing.
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    rank_zero_only.rank = fabric.global_rank  # type: ignore[attr-defined]
+    return fabric
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -191,7 +198,10 @@ class Trainer:
             # the processes Fabric starts for the other local ranks stop when this one dies (even by
             # kill -9 or a timeout), instead of waiting in a collective for half an hour
             os.environ[PARENT_ENV] = str(os.getpid())
-        fabric.launch()
+        try:
+            fabric.launch()
+        finally:  # only the processes started by launch() inherit it, never a later command in this process
+            os.environ.pop(PARENT_ENV, None)
         if fabric.is_global_zero:
             ensure_writable_dir(self.out_dir)  # before any data is loaded: a bad --out fails at once
             # one writer per run directory: a second train/bench on the same --out is refused
