@@ -84,7 +84,10 @@ def die_with_parent(parent: int | None = None, poll_seconds: float = 1.0) -> Non
             import ctypes
 
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+            # a DDP rank that Fabric started (LOCAL_RANK > 0) may sit in a blocking collective or
+            # rendezvous where no Python handler runs, and rank 0 owns the run's files: it is killed
+            rank_child = os.environ.get("LOCAL_RANK", "0") not in ("", "0")
+            libc.prctl(1, int(signal.SIGKILL if rank_child else signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent:  # the parent died before the request took effect
