@@ -4,6 +4,8 @@ CPU (no process group is started); real multi-node runs are not part of CI."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kdforge.config import build_config
@@ -19,6 +21,8 @@ TORCHRUN = {  # the variables torchrun sets: 2 nodes x 2 processes, this is node
     "MASTER_ADDR": "10.0.0.1",
     "MASTER_PORT": "29500",
 }
+SAVED_MASTER_ADDR = os.environ.get("MASTER_ADDR")
+SAVED_SLURM = {name for name in os.environ if name.startswith("SLURM_")}  # a real SLURM job running the tests
 SLURM = {  # sbatch --nodes=2 --ntasks-per-node=2, then srun: task 2 runs on the second node
     "SLURM_NTASKS": "4",
     "SLURM_NTASKS_PER_NODE": "2",
@@ -34,9 +38,14 @@ SLURM = {  # sbatch --nodes=2 --ntasks-per-node=2, then srun: task 2 runs on the
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # Lightning's cluster environments write variables of their own (SLURM's sets MASTER_ADDR and
+    # MASTER_PORT); the whole environment is restored so no later test (a real DDP run) inherits them
+    saved = dict(os.environ)
     for name in [*TORCHRUN, *SLURM, "LT_NUM_NODES"]:
         monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def config():
@@ -65,3 +74,9 @@ def test_without_the_node_count_fabric_stops_before_the_rendezvous(clean_env):
     fabric = _make_fabric(config())
     with pytest.raises(ValueError, match=r"devices=2. and .num_nodes=1.*world size \(4\)"):
         fabric.launch()
+
+
+def test_the_simulated_clusters_leave_no_variables_behind():
+    """Runs after the tests above (file order): a leaked MASTER_ADDR sent later DDP tests to 'gpu07'."""
+    assert os.environ.get("MASTER_ADDR") == SAVED_MASTER_ADDR
+    assert not any(name.startswith("SLURM_") for name in os.environ if name not in SAVED_SLURM)
