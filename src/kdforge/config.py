@@ -18,27 +18,18 @@ from pydantic import (
     Field,
     NonNegativeInt,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from kdforge.core.errors import ConfigError, closest
 from kdforge.core.plugins import import_all
-from kdforge.core.validation import strict_scalar, validation_message
+from kdforge.core.validation import StrictScalars, validation_message
 
 
-class Strict(BaseModel):
+class Strict(StrictScalars):
     # no NaN/inf in any float; no boolean for a number (`epochs: true`), only true/false for a boolean
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
-        field = cls.model_fields.get(info.field_name or "")
-        if field is not None:
-            strict_scalar(field.annotation, value)
-        return value
 
 
 class AugmentConfig(Strict):

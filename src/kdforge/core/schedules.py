@@ -20,14 +20,14 @@ from __future__ import annotations
 import math
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from kdforge.core.validation import strict_scalar
+from kdforge.core.validation import StrictScalars
 
 ScheduleKind = Literal["constant", "linear", "cosine", "exponential", "step"]
 
 
-class Schedule(BaseModel):
+class Schedule(StrictScalars):
     """A value as a function of training progress (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -39,14 +39,6 @@ class Schedule(BaseModel):
     finish: float = Field(1.0, ge=0.0, le=1.0)
     steps: int = Field(3, ge=1, description="number of equal drops for kind=step")
     by: Literal["step", "epoch"] = "step"
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _strict_scalars(cls, value: object, info: ValidationInfo) -> object:
-        field = cls.model_fields.get(info.field_name or "")
-        if field is not None:
-            strict_scalar(field.annotation, value)
-        return value
 
     @model_validator(mode="after")
     def _check(self) -> Schedule:

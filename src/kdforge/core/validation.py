@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
 from kdforge.core.errors import closest
 
@@ -176,3 +176,17 @@ def finite_numbers(value: Any) -> list[float]:
         end = getattr(value, "end", None)
         return [float(start)] + ([float(end)] if isinstance(end, (int, float)) else [])
     return []
+
+
+class StrictScalars(BaseModel):
+    """Base of kdforge's settings models (recipes, schedules, method hyperparameters): a field
+    typed as a number takes no boolean (``epochs: true``), a boolean field only true/false, also
+    inside lists (``strict_scalar``)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None:
+            strict_scalar(field.annotation, value)
+        return value

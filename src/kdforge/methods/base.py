@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import ConfigDict, ValidationInfo, field_validator
 from torch import nn
 
 from kdforge.core.registry import Registry
 from kdforge.core.schedules import Schedule
-from kdforge.core.validation import finite_numbers, strict_scalar
+from kdforge.core.validation import StrictScalars, finite_numbers
 from kdforge.data.batch import Batch
 
 METHODS: Registry[type[Distiller]] = Registry("method", group="kdforge.methods")
@@ -99,7 +99,7 @@ def is_weight_field(name: str) -> bool:
     return name in ("weight", "alpha", "beta") or name.endswith(("_weight", "_weights")) or name.startswith("lambda_")
 
 
-class MethodParams(BaseModel):
+class MethodParams(StrictScalars):
     """Base for a method's hyperparameters: unknown keys are errors.
 
     Every subclass also gets, field by field: no NaN or infinity in any float; no boolean where a
@@ -109,14 +109,6 @@ class MethodParams(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
-        field = cls.model_fields.get(info.field_name or "")
-        if field is not None:
-            strict_scalar(field.annotation, value)
-        return value
 
     @field_validator("*", mode="after")
     @classmethod
