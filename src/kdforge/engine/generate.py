@@ -1,0 +1,6 @@
+"""placeholder"""
+from kdforge.config import Strict
+class GenerateConfig(Strict):
+    pass
+def build_generate_config(data): ...
+def generate_run(config, out_dir, resume=False): ...

@@ -1,0 +1,37 @@
+"""Exponential moving average of a network's weights (the generator used for sampling).
+
+After each generator step every floating-point parameter and buffer of the copy becomes
+``decay * ema + (1 - decay) * current`` (BatchNorm running statistics included, so the copy can be
+used in eval mode); integer buffers (BatchNorm's step counter) are copied.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """``EMA(model, decay)``; call ``update(model)`` after every optimizer step; ``.model`` is the average."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model)
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        for name, value in self.model.state_dict().items():
+            source = current[name].detach()
+            if value.is_floating_point():
+                value.mul_(self.decay).add_(source.to(value.dtype), alpha=1.0 - self.decay)
+            else:
+                value.copy_(source)
