@@ -25,6 +25,7 @@ from kdforge.data import (
     load_dataset,
 )
 from kdforge.data.sources.common import MissingDataError
+from kdforge.data.tasks import task_for
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import MODELS, create
 from kdforge.models.specs import rebuild as rebuild_spec
@@ -180,9 +181,13 @@ def build_distiller(
     adversarial methods, whose epsilon is in [0, 1] pixel units, ``train_data`` (the training
     TensorData) for methods that look at the images before training (NoNN's filter partition).
     """
+    method_cls = METHODS.get(config.method.name)
+    try:  # before any network is built: a classification-only method on regression data fails at once
+        method_cls.check_task(info.task, f"dataset '{info.name}'")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     student, spec = build_model(config.student, info, "student")
     teachers = [build_model(t, info, f"teachers.{i}")[0] for i, t in enumerate(config.teachers)]
-    method_cls = METHODS.get(config.method.name)
     accepted = inspect.signature(method_cls.__init__).parameters
     offered: dict[str, Any] = {
         "input_shape": (info.in_channels, *info.image_size),
@@ -194,6 +199,7 @@ def build_distiller(
     extra = {k: v for k, v in offered.items() if k in accepted and v is not None}
     try:
         distiller = method_cls(student, teachers, config.method.params(), **extra)
+        distiller.use_task(task_for(info))
     except ValueError as exc:  # the method's own checks already name it and the fix
         raise ConfigError(str(exc)) from None
     return distiller, spec
