@@ -27,15 +27,16 @@ def _quiet_libraries() -> None:
 
 # ----------------------------------------------------------------------------- train
 def train_run(config, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-    from kdforge.engine.trainer import Trainer
+    from kdforge.engine.runs import run_any  # a training run, a GAN (kind: gan) or a generation step
 
-    return Trainer(config, out_dir, resume=resume).fit()
+    return run_any(config, out_dir, resume=resume)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kdforge.config import build_config, read_yaml
+    from kdforge.config import read_yaml
     from kdforge.core.recipes import find_recipe
     from kdforge.engine.pipeline import is_pipeline, run_pipeline
+    from kdforge.engine.runs import build_any_config
 
     args.config = find_recipe(args.config)  # a file, or a packaged recipe's name (kdforge list recipes)
     recipe = read_yaml(args.config)
@@ -45,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summaries = run_pipeline(recipe, Path(args.config).parent, out, overrides, train_run)
         _print_table(summaries, out)
         return 0
-    config = build_config(recipe, overrides)
+    config = build_any_config(recipe, overrides)
     out = Path(args.out or Path("runs") / config.name)
     summary = train_run(config, out, resume=args.resume)
     _print_table({config.name: summary}, out)

@@ -56,6 +56,11 @@ class DataConfig(Strict):
         True, description="training augmentation: true: the dataset's default; false: none; or a mapping"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+    generated: str | None = Field(
+        None,
+        description="a generation run directory (kind: generate; or its generated.pt) whose samples are added "
+        "to the training split (cGAN-KD; docs/cgan-kd.md)",
+    )
     num_workers: NonNegativeInt = Field(
         default=0,
         description="DataLoader worker processes reading a streamed (custom) Dataset; 0 reads in the main process",

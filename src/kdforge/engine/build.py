@@ -45,6 +45,15 @@ class ModelSpec:
 
 
 def build_data(cfg: DataConfig) -> DataSplits:
+    splits = _load_data(cfg)
+    if cfg.generated:  # generated samples join the training split only (cGAN-KD)
+        from kdforge.data.generated import add_generated
+
+        splits = add_generated(splits, cfg.generated)
+    return splits
+
+
+def _load_data(cfg: DataConfig) -> DataSplits:
     return load_dataset(
         cfg.name,
         root=cfg.root,

@@ -81,9 +81,13 @@ class VicinityConfig(Strict):
     """CcGAN's vicinal discriminator loss (continuous labels only; labels scaled to [0, 1])."""
 
     kind: Literal["hard", "soft"] = Field("hard", description="hard (HVDL) or soft (SVDL) vicinity")
-    kappa: float | None = Field(None, gt=0.0, description="vicinity radius; default: kappa_multiplier x largest label gap")
+    kappa: float | None = Field(
+        None, gt=0.0, description="vicinity radius; default: kappa_multiplier x largest label gap"
+    )
     kappa_multiplier: float = Field(2.0, gt=0.0, description="default kappa in units of the largest gap between labels")
-    sigma: float | None = Field(None, ge=0.0, description="std of the noise added to target labels; default: Silverman's rule")
+    sigma: float | None = Field(
+        None, ge=0.0, description="std of the noise added to target labels; default: Silverman's rule"
+    )
     nu: float | None = Field(None, gt=0.0, description="soft vicinity decay; default 1 / kappa^2")
     label_range: tuple[float, float] | None = Field(
         None, description="label values mapped to 0 and 1; default: the training labels' min and max"
@@ -256,7 +260,8 @@ class GanTrainer:
             return
         if self.state_path.exists() or (self.out_dir / "summary.json").exists():
             raise ConfigError(
-                f"run directory '{self.out_dir}' already holds a run; pass --resume to continue it or choose another --out"
+                f"run directory '{self.out_dir}' already holds a run; pass --resume to continue it "
+                "or choose another --out"
             )
 
     def setup(self) -> None:
@@ -277,8 +282,10 @@ class GanTrainer:
         if info.kind != "image" or len(info.sample_shape) != 3:
             raise ConfigError(f"the conditional GAN needs uint8 images; '{info.name}' holds {info.kind} data")
         channels, height, width = info.sample_shape
-        if height != width or height not in (16, 28, 32, 64):
-            raise ConfigError(f"the conditional GAN makes square 16, 28, 32 or 64-pixel images; '{info.name}' has {height}x{width}")
+        if height != width or height not in (8, 16, 28, 32, 64):
+            raise ConfigError(
+                f"the conditional GAN makes square 8, 16, 28, 32 or 64-pixel images; '{info.name}' has {height}x{width}"
+            )
         self.continuous = self._continuous()
         self.train_images = self.data.train.images
         targets = split_targets(self.data.train)  # type: ignore[arg-type]
@@ -318,7 +325,8 @@ class GanTrainer:
         self.steps_per_epoch = len(self.train_images) // config.train.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"train.batch_size={config.train.batch_size} is larger than the {len(self.train_images)} training images"
+                f"train.batch_size={config.train.batch_size} is larger than the "
+                f"{len(self.train_images)} training images"
             )
         self.grid_labels, self.grid_noise = self._grid_inputs()
         self.feature_model = self._feature_model()
@@ -519,20 +527,23 @@ class GanTrainer:
             self.optimizer_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.optimizer_d.step()
-            sums["loss_d"] += float(loss_d)
-            sums["d_real"] += float(real_logits.mean())
-            sums["d_fake"] += float(fake_logits.mean())
+            sums["loss_d"] += float(loss_d.detach())
+            sums["d_real"] += float(real_logits.detach().mean())
+            sums["d_fake"] += float(fake_logits.detach().mean())
             if (step + 1) % config.discriminator_steps == 0:
                 wanted = self._generator_labels(labels)
-                loss_g = hinge_generator_loss(self.discriminator(self.generator(self._latent(len(real)), wanted), wanted))
+                loss_g = hinge_generator_loss(
+                    self.discriminator(self.generator(self._latent(len(real)), wanted), wanted)
+                )
                 self.optimizer_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 self.optimizer_g.step()
                 self.ema.update(self.generator)
-                sums["loss_g"] += float(loss_g)
-            if not math.isfinite(float(loss_d)):
+                sums["loss_g"] += float(loss_g.detach())
+            if not math.isfinite(sums["loss_d"]):
                 raise ConfigError(
-                    f"GAN training diverged at epoch {epoch + 1}, step {step + 1} (discriminator loss {float(loss_d)}); "
+                    f"GAN training diverged at epoch {epoch + 1}, step {step + 1} "
+                    f"(discriminator loss {sums['loss_d']}); "
                     "lower train.lr_discriminator / lr_generator"
                 )
             steps += 1
@@ -647,7 +658,9 @@ class GanTrainer:
                 else {}
             ),
             "label_range": list(self.label_range) if getattr(self, "label_range", None) else None,
-            "generator_parameters": sum(p.numel() for p in self.generator.parameters()) if hasattr(self, "generator") else 0,
+            "generator_parameters": sum(p.numel() for p in self.generator.parameters())
+            if hasattr(self, "generator")
+            else 0,
             "discriminator_parameters": sum(p.numel() for p in self.discriminator.parameters())
             if hasattr(self, "discriminator")
             else 0,

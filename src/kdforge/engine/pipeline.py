@@ -21,8 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdforge.config import ConfigError, RunConfig, build_config, deep_merge, read_yaml
+from kdforge.config import ConfigError, deep_merge, read_yaml
 from kdforge.core.errors import closest
+from kdforge.engine.runs import AnyConfig, build_any_config
 
 _REFERENCE = re.compile(r"\{([A-Za-z0-9_\-]+)\}")
 
@@ -120,7 +121,7 @@ def validate_pipeline(
     out_dir: Path,
     overrides: list[str] = (),  # type: ignore[assignment]
     only: list[str] | None = None,
-) -> dict[str, RunConfig]:
+) -> dict[str, AnyConfig]:
     """Every stage's validated config, in order, before anything trains: a bad key in the last
     stage, an unknown ``{stage}`` reference or an override naming no stage fails at once, in one
     line that names the stage."""
@@ -129,11 +130,11 @@ def validate_pipeline(
     if unknown:
         raise ConfigError(f"no pipeline stage '{unknown[0]}'{closest(unknown[0], stages)}; stages: {', '.join(stages)}")
     run_dirs: dict[str, Path] = {}
-    configs: dict[str, RunConfig] = {}
+    configs: dict[str, AnyConfig] = {}
     for name, stage in stages.items():
         stage_overrides = [_strip_stage(o) for o in overrides if _targets(o, name, stages)]
         try:
-            configs[name] = build_config(_substitute(stage, run_dirs, name), stage_overrides)
+            configs[name] = build_any_config(_substitute(stage, run_dirs, name), stage_overrides)
         except ConfigError as exc:
             message = str(exc)
             raise ConfigError(

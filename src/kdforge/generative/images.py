@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 
-
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Generator output in [-1, 1] -> uint8 pixels (what a dataset stores)."""
     return ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)

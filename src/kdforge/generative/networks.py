@@ -75,9 +75,9 @@ class _UpBlock(nn.Module):
 
 def _start_size(image_size: int) -> tuple[int, int]:
     """(start resolution, number of x2 upsamplings) for a supported image size."""
-    sizes = {28: (7, 2), 32: (4, 3), 16: (4, 2), 64: (4, 4)}
+    sizes = {8: (4, 1), 16: (4, 2), 28: (7, 2), 32: (4, 3), 64: (4, 4)}
     if image_size not in sizes:
-        raise ValueError(f"image size {image_size} is not supported by the conditional GAN; use 16, 28, 32 or 64")
+        raise ValueError(f"image size {image_size} is not supported by the conditional GAN; use 8, 16, 28, 32 or 64")
     return sizes[image_size]
 
 

@@ -32,7 +32,9 @@ from torch import nn
 
 
 @torch.no_grad()
-def batched(function: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def batched(
+    function: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
     """``function`` applied to ``inputs`` in batches, results concatenated."""
     return torch.cat([function(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
@@ -94,7 +96,10 @@ def fit_density_ratio(
     )
     target = torch.cat([torch.ones(len(real_features)), torch.zeros(len(fake_features))])
     weight = torch.cat(
-        [torch.full((len(real_features),), 0.5 / len(real_features)), torch.full((len(fake_features),), 0.5 / len(fake_features))]
+        [
+            torch.full((len(real_features),), 0.5 / len(real_features)),
+            torch.full((len(fake_features),), 0.5 / len(fake_features)),
+        ]
     )
     net = nn.Sequential(nn.Linear(inputs.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1))
     with torch.no_grad():  # a seeded initialisation, independent of the global RNG
