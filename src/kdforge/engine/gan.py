@@ -376,7 +376,7 @@ class GanTrainer:
             "train_seconds": self.train_seconds,
             "generator": self.generator.state_dict(),
             "discriminator": self.discriminator.state_dict(),
-            "ema": self.ema.model.state_dict(),
+            "ema": self.ema.state_dict(),
             "optimizer_g": self.optimizer_g.state_dict(),
             "optimizer_d": self.optimizer_d.state_dict(),
             "noise": self.noise.get_state(),
@@ -392,7 +392,7 @@ class GanTrainer:
             raise ConfigError(f"'{self.state_path}' is not a kdforge GAN training state; choose another --out")
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
-        self.ema.model.load_state_dict(state["ema"])
+        self.ema.load_state_dict(state["ema"])
         self.optimizer_g.load_state_dict(state["optimizer_g"])
         self.optimizer_d.load_state_dict(state["optimizer_d"])
         self.noise.set_state(state["noise"])
