@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--shared", nargs="+", default=["teacher", "gan", "generate"])
+    parser.add_argument("--shared", nargs="+", default=["teacher", "gan", "generate", "generate_confidence"])
     parser.add_argument("--set", nargs="+", default=[], dest="overrides")
     args = parser.parse_args(argv)
     recipe_path = Path(args.recipe)
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         seed_dir.mkdir(parents=True, exist_ok=True)
         for name in shared:
             link = seed_dir / name
-            if not link.exists():
-                (shared_dir / name).mkdir(parents=True, exist_ok=True)
+            (shared_dir / name).mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
                 link.symlink_to((shared_dir / name).resolve(), target_is_directory=True)
         overrides = [*args.overrides, *(f"{s}:seed={seed}" for s in students)]
         result = run_pipeline(recipe, recipe_path.parent, seed_dir, overrides, train_run)

@@ -57,7 +57,7 @@ class DataConfig(Strict):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
     generated: str | None = Field(
-        None,
+        default=None,
         description="a generation run directory (kind: generate; or its generated.pt) whose samples are added "
         "to the training split (cGAN-KD; docs/cgan-kd.md)",
     )

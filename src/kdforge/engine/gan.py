@@ -122,10 +122,10 @@ class GanRunConfig(Strict):
     imports: list[str] = Field(default_factory=list, description="modules or .py files imported first")
     seed: int = Field(0, ge=0, lt=2**32, description="fixes initialisation, data order and latent draws")
     data: DataConfig = Field(..., description="the real images (augmentation is not used)")
-    gan: GanNetworkConfig = Field(default_factory=GanNetworkConfig, description="the networks")
-    vicinity: VicinityConfig = Field(default_factory=VicinityConfig, description="continuous labels (CcGAN)")
-    train: GanTrainConfig = Field(default_factory=GanTrainConfig, description="the training loop")
-    quality: QualityConfig = Field(default_factory=QualityConfig, description="the FID-like quality proxy")
+    gan: GanNetworkConfig = Field(default_factory=lambda: GanNetworkConfig.model_validate({}), description="the networks")
+    vicinity: VicinityConfig = Field(default_factory=lambda: VicinityConfig.model_validate({}), description="continuous labels (CcGAN)")
+    train: GanTrainConfig = Field(default_factory=lambda: GanTrainConfig.model_validate({}), description="the training loop")
+    quality: QualityConfig = Field(default_factory=lambda: QualityConfig.model_validate({}), description="the FID-like quality proxy")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -358,7 +358,7 @@ class GanTrainer:
         file = self.config.quality.feature_model
         if file is None:
             return None
-        model, _ = build_model(ModelConfig(checkpoint=file), self.info, "quality.feature_model")
+        model, _ = build_model(ModelConfig.model_validate({"checkpoint": file}), self.info, "quality.feature_model")
         model.eval()
         count = min(self.config.quality.samples, len(self.data.test))
         picks = torch.randperm(len(self.data.test), generator=torch.Generator().manual_seed(0))[:count]
@@ -657,7 +657,7 @@ class GanTrainer:
                 if getattr(self, "continuous", False)
                 else {}
             ),
-            "label_range": list(self.label_range) if getattr(self, "label_range", None) else None,
+            "label_range": list(getattr(self, "label_range", None) or ()) or None,
             "generator_parameters": sum(p.numel() for p in self.generator.parameters())
             if hasattr(self, "generator")
             else 0,

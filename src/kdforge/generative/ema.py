@@ -24,6 +24,7 @@ class EMA(nn.Module):
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.model = copy.deepcopy(model)
+        self.updates: torch.Tensor
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
         self.model.eval()
         for parameter in self.model.parameters():
@@ -37,7 +38,7 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.rate()
-        self.updates += 1
+        self.updates.add_(1)
         current = model.state_dict()
         for name, value in self.model.state_dict().items():
             source = current[name].detach()

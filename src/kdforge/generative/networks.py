@@ -29,6 +29,7 @@ class LabelEmbedding(nn.Module):
     def __init__(self, num_classes: int | None, dim: int, spectral: bool = False) -> None:
         super().__init__()
         self.continuous = num_classes is None
+        self.net: nn.Module
         wrap = spectral_norm if spectral else (lambda m: m)
         if self.continuous:
             self.net = nn.Sequential(wrap(nn.Linear(1, dim)), nn.ReLU(), wrap(nn.Linear(dim, dim)))
