@@ -105,7 +105,8 @@ def generate_run(config: GenerateConfig, out_dir: str | Path, resume: bool = Fal
     ensure_writable_dir(out)
     with RunLock(out):
         summary_path = out / "summary.json"
-        if summary_path.exists() and not resume:
+        if summary_path.exists() and not resume and _status(summary_path) == "finished":
+            # an unfinished (failed, interrupted) generation is simply done again: it is deterministic
             raise ConfigError(f"run directory '{out}' already holds a run; pass --resume or choose another --out")
         atomic_write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), out / "config.yaml")
         started = time.perf_counter()
@@ -119,6 +120,13 @@ def generate_run(config: GenerateConfig, out_dir: str | Path, resume: bool = Fal
         summary["wall_seconds"] = time.perf_counter() - started
         atomic_write_text(json.dumps(summary, indent=2) + "\n", summary_path)
         return summary
+
+
+def _status(summary_path: Path) -> str | None:
+    try:
+        return json.loads(summary_path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _generate(config: GenerateConfig, out: Path) -> dict[str, Any]:

@@ -161,14 +161,14 @@ def _doc_first_line(model: type[BaseModel]) -> str:
     return doc.split("\n\n")[0].replace("\n", " ")
 
 
-def config_section() -> list[str]:
-    lines = ["## Recipe keys", ""]
-    queue: list[tuple[str, type[BaseModel]]] = [("", RunConfig)]
-    seen: dict[type[BaseModel], str] = {RunConfig: "(top level)"}
+def config_section(root: type[BaseModel] = RunConfig, heading: str = "## Recipe keys", label: str = "") -> list[str]:
+    lines = [heading, ""]
+    queue: list[tuple[str, type[BaseModel]]] = [("", root)]
+    seen: dict[type[BaseModel], str] = {root: "(top level)"}
     while queue:
         section, model = queue.pop(0)
         title = f"`{section}`" if section else "top level"
-        lines += [f"### {title}", ""]
+        lines += [f"### {label}{title}", ""]
         about = _doc_first_line(model)
         if about:
             lines += [about, ""]
@@ -207,8 +207,21 @@ def methods_section() -> list[str]:
     return lines
 
 
+def other_kinds_section() -> list[str]:
+    """The keys of the other run kinds: ``kind: gan`` and ``kind: generate`` (docs/cgan-kd.md)."""
+    from kdforge.engine.gan import GanRunConfig
+    from kdforge.engine.generate import GenerateConfig
+
+    return [
+        *config_section(GanRunConfig, "## Recipe keys of `kind: gan` (a conditional GAN; docs/cgan-kd.md)", "gan: "),
+        *config_section(
+            GenerateConfig, "## Recipe keys of `kind: generate` (processed GAN samples; docs/cgan-kd.md)", "generate: "
+        ),
+    ]
+
+
 def render() -> str:
-    lines = [HEADER, *config_section(), *methods_section()]
+    lines = [HEADER, *config_section(), *other_kinds_section(), *methods_section()]
     return "\n".join(lines).replace("``", "`").rstrip() + "\n"
 
 
