@@ -343,3 +343,20 @@ def test_missing_generator_is_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match="kind: gan"):
         read_generator(Path(tmp_path) / "no_gan")
+
+
+def test_kdforge_train_runs_a_gan_recipe_and_reports_bad_keys_in_one_line(tmp_path, capsys):
+    import yaml
+
+    from kdforge.cli import main
+
+    recipe = _gan_recipe(train={"epochs": 1, "batch_size": 50, "progress": "none"})
+    (tmp_path / "gan.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "gan.yaml"), "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
+    assert (tmp_path / "run" / "samples" / "epoch_001.png").is_file()
+    capsys.readouterr()
+    code = main(["train", str(tmp_path / "gan.yaml"), "--out", str(tmp_path / "bad"), "--set", "vicinity.kapa=0.1"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert "unknown key 'vicinity.kapa'" in error and "kappa" in error

@@ -122,10 +122,18 @@ class GanRunConfig(Strict):
     imports: list[str] = Field(default_factory=list, description="modules or .py files imported first")
     seed: int = Field(0, ge=0, lt=2**32, description="fixes initialisation, data order and latent draws")
     data: DataConfig = Field(..., description="the real images (augmentation is not used)")
-    gan: GanNetworkConfig = Field(default_factory=lambda: GanNetworkConfig.model_validate({}), description="the networks")
-    vicinity: VicinityConfig = Field(default_factory=lambda: VicinityConfig.model_validate({}), description="continuous labels (CcGAN)")
-    train: GanTrainConfig = Field(default_factory=lambda: GanTrainConfig.model_validate({}), description="the training loop")
-    quality: QualityConfig = Field(default_factory=lambda: QualityConfig.model_validate({}), description="the FID-like quality proxy")
+    gan: GanNetworkConfig = Field(
+        default_factory=lambda: GanNetworkConfig.model_validate({}), description="the networks"
+    )
+    vicinity: VicinityConfig = Field(
+        default_factory=lambda: VicinityConfig.model_validate({}), description="continuous labels (CcGAN)"
+    )
+    train: GanTrainConfig = Field(
+        default_factory=lambda: GanTrainConfig.model_validate({}), description="the training loop"
+    )
+    quality: QualityConfig = Field(
+        default_factory=lambda: QualityConfig.model_validate({}), description="the FID-like quality proxy"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -82,8 +82,12 @@ class GenerateConfig(Strict):
     teacher: ModelConfig = Field(..., description="the teacher that filters and relabels (a model file)")
     data: DataConfig | None = Field(None, description="real data for the density ratio (default: the GAN's own)")
     samples: int = Field(10000, ge=1, description="images generated before processing (classes in equal numbers)")
-    subsample: SubsampleConfig = Field(default_factory=lambda: SubsampleConfig.model_validate({}), description="drop unrealistic samples")
-    filter: FilterConfig = Field(default_factory=lambda: FilterConfig.model_validate({}), description="drop samples the teacher disagrees with")
+    subsample: SubsampleConfig = Field(
+        default_factory=lambda: SubsampleConfig.model_validate({}), description="drop unrealistic samples"
+    )
+    filter: FilterConfig = Field(
+        default_factory=lambda: FilterConfig.model_validate({}), description="drop samples the teacher disagrees with"
+    )
     relabel: bool = Field(True, description="replace each kept sample's label by the teacher's prediction")
     batch_size: int = Field(256, ge=1, description="images per generator / teacher forward")
 
@@ -167,7 +171,9 @@ def _generate(config: GenerateConfig, out: Path) -> dict[str, Any]:
         feature_net = teacher
         if config.subsample.feature_model:
             feature_net, _ = build_model(
-                ModelConfig.model_validate({"checkpoint": config.subsample.feature_model}), info, "subsample.feature_model"
+                ModelConfig.model_validate({"checkpoint": config.subsample.feature_model}),
+                info,
+                "subsample.feature_model",
             )
         real_count = min(config.subsample.real_samples, len(splits.train))
         picks = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(config.seed))[:real_count]
