@@ -613,7 +613,8 @@ class GanTrainer:
         outputs = batched(self.feature_model, inputs)
         result = {"fid_like": frechet_distance(self.real_features, features)}
         if self.continuous:
-            result["label_mae"] = float((outputs.float().reshape(len(outputs), -1)[:, 0] - labels.float()).abs().mean())
+            error = (outputs.float().reshape(len(outputs), -1)[:, 0] - labels.float()).abs().mean()
+            result["label_mae"] = float(error) * float(self.info.target_scale or 1.0)  # in the target's units
         else:
             result["label_top1"] = 100.0 * float((outputs.argmax(1) == labels).float().mean())
         return result
