@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--shared", nargs="+", default=["teacher", "gan", "generate", "generate_confidence", "generate_filter_only"])
+    parser.add_argument(
+        "--shared", nargs="+", default=["teacher", "gan", "generate", "generate_confidence", "generate_filter_only"]
+    )
     parser.add_argument("--set", nargs="+", default=[], dest="overrides")
     args = parser.parse_args(argv)
     recipe_path = Path(args.recipe)
