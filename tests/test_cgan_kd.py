@@ -360,3 +360,17 @@ def test_kdforge_train_runs_a_gan_recipe_and_reports_bad_keys_in_one_line(tmp_pa
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1
     assert "unknown key 'vicinity.kapa'" in error and "kappa" in error
+
+
+def test_class_gan_scores_each_fake_with_the_class_it_was_made_for(tmp_path):
+    from kdforge.engine.gan import GanTrainer
+    from kdforge.engine.runs import build_any_config
+
+    trainer = GanTrainer(build_any_config(_gan_recipe()), tmp_path / "run")
+    trainer.setup()
+    try:
+        real, conditioning, fake_labels, weights = next(iter(trainer._real_batches(0)))
+        assert torch.equal(conditioning, fake_labels) and weights is None
+        assert real.min() >= -1.0 and real.max() <= 1.0
+    finally:
+        trainer.lock.release()

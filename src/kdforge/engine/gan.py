@@ -481,14 +481,17 @@ class GanTrainer:
             raise
 
     def _real_batches(self, epoch: int):
-        """Per step: (real images in [-1, 1], their conditioning labels, labels for the fakes, fake weights)."""
+        """Per step: (real images in [-1, 1], the conditioning labels of both D terms, the labels the
+        fakes are generated at, fake weights). Classes: the fakes are generated at the real batch's
+        classes. Continuous labels: at labels within kappa of the targets (CcGAN)."""
         size = self.config.train.batch_size
         if not self.continuous:
             self.loader.set_epoch(epoch)
             for batch in self.loader:
                 images = batch.image.to(self.device) * 2.0 - 1.0
                 labels = batch.targets.to(self.device)
-                yield images, labels, labels[torch.randperm(len(labels), generator=self.noise)], None
+                # the fakes are made for, and scored with, the real batch's classes
+                yield images, labels, labels, None
             return
         vicinity = self.config.vicinity
         for _ in range(self.steps_per_epoch):
