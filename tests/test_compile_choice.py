@@ -91,3 +91,19 @@ def test_a_compiled_student_trains_like_the_eager_one(tmp_path):
     compiled = Trainer(_recipe(True), tmp_path / "compiled").fit()
     assert compiled["compile"]["compiled"] is True and compiled["compile"]["warmup_seconds"] > 0
     assert compiled["final"]["test"]["loss"] == pytest.approx(eager["final"]["test"]["loss"], rel=1e-3)
+
+
+def test_a_tapped_student_is_not_compiled(tmp_path):
+    config = build_config(
+        {
+            "name": "tapped",
+            "data": {"name": "digits", "augment": False, "train_subset": 100},
+            "student": {"name": "lenet"},
+            "teachers": [{"name": "lenet"}],
+            "method": {"name": "fitnet"},
+            "train": {"epochs": 1, "batch_size": 50, "progress": "none", "compile": True},
+        }
+    )
+    summary = Trainer(config, tmp_path).fit()
+    assert summary["compile"]["compiled"] is False and "forward hooks" in summary["compile"]["reason"]
+    assert summary["status"] == "finished"

@@ -371,6 +371,14 @@ class Trainer:
                 decision = {"compiled": False, "reason": f"auto: no estimate ({type(exc).__name__}: {exc})"}
             if self.fabric.world_size > 1:  # every rank follows rank 0
                 decision = self.fabric.broadcast(decision, src=0)
+        if decision["compiled"] and _has_forward_hooks(self.distiller.student):
+            decision = {
+                "compiled": False,
+                "reason": f"{decision['reason']}; not compiled: the method taps the student's features with forward "
+                "hooks, which a compiled graph does not run",
+            }
+            if self.config.train.compile is True:
+                self.fabric.print(f"[{self.config.name}] train.compile ignored: {decision['reason']}")
         if decision["compiled"]:
             decision = self._compile_student(decision, augmentation)
         return decision
@@ -997,6 +1005,11 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             found.append(f"{path}: {a!r} then, {b!r} now")
     return found
+
+
+def _has_forward_hooks(model: nn.Module) -> bool:
+    """Whether a FeatureTap (or any forward hook) listens to ``model`` or one of its modules."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def _non_teacher_parameters(distiller: Distiller) -> list[nn.Parameter]:
