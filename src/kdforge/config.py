@@ -60,6 +60,11 @@ class DataConfig(Strict):
         default=0,
         description="DataLoader worker processes reading a streamed (custom) Dataset; 0 reads in the main process",
     )
+    on_device: bool | Literal["auto"] = Field(
+        default="auto",
+        description="keep in-memory splits on the accelerator, so batches are gathered there without host copies: "
+        "auto = on a CUDA GPU when a split takes at most a quarter of its memory; true/false force it",
+    )
 
 
 class LMAConfig(Strict):
