@@ -249,7 +249,7 @@ def test_report_of_regression_runs_shows_mae_and_the_delta_vs_the_student_alone(
     assert kd.delta == pytest.approx(kd.final.mean - alone.final.mean)
     rows = {r["method"]: r for r in table_rows(groups)}
     assert rows["kd"][header].startswith(f"{kd.final.mean:.2f} ± ") and rows["ce"]["Δ final vs student alone"] == "ref"
-    assert rows["kd"][RMSE_HEADER] != "—" and rows["kd"]["paper top-1 (%)"] == "—"
+    assert rows["kd"][RMSE_HEADER] != "—" and "paper top-1 (%)" not in rows["kd"]  # no published MAE numbers
     from kdforge.report.writer import write_report
 
     out = diabetes_runs / "report"

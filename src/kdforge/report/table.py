@@ -345,7 +345,7 @@ def columns(groups: Sequence[Group]) -> list[str]:
         *([RMSE_HEADER] if any(g.primary == "mae" for g in groups) else []),
         *(best_header(s, groups) for s in splits),
         "Δ final vs student alone",
-        "paper top-1 (%)",
+        *(["paper top-1 (%)"] if any(g.primary == "top1" for g in groups) or not groups else []),
         "extra params",
         "time/batch vs KD",
         "train min/run",
