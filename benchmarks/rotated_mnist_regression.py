@@ -19,7 +19,7 @@ On 2 shared CPU cores the 600 and 6,000 settings take about 10 minutes together;
 setting's FitNet runs its teacher live on every batch (--full-methods to choose).
 
     python benchmarks/rotated_mnist_regression.py [--teacher runs/rotated_mnist_teacher/checkpoints/model_last.pt]
-        [--seeds 0 1 2] [--subsets 600 6000 full] [--full-methods ce kd] [--record]
+        [--seeds 0 1 2] [--subsets 600 6000 full] [--full-methods ce kd] [--output sigmoid] [--record]
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ METHODS = {
 }
 
 
-def student_recipe(method: dict, subset: int | None, teacher: str | None, seed: int, data_root: str, bank: str):
+def student_recipe(
+    method: dict, subset: int | None, teacher: str | None, seed: int, data_root: str, bank: str, output: str = "linear"
+):
     data = {"name": "rotated_mnist", "root": data_root, "augment": False}
     if subset is not None:
         data["train_subset"] = subset
@@ -58,7 +60,7 @@ def student_recipe(method: dict, subset: int | None, teacher: str | None, seed: 
         "name": f"{method['name']}-{subset or 'full'}-s{seed}",
         "seed": seed,
         "data": data,
-        "student": {"name": "mlp", "kwargs": {"hidden": [128]}},
+        "student": {"name": "mlp", "kwargs": {"hidden": [128], **({"output": output} if output != "linear" else {})}},
         "teachers": [{"checkpoint": teacher}] if method["name"] != "ce" else [],
         "method": method,
         "teacher_bank": {"enabled": method["name"] == "kd", "directory": bank},
@@ -83,6 +85,9 @@ def main() -> None:
     parser.add_argument("--subsets", nargs="+", default=["600", "6000", "full"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--full-methods", nargs="+", default=["ce", "kd"], choices=list(METHODS))
+    parser.add_argument(
+        "--output", default="linear", choices=["linear", "sigmoid", "relu"], help="the student's output activation"
+    )
     parser.add_argument("--out", help="keep the run directories here (default: a temporary folder)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -111,7 +116,9 @@ def main() -> None:
                 label, method = METHODS[key]
                 maes, params, seconds = [], 0, []
                 for seed in args.seeds:
-                    recipe = student_recipe(method, subset, teacher, seed, args.data_root, str(root / "bank"))
+                    recipe = student_recipe(
+                        method, subset, teacher, seed, args.data_root, str(root / "bank"), args.output
+                    )
                     summary = Trainer(build_config(recipe), root / recipe["name"]).fit()
                     maes.append(summary["final"]["test"]["mae"])
                     params = summary["student_parameters"]
@@ -122,7 +129,7 @@ def main() -> None:
                 rows.append((text, label, mean, std, alone, params, statistics.mean(seconds)))
     lines = [
         f"Teacher: LeNet width 2 ({teacher_params:,} parameters), test MAE {teacher_mae:.2f}° (full training set). "
-        f"Student: MLP 128 hidden. Final-epoch test MAE in degrees over seeds {args.seeds}; "
+        f"Student: MLP 128 hidden, {args.output} output. Final-epoch test MAE in degrees over seeds {args.seeds}; "
         "Δ is KD minus the student alone (negative = smaller error).",
         "",
         "| training images | student | MAE (°) mean ± std | Δ vs alone | student params | train s/run |",

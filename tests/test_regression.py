@@ -278,3 +278,29 @@ def test_teacher_bank_top_k_is_refused_for_regression(tmp_path, diabetes_runs):
     recipe = _diabetes_recipe("kd", {"name": "kd"}, [checkpoint], teacher_bank=bank)
     with pytest.raises(ConfigError, match="top_k"):
         Trainer(build_config(recipe), tmp_path / "run").fit()
+
+
+def test_kd_on_vector_targets_averages_over_components():
+    student, teacher = nn.Linear(3, 2, bias=False), nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        teacher.weight.copy_(torch.tensor([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]))
+    x = torch.tensor([[1.0, 2.0, 3.0]])  # student (1, 2), teacher (3, 6)
+    y = torch.tensor([[0.0, 0.0]])
+    kd = METHODS.get("kd")(student, [teacher], {"kd_weight": 1.0, "ce_weight": 1.0})
+    kd.use_task(task_for(regression_info(outputs=2)))
+    out = kd(batch_of(x, y), STEP)
+    assert float(out.losses["kd"].detach()) == pytest.approx((4 + 16) / 2)
+    assert float(out.losses["mse"].detach()) == pytest.approx((1 + 4) / 2)
+
+
+def test_train_table_shows_an_mae_column_for_regression_runs(capsys, tmp_path):
+    from kdforge.cli import _print_table
+
+    regression = {"task": "regression", "method": "ce", "student": "mlp", "final": {"test": {"mae": 3.14159}}}
+    classification = {"method": "ce", "student": "mlp", "final": {"test": {"top1": 91.5}}}
+    _print_table({"r": regression}, tmp_path)
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert "MAE" in header and "top-1" not in header and "3.142" in row
+    _print_table({"r": regression, "c": classification}, tmp_path)
+    assert "top-1 (%) / MAE" in capsys.readouterr().out
