@@ -304,3 +304,37 @@ def test_train_table_shows_an_mae_column_for_regression_runs(capsys, tmp_path):
     assert "MAE" in header and "top-1" not in header and "3.142" in row
     _print_table({"r": regression, "c": classification}, tmp_path)
     assert "top-1 (%) / MAE" in capsys.readouterr().out
+
+
+REGRESSION_METHODS = sorted(n for n in METHODS.names() if "regression" in METHODS.get(n).tasks)
+
+
+def test_the_regression_capable_methods_are_the_documented_ones():
+    assert REGRESSION_METHODS == ["at", "ce", "fitnet", "kd", "pkt", "rkd", "sp"]
+
+
+@pytest.mark.parametrize("name", REGRESSION_METHODS)
+def test_every_regression_method_trains_a_step_through_the_recipe_path(name):
+    """Built as `kdforge train` builds it on regression data; one step moves the student."""
+    from kdforge.data.types import TensorData
+    from kdforge.engine.build import build_distiller
+
+    info = regression_info(outputs=2, scale=1.0)
+    train = TensorData(torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8), torch.zeros(16, dtype=torch.long))
+    minimum = METHODS.get(name).teachers_required[0]
+    recipe = {
+        "data": {"name": "digits"},
+        "student": {"name": "resnet8"},
+        "teachers": [{"name": "resnet14"}] * minimum,
+        "method": {"name": name},
+    }
+    torch.manual_seed(0)
+    distiller, _ = build_distiller(build_config(recipe), info, train)
+    assert distiller.task.name == "regression"
+    before = [p.detach().clone() for p in distiller.student.parameters()]
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1)
+    out = distiller.train()(batch_of(torch.randn(16, 1, 8, 8), torch.rand(16, 2)), STEP)
+    assert out.logits.shape == (16, 2) and "ce" not in out.losses
+    sum(out.losses.values()).backward()
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, distiller.student.parameters()))
