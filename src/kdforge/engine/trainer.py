@@ -456,6 +456,11 @@ class Trainer:
                 "uses teacher features, so its teachers run live"
             )
             return None
+        if settings.top_k is not None and self.task.name != "classification":
+            raise ConfigError(
+                f"teacher_bank.top_k keeps the largest class logits, which means nothing for the {self.task.name} "
+                "task (its outputs are stored whole); remove top_k"
+            )
         from kdforge.engine.bank import TeacherBank, unusable_reason
 
         reason = unusable_reason(self.data.train, augmentation)

@@ -76,6 +76,7 @@ class RelationalKD(FeatureDistiller):
 
     name = "rkd"
     Params = RKDParams
+    tasks = ("classification", "regression")
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: RKDParams = self.params  # type: ignore[assignment]
