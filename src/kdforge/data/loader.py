@@ -256,8 +256,20 @@ class StreamLoader(BatchLoader):
         return Batch(inputs={"image": self._transform(inputs, index)}, targets=targets, index=index)
 
 
-def make_loader(data: TensorData | StreamData, batch_size: int, *, num_workers: int = 0, **options: Any) -> BatchLoader:
-    """The loader for ``data``: in-memory batches for a TensorData, a DataLoader for a StreamData."""
+def make_loader(
+    data: TensorData | StreamData,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    sampler: dict[str, Any] | None = None,
+    **options: Any,
+) -> BatchLoader:
+    """The loader for ``data``: in-memory batches for a TensorData, a DataLoader for a StreamData;
+    ``sampler`` ``{name: pk, p, k}`` makes P-identities x K-samples batches (``kdforge.data.sampler``)."""
+    if sampler is not None:
+        from kdforge.data.sampler import pk_loader
+
+        return pk_loader(data, batch_size, sampler, **options)
     if isinstance(data, StreamData):
         return StreamLoader(data, batch_size, num_workers=num_workers, **options)
     return BatchLoader(data, batch_size, **options)
