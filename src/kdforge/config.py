@@ -68,7 +68,7 @@ class DataConfig(Strict):
         default=0,
         description="DataLoader worker processes reading a streamed (custom) Dataset; 0 reads in the main process",
     )
-    sampler: SamplerConfig | None = Field(None, description="training batch sampler, e.g. {name: pk, k: 4}")
+    sampler: SamplerConfig | None = Field(default=None, description="training batch sampler, e.g. {name: pk, k: 4}")
 
 
 class LMAConfig(Strict):

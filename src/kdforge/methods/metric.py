@@ -16,8 +16,8 @@ the embedding. The student alone (no teacher) of the retrieval benchmarks.
     L = ce_weight * CE(z, y) + triplet_weight * L_tri + contrastive_weight * L_con
 
 ``d`` is the Euclidean distance between embeddings, L2-normalised first when ``normalize`` (the
-default; then the margins are on the unit sphere). The embedding is the tapped ``layer`` (the
-``embedding`` feature point of ``embed_cnn``; ``pool`` for other zoo networks).
+default; then the margins are on the unit sphere). The embedding is the tapped ``layer``: by
+default the ``embedding`` feature point where the network has one (``embed_cnn``), else ``pool``.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ class MetricParams(MethodParams):
     contrastive_weight: float = Field(0.0, ge=0)
     contrastive_margin: float = Field(1.0, gt=0)
     normalize: bool = True
-    layer: str = "embedding"
+    layer: str | None = None
 
 
-@METHODS.register("metric")
+@METHODS.register("metric")  # type: ignore[arg-type]  # (the registry is typed for factories)
 class MetricLearning(Distiller):
     """Identity CE + batch-hard triplet (+ contrastive) on the tapped embedding; no teacher."""
 
@@ -88,12 +88,14 @@ class MetricLearning(Distiller):
         p: MetricParams = self.params  # type: ignore[assignment]
         if not (p.ce_weight or p.triplet_weight or p.contrastive_weight):
             raise ValueError("method 'metric': every weight is 0, so nothing is trained; set one above 0")
-        self.tap = FeatureTap(student, [p.layer])
+        points = getattr(student, "feature_points", None) or {}
+        self.layer = p.layer or ("embedding" if "embedding" in points else "pool")
+        self.tap = FeatureTap(student, [self.layer])
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: MetricParams = self.params  # type: ignore[assignment]
         logits, features = self.tap(batch.image)
-        embedding = features[p.layer].flatten(1).float()
+        embedding = features[self.layer].flatten(1).float()
         self.tap.clear()
         if p.normalize:
             embedding = F.normalize(embedding, dim=1)

@@ -50,7 +50,7 @@ class EmbeddingNet(nn.Module):
             self.add_module(f"stage{index}", _block(previous, out, pool=index < 3))
             previous = out
         self.pool = pooled_flatten()
-        self.embedding = nn.Sequential(nn.Linear(previous, dim, bias=False), nn.BatchNorm1d(dim))
+        self.neck = nn.Sequential(nn.Linear(previous, dim, bias=False), nn.BatchNorm1d(dim))
         self.classifier = nn.Linear(dim, num_classes)
         self.stage_channels = channels
         self.feature_dim = dim
@@ -58,13 +58,15 @@ class EmbeddingNet(nn.Module):
             stem=None,
             stages=["stage1", "stage2", "stage3"],
             preacts=["stage1.preact", "stage2.preact", "stage3.preact"],
-            embedding="embedding",
+            embedding="neck",
         )
         init_weights(self)
 
     def embed(self, x: Tensor) -> Tensor:
         """The B x dim embedding ranked at retrieval time."""
-        return self.embedding(self.pool(self.stage3(self.stage2(self.stage1(x)))))
+        for name in ("stage1", "stage2", "stage3"):
+            x = getattr(self, name)(x)
+        return self.neck(self.pool(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.embed(x))
@@ -72,7 +74,11 @@ class EmbeddingNet(nn.Module):
 
 @MODELS.register("embed_cnn")
 def embed_cnn(
-    num_classes: int = 10, in_channels: int = 3, input_size: tuple[int, int] | None = None, width: float = 1.0, dim: int = 64
+    num_classes: int = 10,
+    in_channels: int = 3,
+    input_size: tuple[int, int] | None = None,
+    width: float = 1.0,
+    dim: int = 64,
 ) -> EmbeddingNet:
     """Retrieval CNN: 3 stages (16/32/64 x width channels), pooled, Linear+BN embedding of ``dim``, identity logits."""
     return EmbeddingNet(num_classes, in_channels, width, dim)

@@ -17,6 +17,7 @@ scored leave-one-out (every sample a query against the rest).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ def _classes(value: object, num_classes: int, name: str) -> list[int]:
     return sorted(value)
 
 
-def _remap(split: TensorData, classes: list[int], name: str) -> TensorData:
+def _remap(split: Any, classes: list[int], name: str) -> TensorData:
     """The samples of ``classes``, relabelled 0..len(classes)-1 in the order given."""
     lookup = torch.full((int(split.labels.max()) + 1,), -1, dtype=torch.int64)
     lookup[torch.tensor(classes)] = torch.arange(len(classes))
@@ -56,7 +57,9 @@ def _remap(split: TensorData, classes: list[int], name: str) -> TensorData:
     return TensorData(images=subset.images, labels=lookup[subset.labels], name=name, indices=subset.indices)
 
 
-def held_out_splits(base: DataSplits, name: str, train_classes: object, queries: object, split_seed: object) -> DataSplits:
+def held_out_splits(
+    base: DataSplits, name: str, train_classes: object, queries: object, split_seed: object
+) -> DataSplits:
     """Train on ``train_classes`` of ``base.train``; query/gallery from the other classes of ``base.test``."""
     total = base.info.num_classes
     seen = _classes(train_classes, total, name)
