@@ -417,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kdforge.commands.nonn import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
 
     add_nonn_commands(sub)
+    from kdforge.commands.search import add_commands as add_search_commands  # search (KD-guided DARTS)
+
+    add_search_commands(sub)
     for command in sub.choices.values():  # every command can load the user's own code
         command.add_argument(
             "--import",
