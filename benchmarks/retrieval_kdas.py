@@ -177,6 +177,7 @@ def table(results: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, rows in results.items():
+
         def cell(key: str) -> str:
             values = [r[key] for r in rows]
             if len(values) == 1:
