@@ -178,7 +178,7 @@ def table(results: dict) -> str:
     ]
     for label, rows in results.items():
 
-        def cell(key: str) -> str:
+        def cell(key: str, rows: list = rows) -> str:
             values = [r[key] for r in rows]
             if len(values) == 1:
                 return f"{values[0]:.2f}"
