@@ -191,3 +191,17 @@ def test_metric_run_end_to_end_reports_map_on_held_out_classes(tmp_path):
     assert {"rank1", "rank5", "map", "recall10"} <= set(records[-1]["test"])
     assert {"loss_ce", "loss_triplet", "loss_contrastive"} <= set(records[-1]["train"])
     assert 0.0 <= summary["final"]["test"]["map"] <= 100.0
+
+
+def test_crd_distils_the_embedding_on_retrieval_with_other_identity_negatives():
+    student = create("embed_cnn", num_classes=5, in_channels=1, width=0.25, dim=8)
+    teacher = create("embed_cnn", num_classes=5, in_channels=1, width=0.5, dim=16)
+    train = TensorData(images=torch.randint(0, 255, (20, 1, 12, 12), dtype=torch.uint8), labels=torch.arange(20) % 5)
+    crd = METHODS.get("crd").from_data(
+        student, [teacher], {"student_layers": ["embedding"], "num_negatives": 8, "feature_dim": 4}, data=train
+    )
+    crd.use_task(task_for(type("Info", (), {"task": "retrieval", "name": "toy"})()))
+    out = crd(batch_of(torch.rand(10, 1, 12, 12), classes=5), Step())
+    assert {"ce", "crd"} <= set(out.losses) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert student.neck[0].weight.grad is not None  # the embedding itself is trained by CRD
