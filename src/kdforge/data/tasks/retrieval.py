@@ -134,7 +134,7 @@ def embedding_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
         handle = model.get_submodule(pool).register_forward_hook(lambda m, i, out: captured.append(out))
         try:
-            model(inputs)
+            model.forward(inputs)  # the eager forward: a compiled module's graph would skip the hook
         finally:
             handle.remove()
         return captured[-1].flatten(1)
