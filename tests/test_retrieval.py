@@ -11,6 +11,7 @@ import torch
 from conftest import batch_of
 from test_data import write_mnist_files
 
+from kdforge.cli import main
 from kdforge.config import build_config
 from kdforge.core.errors import ConfigError
 from kdforge.data import load_dataset
@@ -170,7 +171,7 @@ def test_kd_with_annealed_temperature_and_rkd_on_embeddings_train_on_retrieval()
         METHODS.get("dkd")(student, [teacher], {}).use_task(task)
 
 
-def test_metric_run_end_to_end_reports_map_on_held_out_classes(tmp_path):
+def test_metric_run_end_to_end_reports_map_on_held_out_classes(tmp_path, capsys):
     write_mnist_files(tmp_path / "MNIST" / "raw", train=80, test=40)
     recipe = {
         "name": "reid",
@@ -191,6 +192,11 @@ def test_metric_run_end_to_end_reports_map_on_held_out_classes(tmp_path):
     assert {"rank1", "rank5", "map", "recall10"} <= set(records[-1]["test"])
     assert {"loss_ce", "loss_triplet", "loss_contrastive"} <= set(records[-1]["train"])
     assert 0.0 <= summary["final"]["test"]["map"] <= 100.0
+    # `kdforge eval` scores the model file through the same task: the same mAP
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / "checkpoints" / "model_last.pt"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["map"] == pytest.approx(summary["final"]["test"]["map"])
 
 
 def test_crd_distils_the_embedding_on_retrieval_with_other_identity_negatives():

@@ -102,7 +102,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         split = split.select(evaluation_subset(split.labels, args.limit))
     augmentation = recorded_augmentation(record, data_cfg, data.info)  # the run's standardisation
-    metrics = evaluate_model(model, split, augmentation, args.batch_size, num_workers=data_cfg.num_workers)
+    from kdforge.data.tasks import task_for
+
+    task = task_for(data.info)  # classification, regression, retrieval...
+    metrics = evaluate_model(model, split, augmentation, args.batch_size, num_workers=data_cfg.num_workers, task=task)
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "model": spec["name"],
@@ -129,6 +132,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(result))
+    elif "top1" not in result:
+        print(f"{spec['name']} on {dataset} {args.split} ({len(split)} images): {task.describe(metrics)}")
     else:
         print(
             f"{spec['name']} on {dataset} {args.split} ({len(split)} images): "
