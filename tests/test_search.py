@@ -172,3 +172,20 @@ def test_bad_search_recipes_fail_in_one_line(tmp_path):
         with pytest.raises(ConfigError, match=needle) as caught:
             load_search_recipe(_search_recipe(tmp_path, **search))
         assert "\n" not in str(caught.value)
+
+
+def test_search_on_the_retrieval_task_with_pk_batches(tmp_path):
+    write_mnist_files(tmp_path / "MNIST" / "raw", train=120, test=40)
+    path = _search_recipe(tmp_path, objective="ce", epochs=1, batch_size=10, max_batches=2)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"] = {
+        "name": "retrieval_mnist",
+        "root": str(tmp_path),
+        "augment": False,
+        "options": {"queries": 2},
+        "sampler": {"name": "pk", "k": 2},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["search", str(path), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "search_summary.json").read_text())
+    assert summary["task"] == "retrieval" and "map" in summary["arch_split"]  # ranked by pooled features

@@ -198,8 +198,16 @@ class Search:
 
     def _loader(self, split: Any, seed: int) -> Any:
         s = self.recipe.search
+        sampler = self.recipe.data.sampler
         return make_loader(
-            split, s.batch_size, shuffle=True, drop_last=True, seed=seed, augmentation=self.augmentation, train=True
+            split,
+            s.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=seed,
+            augmentation=self.augmentation,
+            train=True,
+            sampler=sampler.model_dump() if sampler is not None else None,
         )
 
     def run(self) -> dict[str, Any]:
