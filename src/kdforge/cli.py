@@ -53,20 +53,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
+    from kdforge.data.tasks import TASKS
+
     rows = []
     for name, s in summaries.items():
         test = (s.get("final") or {}).get("test") or {}
+        task = s.get("task") or "classification"
+        shown = f"{test.get('top1', float('nan')):.2f}"
+        if task != "classification" and task in TASKS and test:  # e.g. "rank-1 92.00% mAP 65.81%"
+            shown = TASKS.get(task)().describe(test)
         rows.append(
             (
                 name,
                 s.get("method", ""),
                 s.get("student", ""),
-                f"{test.get('top1', float('nan')):.2f}",
+                shown,
                 f"{s.get('student_parameters', 0):,}",
                 f"{s.get('train_seconds', 0):.1f}",
             )
         )
-    header = ("run", "method", "network", "top-1 (%)", "parameters", "train s")
+    classification = all((s.get("task") or "classification") == "classification" for s in summaries.values())
+    header = ("run", "method", "network", "top-1 (%)" if classification else "test", "parameters", "train s")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     print(line(header))
