@@ -20,6 +20,7 @@ Reported per run: final-epoch rank-1 and mAP (%) on the held-out digits, paramet
 latency (batch 1, one thread, median of 20). One training process at a time.
 
     python benchmarks/retrieval_kdas.py --out runs/bench-retrieval [--seeds 0 1 2] [--parts retrieval search]
+        [--dataset retrieval_cifar10]
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ from kdforge.engine.trainer import Trainer
 from kdforge.models import count_parameters, create, measure_latency
 
 
+DATASET = {"name": "retrieval_mnist", "input": (1, 28, 28)}
+
+
 def data(root: str, subset: int) -> dict:
     return {
-        "name": "retrieval_mnist",
+        "name": DATASET["name"],
         "root": root,
         "train_subset": subset,
         "augment": False,
@@ -81,7 +85,7 @@ def run(recipe: dict, out: Path) -> dict:
         "rank1": test["rank1"],
         "map": test["map"],
         "parameters": count_parameters(model),
-        "latency_ms": 1000 * measure_latency(model, (1, 28, 28), batch_size=1, repeats=20, num_threads=1),
+        "latency_ms": 1000 * measure_latency(model, DATASET["input"], batch_size=1, repeats=20, num_threads=1),
         "seconds": time.perf_counter() - started,
     }
 
@@ -106,7 +110,10 @@ def retrieval_part(args, teacher_file: Path, results: dict) -> None:
 
 def matching_width(parameters: int) -> float:
     widths = [w / 100 for w in range(10, 101)]
-    return min(widths, key=lambda w: abs(count_parameters(create("embed_cnn", 5, 1, width=w, dim=32)) - parameters))
+    channels = DATASET["input"][0]
+    return min(
+        widths, key=lambda w: abs(count_parameters(create("embed_cnn", 5, channels, width=w, dim=32)) - parameters)
+    )
 
 
 def search_part(args, teacher_file: Path, results: dict) -> None:
@@ -198,6 +205,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="/work/main/data")
+    parser.add_argument("--dataset", choices=["retrieval_mnist", "retrieval_cifar10"], default="retrieval_mnist")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-retrieval"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--subset", type=int, default=5000)
@@ -210,6 +218,7 @@ def main() -> None:
     )
     parser.add_argument("--parts", nargs="+", choices=["retrieval", "search"], default=["retrieval", "search"])
     args = parser.parse_args()
+    DATASET.update(name=args.dataset, input=(1, 28, 28) if args.dataset == "retrieval_mnist" else (3, 32, 32))
     logging.getLogger("lightning").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     results: dict = {}
