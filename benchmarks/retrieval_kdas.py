@@ -40,7 +40,6 @@ from kdforge.engine.search import SearchRecipe, run_search
 from kdforge.engine.trainer import Trainer
 from kdforge.models import count_parameters, create, measure_latency
 
-
 DATASET = {"name": "retrieval_mnist", "input": (1, 28, 28)}
 
 
