@@ -53,22 +53,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
+    from kdforge.data.tasks import TASKS
+
     rows = []
-    regression = {s.get("task") == "regression" for s in summaries.values()}  # MAE (lower is better) there
     for name, s in summaries.items():
         test = (s.get("final") or {}).get("test") or {}
-        metric = "mae" if s.get("task") == "regression" else "top1"
+        task = s.get("task") or "classification"
+        if task == "regression":
+            shown = f"{test.get('mae', float('nan')):.3f}"
+        elif task == "classification" or task not in TASKS or not test:
+            shown = f"{test.get('top1', float('nan')):.2f}"
+        else:  # e.g. "rank-1 92.00% mAP 65.81%"
+            shown = TASKS.get(task)().describe(test)
         rows.append(
             (
                 name,
                 s.get("method", ""),
                 s.get("student", ""),
-                f"{test.get(metric, float('nan')):.{3 if metric == 'mae' else 2}f}",
+                shown,
                 f"{s.get('student_parameters', 0):,}",
                 f"{s.get('train_seconds', 0):.1f}",
             )
         )
-    scored = {frozenset({False}): "top-1 (%)", frozenset({True}): "MAE"}.get(frozenset(regression), "top-1 (%) / MAE")
+    tasks = {s.get("task") or "classification" for s in summaries.values()}
+    scored = (
+        {"classification": "top-1 (%)", "regression": "MAE"}.get(next(iter(tasks)), "test")
+        if len(tasks) == 1
+        else "test"
+    )
     header = ("run", "method", "network", scored, "parameters", "train s")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
@@ -138,6 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(result))
+    elif task.name not in ("classification", "regression"):
+        print(f"{spec['name']} on {dataset} {args.split} ({len(split)} images): {task.describe(metrics)}")
     else:
         if task.name == "classification":
             scores = f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}"
@@ -430,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kdforge.commands.nonn import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
 
     add_nonn_commands(sub)
+    from kdforge.commands.search import add_commands as add_search_commands  # search (KD-guided DARTS)
+
+    add_search_commands(sub)
     for command in sub.choices.values():  # every command can load the user's own code
         command.add_argument(
             "--import",

@@ -251,6 +251,7 @@ class Trainer:
             rank=fabric.global_rank,
             world_size=fabric.world_size,
             device=fabric.device,  # uint8 images travel to the device, augmentation runs there
+            sampler=config.data.sampler.model_dump() if config.data.sampler else None,
         )
         self.eval_augmentation = augmentation
         self.steps_per_epoch = len(self.train_loader)
@@ -992,7 +993,7 @@ def evaluate_model(
             channels = channels_last and batch.image.dim() == 4  # tabular rows have no channel layout
             image = batch.image.contiguous(memory_format=torch.channels_last) if channels else batch.image
             with autocast() if autocast else nullcontext():
-                prediction = model(image)
+                prediction = task.predict(model, image)
             evaluator.update(prediction, batch.targets)
     model.train(was_training)
     return evaluator.finish(reduce)

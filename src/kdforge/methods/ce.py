@@ -21,7 +21,7 @@ class CrossEntropy(Distiller):
     name = "ce"
     Params = CrossEntropyParams
     teachers_required = (0, 0)
-    tasks = ("classification", "regression")
+    tasks = ("classification", "regression", "retrieval")
 
     def use_task(self, task) -> None:
         if task.name != "classification" and getattr(self.params, "label_smoothing", 0.0):

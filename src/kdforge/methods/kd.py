@@ -109,7 +109,7 @@ class SoftTargetDistiller(Distiller):
             metrics["distilled_fraction"] = mask.float().mean()
         losses = {"kd": kd_weight * per_sample.mean()}
         if ce_weight:
-            losses["ce"] = ce_weight * F.cross_entropy(logits, batch.targets)
+            losses["ce"] = ce_weight * self.supervised_loss(logits, batch.targets)
         return Output(logits, losses, metrics)
 
 
@@ -119,6 +119,8 @@ class KnowledgeDistillation(SoftTargetDistiller):
 
     name = "kd"
     teachers_required = (1, 1)
+    #: retrieval: the soft targets are the teacher's identity logits (KDAS-ReID's dynamic temperature)
+    tasks = ("classification", "retrieval")
     replays_teacher_logits = True
     tasks = ("classification", "regression")
 
