@@ -99,10 +99,13 @@ def test_feature_methods_supervise_regression_with_mse(name):
 # --------------------------------------------------------------------------- regression heads
 @pytest.mark.parametrize("name", [n for n in MODELS.names() if n != "nonn"])
 def test_every_zoo_network_with_one_output_is_a_regression_network(name):
-    model = create(name, num_classes=1, in_channels=1, input_size=(16, 16)).eval()
+    cell = [["sep_conv_3x3", 0], ["skip_connect", 1], ["dil_conv_3x3", 0], ["skip_connect", 2]]
+    genotype = {"normal": cell, "normal_concat": [2, 3], "reduce": cell, "reduce_concat": [2, 3], "steps": 2}
+    extra = {"genotype": genotype, "channels": 4, "layers": 3} if name == "darts_net" else {}  # built from a search
+    model = create(name, num_classes=1, in_channels=1, input_size=(16, 16), **extra).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 1, 16, 16)).shape == (2, 1)
-    bounded = create(name, num_classes=3, in_channels=1, input_size=(16, 16), output="sigmoid").eval()
+    bounded = create(name, num_classes=3, in_channels=1, input_size=(16, 16), output="sigmoid", **extra).eval()
     with torch.no_grad():
         y = bounded(torch.randn(2, 1, 16, 16) * 10)  # saturates in float32: closed interval
     assert y.shape == (2, 3) and bool(((y >= 0) & (y <= 1)).all())

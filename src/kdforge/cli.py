@@ -76,11 +76,8 @@ def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
             )
         )
     tasks = {s.get("task") or "classification" for s in summaries.values()}
-    scored = (
-        {"classification": "top-1 (%)", "regression": "MAE"}.get(next(iter(tasks)), "test")
-        if len(tasks) == 1
-        else "test"
-    )
+    names = {"classification": "top-1 (%)", "regression": "MAE"}
+    scored = " / ".join(names[t] for t in sorted(tasks)) if tasks <= set(names) else "test"
     header = ("run", "method", "network", scored, "parameters", "train s")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731

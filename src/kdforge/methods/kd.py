@@ -120,12 +120,11 @@ class KnowledgeDistillation(SoftTargetDistiller):
     name = "kd"
     teachers_required = (1, 1)
     #: retrieval: the soft targets are the teacher's identity logits (KDAS-ReID's dynamic temperature)
-    tasks = ("classification", "retrieval")
+    tasks = ("classification", "regression", "retrieval")
     replays_teacher_logits = True
-    tasks = ("classification", "regression")
 
     def use_task(self, task) -> None:
-        if task.name != "classification":
+        if task.name == "regression":
             given = [name for name in CLASSIFICATION_ONLY if name in self.params.model_fields_set]
             if given:
                 raise ValueError(
@@ -136,7 +135,7 @@ class KnowledgeDistillation(SoftTargetDistiller):
         super().use_task(task)
 
     def forward(self, batch: Batch, step: Step) -> Output:
-        if self.task.name == "classification":
+        if self.task.name != "regression":  # classification, or retrieval's identity logits
             return super().forward(batch, step)
         p: KDParams = self.params  # type: ignore[assignment]
         kd_weight = step.value(p.kd_weight)
