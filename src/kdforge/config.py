@@ -37,6 +37,14 @@ class AugmentConfig(Strict):
     horizontal_flip: bool = Field(default=False, description="flip each training image left-right with probability 1/2")
 
 
+class SamplerConfig(Strict):
+    """Training batches of P identities x K samples each (kdforge.data.sampler; docs/retrieval.md)."""
+
+    name: Literal["pk"] = Field("pk", description="pk: P identities x K samples per batch")
+    p: int | None = Field(None, ge=2, description="identities per batch (default train.batch_size / k)")
+    k: int = Field(4, ge=1, description="samples per identity")
+
+
 class DataConfig(Strict):
     name: str = Field(
         ...,
@@ -65,6 +73,12 @@ class DataConfig(Strict):
         default=0,
         description="DataLoader worker processes reading a streamed (custom) Dataset; 0 reads in the main process",
     )
+    on_device: bool | Literal["auto"] = Field(
+        default="auto",
+        description="keep in-memory splits on the accelerator, so batches are gathered there without host copies: "
+        "auto = on a CUDA GPU when a split takes at most a quarter of its memory; true/false force it",
+    )
+    sampler: SamplerConfig | None = Field(default=None, description="training batch sampler, e.g. {name: pk, k: 4}")
 
 
 class LMAConfig(Strict):
@@ -177,7 +191,12 @@ class TrainConfig(Strict):
         description="fold each frozen teacher's BatchNorms into the convolutions before them "
         "(same outputs up to float rounding, faster teacher forwards; kdforge.compress.fold)",
     )
-    compile: bool = Field(False, description="compile the student with torch.compile")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the student: auto = when a few timed eager steps say the run is long enough "
+        "to repay the compilation (not on MPS; on a CPU only with a C++ compiler); true/false force it. "
+        "The choice is recorded in summary.json (compile)",
+    )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     progress: Literal["auto", "bar", "none"] = Field(
         "auto", description="auto: a progress bar on a terminal, about ten epoch lines otherwise; none: silent"

@@ -83,6 +83,8 @@ class ContrastiveRepresentationDistillation(ContrastiveDistiller):
 
     name = "crd"
     Params = CRDParams
+    #: retrieval: tap the embedding (``student_layers: [embedding]``); negatives from other identities
+    tasks = ("classification", "retrieval")
 
     def __init__(
         self, student, teachers=(), params=None, input_shape=None, num_samples=None, train_labels=None
