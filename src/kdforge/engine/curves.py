@@ -24,6 +24,8 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
     evaluated = next((r[split] for r in history for split in ("test", "val") if split in r), {})
     if "top1" not in evaluated and "mae" in evaluated:
         metric, label = "mae", "MAE"
+    elif "top1" not in evaluated and "dice" in evaluated:  # segmentation
+        metric, label = "dice", "dice (%)"
     for split in ("test", "val"):
         points = [(r["epoch"] + 1, r[split][metric]) for r in history if split in r and metric in r[split]]
         if points:
