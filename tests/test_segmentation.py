@@ -276,3 +276,56 @@ def test_classification_only_methods_and_crops_are_refused_on_segmentation(tmp_p
             ),
             tmp_path / "run3",
         ).fit()
+
+
+def test_fitnet_hints_a_unet_decoder_stage_on_segmentation():
+    student = create("unet2d", num_classes=3, in_channels=1, base=2, depth=2)
+    teacher = create("unet2d", num_classes=3, in_channels=1, base=4, depth=2)
+    method = METHODS.get("fitnet")(student, [teacher], {"student_layers": ["dec2"]}, input_shape=(1, 16, 16))
+    method.use_task(task_for(SEG_INFO))
+    assert method.regressors[0].kind == "conv1x1"  # same resolution: 2 -> 4 channels
+    batch = batch_of(torch.randn(2, 1, 16, 16), y=torch.randint(0, 3, (2, 16, 16)))
+    out = method(batch, Step(0, 1, 0, 1))
+    assert set(out.losses) == {"ce", "hint"} and all(torch.isfinite(v) for v in out.losses.values())
+    out.loss.backward()
+    assert student.dec2.conv1.weight.grad is not None
+
+
+def test_a_volumetric_kd_run_trains_and_scores_voxels(tmp_path):
+    write_mnist_files(tmp_path / "MNIST" / "raw", train=30, test=10)
+    options = {"depth": 8, "canvas": 16, "digit_size": 12, "min_extent": 2, "max_extent": 4}
+    recipe = _seg_recipe(tmp_path, "kd", teachers=[{"name": "unet3d", "kwargs": {"base": 2, "depth": 2}}])
+    recipe["data"] = {
+        "name": "seg3d_mnist",
+        "root": str(tmp_path),
+        "augment": True,  # normalisation only for segmentation data
+        "options": {**options, "train_size": 8, "test_size": 4},
+    }
+    recipe["student"] = {"name": "unet3d", "kwargs": {"base": 1, "depth": 2}}
+    recipe["train"]["epochs"] = 1
+    summary = Trainer(build_config(recipe), tmp_path / "run").fit()
+    test = summary["final"]["test"]
+    assert summary["task"] == "segmentation" and {"dice", "miou", "pixel_acc"} <= set(test)
+    assert 0.0 <= test["pixel_acc"] <= 100.0 and math.isfinite(test["loss"])
+
+
+@pytest.mark.parametrize("name", ["seg_mnist_gtan", "seg3d_mnist_gtan"])
+def test_segmentation_recipes_resolve_with_the_documented_sizes(name):
+    from pathlib import Path
+
+    from kdforge.config import read_yaml
+    from kdforge.engine.pipeline import _substitute, stage_recipes
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "recipes" / f"{name}.yaml"
+    stages = stage_recipes(read_yaml(path), path.parent)
+    dirs, methods = {}, []
+    for stage, recipe in stages.items():
+        config = build_config(_substitute(recipe, dirs, stage))
+        dirs[stage] = Path("/runs") / stage
+        methods.append(config.method.name)
+        dims = 3 if name.startswith("seg3d") else 2
+        assert config.student.name == f"unet{dims}d"
+    assert methods == ["ce", "ce", "kd", "takd", "takd", "growing_ta"]
+    teacher = create("unet2d", num_classes=11, in_channels=1, base=14)
+    student = create("unet2d", num_classes=11, in_channels=1, base=4, depth=2)
+    assert 0.015 < count_parameters(student) / count_parameters(teacher) < 0.025  # the 2% student

@@ -29,11 +29,12 @@ class CrossEntropy(Distiller):
     def use_task(self, task) -> None:
         if task.name != "classification" and self.params.label_smoothing:
             raise ValueError(f"method 'ce': label_smoothing applies to classification only, not {task.name}")
-        check_dice_weight("ce", self.params.dice_weight, task.name)
+        check_dice_weight("ce", self.params.dice_weight, task.name)  # type: ignore[attr-defined]
         super().use_task(task)
 
     def forward(self, batch: Batch, step: Step) -> Output:
         logits = self.student(batch.image)
-        options = {"dice_weight": self.params.dice_weight} if self.params.dice_weight else {}
+        dice_weight = self.params.dice_weight  # type: ignore[attr-defined]
+        options = {"dice_weight": dice_weight} if dice_weight else {}
         loss = self.supervised_loss(logits, batch.targets, label_smoothing=self.params.label_smoothing, **options)
         return Output(logits, {self.task.loss_name: loss})

@@ -246,7 +246,7 @@ class FeatureDistiller(Distiller):
 
     def ce_losses(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
         weight = self.params.ce_weight  # type: ignore[attr-defined]
-        return {"ce": weight * F.cross_entropy(logits, batch.targets)} if weight else {}
+        return {"ce": weight * self.supervised_loss(logits, batch.targets)} if weight else {}
 
 
 __all__ = [

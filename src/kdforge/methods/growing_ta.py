@@ -29,6 +29,12 @@ so a residual stream's writers agree), plus Gaussian noise of ``noise`` times th
 std on the conv rows; every conv column and classifier column that reads a new channel is zeroed.
 The TA's output is therefore unchanged at the moment of growth, in eval and in train mode.
 
+**Segmentation.** On segmentation data the CE terms are per-pixel (per-voxel) CE plus
+``dice_weight`` x soft Dice, and each KL is taken per location and averaged over locations. The
+assistant may be a U-Net (``unet2d``/``unet3d``): its conv-BN pairs are grown as above and, since
+decoder convolutions read concatenations [upsampled, skip], the reading columns of new channels are
+zeroed per input segment (``input_segments``).
+
 Masks and the count of growths applied are buffers: parameter shapes never change (the optimizer
 needs no rebuild), and a resumed run loads the grown state. ``on_epoch_start`` grows only while
 fewer growths have been applied than the schedule prescribes for that epoch, so it is idempotent and
@@ -42,7 +48,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -141,12 +147,15 @@ class ChannelGrower:
         if not isinstance(model, SUPPORTED) or (isinstance(model, CifarVGG) and not _has_bn(model)):
             raise ConfigError(
                 f"growing_ta: cannot grow a {type(model).__name__}; the assistant must be a resnet, "
-                "wrn, vgg (with batch_norm) or unet2d/unet3d network: set method.ta to one of those"
+                "wrn or vgg (with batch_norm) network, or a unet2d/unet3d: set method.ta to one of those"
             )
         self.model = model
+        self.bns: list[nn.BatchNorm2d]  # BatchNorm3d and Conv3d for volumes: the same attributes
+        self.convs: list[nn.Conv2d]
+        self.readers: list[nn.Module]
         if isinstance(model, UNet):  # concatenating skips: the U-Net names each conv's BN and input segments
-            self.bns = [bn for _, bn in model.conv_bn_pairs]
-            self.convs = [conv for conv, _ in model.conv_bn_pairs]
+            self.bns = [cast(nn.BatchNorm2d, bn) for _, bn in model.conv_bn_pairs]
+            self.convs = [cast(nn.Conv2d, conv) for conv, _ in model.conv_bn_pairs]
             self.readers = [m for m in model.modules() if hasattr(m, "input_segments")][1:]  # not the image's
         else:
             self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

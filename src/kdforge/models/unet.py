@@ -126,11 +126,11 @@ class UNet(nn.Module):
         return self.classifier(x)
 
 
-def _check(name: str, base: object, depth: object) -> tuple[int, int]:
+def _check(name: str, base: int, depth: int) -> tuple[int, int]:
     for key, value in (("base", base), ("depth", depth)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}: {key} must be a positive whole number, got {value!r}")
-    return int(base), int(depth)  # type: ignore[arg-type]
+    return base, depth
 
 
 @MODELS.register("unet2d")
