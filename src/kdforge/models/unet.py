@@ -141,7 +141,7 @@ def unet2d(
     base: int = 16,
     depth: int = 3,
 ) -> UNet:
-    """2-D U-Net, B x K x H x W logits; base 32/16/8/4/2: 1.80M/450k/113k/28.5k/7.3k params (11 classes)"""
+    """2-D U-Net, B x K x H x W logits; base 32/16/8/4/2, depth 3: 1.80M/450k/113k/28.5k/7.3k params"""
     base, depth = _check("unet2d", base, depth)
     return UNet(2, num_classes, in_channels, base, depth)
 
@@ -154,7 +154,7 @@ def unet3d(
     base: int = 16,
     depth: int = 3,
 ) -> UNet:
-    """3-D U-Net, B x K x D x H x W logits; base 32/16/8/4/2: 5.30M/1.33M/332k/83k/21k params (11 classes)"""
+    """3-D U-Net, B x K x D x H x W logits; base 32/16/8/4/2, depth 3: 5.30M/1.33M/332k/83k/21k params"""
     base, depth = _check("unet3d", base, depth)
     return UNet(3, num_classes, in_channels, base, depth)
 
