@@ -234,7 +234,7 @@ def _seg_recipe(root, method="ce", **extra):
     }
 
 
-def test_kdforge_train_runs_segmentation_growing_ta_end_to_end(tmp_path):
+def test_kdforge_train_runs_segmentation_growing_ta_end_to_end(tmp_path, capsys):
     write_mnist_files(tmp_path / "MNIST" / "raw", train=40, test=20)
     recipe = _seg_recipe(
         tmp_path,
@@ -251,6 +251,12 @@ def test_kdforge_train_runs_segmentation_growing_ta_end_to_end(tmp_path):
     assert records[0]["train"]["ta_active_fraction"] == pytest.approx(0.5)  # student base 2 / TA base 4
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"] == "segmentation" and summary["best"]["metric"] == "dice"
+    model_file = tmp_path / "run" / "checkpoints" / "model_last.pt"
+    assert main(["eval", str(model_file), "--json"]) == 0  # kdforge eval scores through the task
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["dice"] == pytest.approx(records[-1]["test"]["dice"], abs=1e-6)
+    assert main(["eval", str(model_file)]) == 0
+    assert "dice" in capsys.readouterr().out
 
 
 def test_classification_only_methods_and_crops_are_refused_on_segmentation(tmp_path):

@@ -102,7 +102,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         split = split.select(evaluation_subset(split.labels, args.limit))
     augmentation = recorded_augmentation(record, data_cfg, data.info)  # the run's standardisation
-    metrics = evaluate_model(model, split, augmentation, args.batch_size, num_workers=data_cfg.num_workers)
+    from kdforge.data.tasks import task_for  # scored as the data asks: top-1, MAE, dice ...
+
+    task = task_for(data.info)
+    metrics = evaluate_model(model, split, augmentation, args.batch_size, num_workers=data_cfg.num_workers, task=task)
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "model": spec["name"],
@@ -130,10 +133,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(
-            f"{spec['name']} on {dataset} {args.split} ({len(split)} images): "
-            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}"
+        scores = (
+            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%" if "top1" in result else task.describe(result)
         )
+        print(f"{spec['name']} on {dataset} {args.split} ({len(split)} images): {scores}  loss {result['loss']:.4f}")
         if args.attack:
             robust, attack = result["robust"], result["robust"]["attack"]
             label = f"PGD-{args.steps}" if args.attack == "pgd" else "FGSM"
