@@ -68,7 +68,7 @@ class Augmentation:
         ``(x - mean) / std`` along axis 1, never scaled by 1/255; crops and flips need images.
         """
         floating = images.is_floating_point()
-        if not floating and (images.dtype != torch.uint8 or images.dim() != 4):
+        if not floating and (images.dtype != torch.uint8 or images.dim() not in (4, 5)):
             raise ValueError(f"expected uint8 images B x C x H x W, got {images.dtype} {tuple(images.shape)}")
         if index.shape != images.shape[:1]:
             raise ValueError(f"need one index per image: {tuple(index.shape)} for {images.shape[0]} images")
@@ -112,8 +112,9 @@ class Augmentation:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(images / 255 - mean) / std`` as float32, in one fused multiply-add."""
-        std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        shape = (1, -1, *([1] * (images.dim() - 2)))  # images B x C x H x W, volumes B x C x D x H x W
+        std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(shape)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(shape)
         if std.shape[1] not in (1, images.shape[1]):
             raise ConfigError(f"{std.shape[1]} normalization values for {images.shape[1]}-channel images")
         return torch.addcmul(-mean / std, images.to(torch.float32), 1.0 / (255.0 * std))

@@ -39,12 +39,12 @@ class TensorData:
     targets: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        pixels = self.images.dtype == torch.uint8 and self.images.dim() == 4
+        pixels = self.images.dtype == torch.uint8 and self.images.dim() in (4, 5)  # 5: volumes N x C x D x H x W
         features = self.images.dtype == torch.float32 and self.images.dim() in (2, 4)
         if not (pixels or features):
             raise DataError(
-                f"{self._label()}: samples must be uint8 images N x C x H x W or float32 features "
-                f"N x D / N x C x H x W, got {self.images.dtype} with shape {tuple(self.images.shape)}"
+                f"{self._label()}: samples must be uint8 images N x C x H x W (volumes N x C x D x H x W) or "
+                f"float32 features N x D / N x C x H x W, got {self.images.dtype} with shape {tuple(self.images.shape)}"
             )
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
         if self.labels.shape != (self.images.shape[0],):

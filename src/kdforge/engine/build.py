@@ -66,6 +66,11 @@ def _load_data(cfg: DataConfig) -> DataSplits:
     )
 
 
+def model_input_shape(info: DatasetInfo) -> tuple[int, ...]:
+    """One sample's shape as networks see it: (C, H, W), or (C, D, H, W) for volumes."""
+    return tuple(info.sample_shape) if len(info.sample_shape) == 4 else (info.in_channels, *info.image_size)
+
+
 def build_augmentation(cfg: DataConfig, info: DatasetInfo) -> Augmentation:
     if cfg.augment is True:
         return default_augmentation(info)
@@ -74,6 +79,11 @@ def build_augmentation(cfg: DataConfig, info: DatasetInfo) -> Augmentation:
         raise ConfigError(
             f"data.augment crops or flips images, but '{info.name}' holds rows of {info.sample_shape[0]} "
             "features; set data.augment: false (tabular data is standardised, never augmented)"
+        )
+    if (settings.crop_padding or settings.horizontal_flip) and info.task == "segmentation":
+        raise ConfigError(
+            f"data.augment crops or flips the images of '{info.name}' but not their per-pixel labels; set "
+            "data.augment: false (or true: normalisation only) for segmentation"
         )
     return Augmentation(
         crop_padding=settings.crop_padding,
@@ -199,7 +209,7 @@ def build_distiller(
     teachers = [build_model(t, info, f"teachers.{i}")[0] for i, t in enumerate(config.teachers)]
     accepted = inspect.signature(method_cls.__init__).parameters
     offered: dict[str, Any] = {
-        "input_shape": (info.in_channels, *info.image_size),
+        "input_shape": model_input_shape(info),
         "num_samples": len(train) if train is not None else None,
         "train_labels": train.labels if train is not None else None,
         "train_data": train,  # NoNN partitions the teacher's filters on the training images

@@ -26,6 +26,8 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
         metric, label = "mae", "MAE"
     if "top1" not in evaluated and "map" in evaluated:  # retrieval
         metric, label = "map", "mAP (%)"
+    elif "top1" not in evaluated and "dice" in evaluated:  # segmentation
+        metric, label = "dice", "dice (%)"
     for split in ("test", "val"):
         points = [(r["epoch"] + 1, r[split][metric]) for r in history if split in r and metric in r[split]]
         if points:

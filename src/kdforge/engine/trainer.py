@@ -56,6 +56,7 @@ from kdforge.engine.build import (
     build_augmentation,
     build_data,
     build_distiller,
+    model_input_shape,
 )
 from kdforge.engine.divergence import LossWatch, RunDiverged, likely_cause, nonfinite_tensors
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
@@ -948,7 +949,7 @@ def _compression_summary(trainer: Trainer) -> dict[str, Any]:
         return cached
     try:
         info = trainer.info
-        shape = (info.in_channels, *info.image_size)
+        shape = model_input_shape(info)
         teachers = list(getattr(trainer.distiller, "teachers", []) or [])
         report = compression_report(
             trainer.distiller.inference_model(), shape, teachers[0] if teachers else None, warmup=2, repeats=5

@@ -7,10 +7,13 @@ from pydantic import Field
 
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
+from kdforge.methods.losses import check_dice_weight
 
 
 class CrossEntropyParams(MethodParams):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    #: segmentation only: weight of a soft Dice loss added to the per-pixel CE
+    dice_weight: float = Field(0.0, ge=0.0)
 
 
 @METHODS.register("ce")
@@ -21,14 +24,17 @@ class CrossEntropy(Distiller):
     name = "ce"
     Params = CrossEntropyParams
     teachers_required = (0, 0)
-    tasks = ("classification", "regression", "retrieval")
+    tasks = ("classification", "regression", "retrieval", "segmentation")
 
     def use_task(self, task) -> None:
         if task.name != "classification" and getattr(self.params, "label_smoothing", 0.0):
             raise ValueError(f"method 'ce': label_smoothing applies to classification only, not {task.name}")
+        check_dice_weight("ce", self.params.dice_weight, task.name)  # type: ignore[attr-defined]
         super().use_task(task)
 
     def forward(self, batch: Batch, step: Step) -> Output:
         logits = self.student(batch.image)
-        loss = self.supervised_loss(logits, batch.targets, label_smoothing=self.params.label_smoothing)
+        dice_weight = self.params.dice_weight  # type: ignore[attr-defined]
+        options = {"dice_weight": dice_weight} if dice_weight else {}
+        loss = self.supervised_loss(logits, batch.targets, label_smoothing=self.params.label_smoothing, **options)
         return Output(logits, {self.task.loss_name: loss})

@@ -22,6 +22,10 @@ ReLU (``regressor_relu: false`` for pre-activation hints), mapping student to te
 RepDistiller uses a 1x1 conv for equal sizes (our default) and has no general case;
 ``same_size_kernel: 3`` gives a 3x3 regressor (kdforge's default before 2026-12; 9x the parameters).
 
+On segmentation data (2-D U-Nets) the hint is any tapped stage, e.g. the last decoder stage
+``dec3`` (full resolution) or the ``bottleneck``, and CE is the per-pixel cross-entropy; 3-D
+feature maps (volumes) have no regressor and are refused in one line.
+
 Shapes are found at construction by one no-grad forward of both networks in eval mode (BN
 statistics untouched) on zeros of shape ``input_shape`` = (C, H, W). Pass ``input_shape`` to the
 constructor (the trainer passes the dataset's); without it, the student's ``input_shape``
@@ -102,7 +106,8 @@ class FitNet(FeatureDistiller):
 
     name = "fitnet"
     Params = FitNetParams
-    tasks = ("classification", "regression")
+    #: segmentation: hint on a U-Net stage of the same resolution, e.g. ``student_layers: [dec3]``
+    tasks = ("classification", "regression", "segmentation")
 
     def __init__(self, student, teachers=(), params=None, input_shape: Sequence[int] | None = None) -> None:
         super().__init__(student, teachers, params)

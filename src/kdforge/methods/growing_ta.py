@@ -29,6 +29,12 @@ so a residual stream's writers agree), plus Gaussian noise of ``noise`` times th
 std on the conv rows; every conv column and classifier column that reads a new channel is zeroed.
 The TA's output is therefore unchanged at the moment of growth, in eval and in train mode.
 
+**Segmentation.** On segmentation data the CE terms are per-pixel (per-voxel) CE plus
+``dice_weight`` x soft Dice, and each KL is taken per location and averaged over locations. The
+assistant may be a U-Net (``unet2d``/``unet3d``): its conv-BN pairs are grown as above and, since
+decoder convolutions read concatenations [upsampled, skip], the reading columns of new channels are
+zeroed per input segment (``input_segments``).
+
 Masks and the count of growths applied are buffers: parameter shapes never change (the optimizer
 needs no rebuild), and a resumed run loads the grown state. ``on_epoch_start`` grows only while
 fewer growths have been applied than the schedule prescribes for that epoch, so it is idempotent and
@@ -42,24 +48,24 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
-from kdforge.methods.losses import kd_loss
+from kdforge.methods.losses import check_dice_weight, class_last, kd_loss
 from kdforge.models import create
 from kdforge.models.branches import fresh_copy
 from kdforge.models.cifar_resnet import CifarResNet
+from kdforge.models.unet import UNet
 from kdforge.models.vgg import CifarVGG
 from kdforge.models.wide_resnet import WideResNet
 
-SUPPORTED = (CifarResNet, WideResNet, CifarVGG)
+SUPPORTED = (CifarResNet, WideResNet, CifarVGG, UNet)
 
 
 class AssistantModel(MethodParams):
@@ -87,6 +93,8 @@ class GrowingTAParams(MethodParams):
     ta_kd_weight: float | None = Field(None, ge=0.0)
     ta_ce_weight: float | None = Field(None, ge=0.0)
     reduction: Literal["batchmean", "elementmean"] = "batchmean"
+    #: segmentation only: weight of a soft Dice loss added to the CE of the student and the TA
+    dice_weight: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _student_learns(self) -> GrowingTAParams:
@@ -139,15 +147,25 @@ class ChannelGrower:
         if not isinstance(model, SUPPORTED) or (isinstance(model, CifarVGG) and not _has_bn(model)):
             raise ConfigError(
                 f"growing_ta: cannot grow a {type(model).__name__}; the assistant must be a resnet, "
-                "wrn or vgg (with batch_norm) network: set method.ta to one of those"
+                "wrn or vgg (with batch_norm) network, or a unet2d/unet3d: set method.ta to one of those"
             )
         self.model = model
-        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-        if any(c.groups != 1 for c in convs):
-            raise ConfigError("growing_ta: grouped convolutions cannot be grown; use a resnet, wrn or vgg assistant")
-        self.convs = convs
-        self.readers: list[nn.Module] = convs[1:] + [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.bns: list[nn.BatchNorm2d]  # BatchNorm3d and Conv3d for volumes: the same attributes
+        self.convs: list[nn.Conv2d]
+        self.readers: list[nn.Module]
+        if isinstance(model, UNet):  # concatenating skips: the U-Net names each conv's BN and input segments
+            self.bns = [cast(nn.BatchNorm2d, bn) for _, bn in model.conv_bn_pairs]
+            self.convs = [cast(nn.Conv2d, conv) for conv, _ in model.conv_bn_pairs]
+            self.readers = [m for m in model.modules() if hasattr(m, "input_segments")][1:]  # not the image's
+        else:
+            self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+            convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+            if any(c.groups != 1 for c in convs):
+                raise ConfigError(
+                    "growing_ta: grouped convolutions cannot be grown; use a resnet, wrn or vgg assistant"
+                )
+            self.convs = convs
+            self.readers = convs[1:] + [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.widths = sorted({bn.num_features for bn in self.bns})
         for bn in self.bns:
             bn.register_buffer("growth_mask", torch.ones(bn.num_features))
@@ -191,15 +209,18 @@ class ChannelGrower:
                 if tensor is not None:
                     tensor[start:stop] = tensor[source.to(tensor.device)]
         for reader in self.readers:  # readers of the new channels start at zero
-            width = reader.in_channels if isinstance(reader, nn.Conv2d) else reader.in_features
-            if width in plan:
-                start, stop, _ = plan[width]
-                reader.weight[:, start:stop] = 0.0
+            width = reader.in_features if isinstance(reader, nn.Linear) else reader.in_channels
+            offset = 0
+            for segment in getattr(reader, "input_segments", [width]):  # a U-Net conv reads [upsampled, skip]
+                if segment in plan:
+                    start, stop, _ = plan[segment]
+                    reader.weight[:, offset + start : offset + stop] = 0.0
+                offset += segment
         self.set_fraction(new)
 
 
 def _has_bn(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    return any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm3d) for m in model.modules())
 
 
 def _stage_ratio(student: nn.Module, assistant: nn.Module) -> float | None:
@@ -217,6 +238,7 @@ class GrowingTeacherAssistant(Distiller):
     Params = GrowingTAParams
     teachers_required = (1, 1)
     replays_teacher_logits = True
+    tasks = ("classification", "segmentation")
 
     def __init__(
         self,
@@ -241,15 +263,15 @@ class GrowingTeacherAssistant(Distiller):
         if spec is None:
             assistant = copy.deepcopy(teacher) if init == "teacher" else fresh_copy(teacher)
         else:
-            convs = [m for m in teacher.modules() if isinstance(m, nn.Conv2d)]
+            convs = [m for m in teacher.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)]
             linears = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
-            if not linears or (input_shape is None and not convs):
+            dense = isinstance(teacher, UNet)  # per-pixel logits come from its last (1x1) conv
+            if not (linears or dense) or (input_shape is None and not convs):
                 raise ConfigError("growing_ta: cannot read the teacher's classes and input channels; pass input_shape")
+            classes = convs[-1].out_channels if dense else linears[-1].out_features
             in_channels = input_shape[0] if input_shape is not None else convs[0].in_channels
-            size = tuple(input_shape[1:]) if input_shape is not None else None
-            assistant = create(
-                spec.name, num_classes=linears[-1].out_features, in_channels=in_channels, input_size=size, **spec.kwargs
-            )
+            size = tuple(input_shape[-2:]) if input_shape is not None else None
+            assistant = create(spec.name, num_classes=classes, in_channels=in_channels, input_size=size, **spec.kwargs)
         assistant.requires_grad_(True)
         assistant.train()
         return assistant
@@ -283,16 +305,22 @@ class GrowingTeacherAssistant(Distiller):
         ta_logits = self.ta(batch.image)
         logits = self.student(batch.image)
         T = p.temperature
-        terms = {
-            "ta_ce": (ta_ce, lambda: F.cross_entropy(ta_logits, batch.targets)),
-            "ta_kd": (ta_kd, lambda: kd_loss(ta_logits, teacher_logits, T, p.reduction)),
-            "ce": (p.ce_weight, lambda: F.cross_entropy(logits, batch.targets)),
-            "kd": (p.kd_weight, lambda: kd_loss(logits, ta_logits.detach(), T, p.reduction)),
+        options = {"dice_weight": p.dice_weight} if p.dice_weight else {}
+        rows, ta_rows, teacher_rows = class_last(logits), class_last(ta_logits), class_last(teacher_logits)
+        terms = {  # segmentation: the KL per pixel/voxel (class_last rows), averaged over locations
+            "ta_ce": (ta_ce, lambda: self.supervised_loss(ta_logits, batch.targets, **options)),
+            "ta_kd": (ta_kd, lambda: kd_loss(ta_rows, teacher_rows, T, p.reduction)),
+            "ce": (p.ce_weight, lambda: self.supervised_loss(logits, batch.targets, **options)),
+            "kd": (p.kd_weight, lambda: kd_loss(rows, ta_rows.detach(), T, p.reduction)),
         }
         losses = {name: weight * term() for name, (weight, term) in terms.items() if weight}
         steps = len(self.schedule(step.epochs))
         metrics = {"ta_active_fraction": self.fraction_after(int(self.growths), steps)}
         return Output(logits, losses, metrics)
+
+    def use_task(self, task) -> None:
+        check_dice_weight("growing_ta", self.params.dice_weight, task.name)  # type: ignore[attr-defined]
+        super().use_task(task)
 
     def evaluation_models(self) -> dict[str, nn.Module]:
         return {"assistant": self.ta}

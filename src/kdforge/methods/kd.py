@@ -14,6 +14,11 @@ schedule (see ``kdforge.core.schedules``), which gives:
 * alpha annealing (sensor-transition KD): ``kd_weight: {kind: linear, start: 0.95, end: 0.1}``
   with ``ce_weight`` following ``1 - alpha`` when ``ce_weight: complement``.
 
+Segmentation (per-pixel / per-voxel KD): with logits B x K x H x W (x D) the same loss is taken at
+every location, ``T^2 KL(softmax(z_t(v)/T) || softmax(z_s(v)/T))`` over the K classes, averaged over
+all locations of the batch (``batchmean`` over B x locations rows); the supervised term is the
+task's per-location cross-entropy, plus ``dice_weight`` times a soft Dice loss when set.
+
 Selective KD (``select``): distil only the samples the teacher classifies correctly
 (``correct``) or predicts with softmax confidence at least ``confidence_threshold``
 (``confident``). The KL term is summed over the selected samples and divided by the whole batch
@@ -44,7 +49,7 @@ from pydantic import Field, field_validator
 from kdforge.core.schedules import Schedule, as_schedule
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
-from kdforge.methods.losses import KLReduction, soft_kl
+from kdforge.methods.losses import KLReduction, check_dice_weight, class_last, location_targets, soft_kl
 
 #: KD parameters that act on class probabilities: meaningless for a regression teacher's outputs
 CLASSIFICATION_ONLY = ("temperature", "reduction", "select", "confidence_threshold")
@@ -57,6 +62,8 @@ class KDParams(MethodParams):
     reduction: KLReduction = "batchmean"
     select: Literal["all", "correct", "confident"] = "all"
     confidence_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    #: segmentation only: weight of a soft Dice loss added to the supervised CE
+    dice_weight: float = Field(0.0, ge=0.0)
 
     @field_validator("temperature", "kd_weight", mode="before")
     @classmethod
@@ -87,6 +94,10 @@ class SoftTargetDistiller(Distiller):
 
     Params = KDParams
 
+    def use_task(self, task) -> None:
+        check_dice_weight(self.method_name(), self.params.dice_weight, task.name)  # type: ignore[attr-defined]
+        super().use_task(task)
+
     def target_probs(self, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft targets at ``temperature`` and the same targets at T = 1 (for selection)."""
         raise NotImplementedError
@@ -99,17 +110,19 @@ class SoftTargetDistiller(Distiller):
 
         logits = self.student(batch.image)
         targets, plain_probs = self.target_probs(batch, temperature)
-        per_sample = soft_kl(logits, targets, temperature, reduction="none")
+        rows = class_last(logits)  # segmentation: one row per pixel/voxel, the KL averaged over them
+        per_sample = soft_kl(rows, targets, temperature, reduction="none")
         if p.reduction == "elementmean":
-            per_sample = per_sample / logits.shape[-1]
+            per_sample = per_sample / rows.shape[-1]
         metrics: dict[str, float | torch.Tensor] = {"temperature": temperature, "kd_weight": kd_weight}
-        mask = selection_mask(plain_probs, batch.targets, p.select, p.confidence_threshold)
+        mask = selection_mask(plain_probs, location_targets(batch.targets, logits), p.select, p.confidence_threshold)
         if mask is not None:
             per_sample = per_sample * mask
             metrics["distilled_fraction"] = mask.float().mean()
         losses = {"kd": kd_weight * per_sample.mean()}
         if ce_weight:
-            losses["ce"] = ce_weight * self.supervised_loss(logits, batch.targets)
+            options = {"dice_weight": p.dice_weight} if p.dice_weight else {}
+            losses["ce"] = ce_weight * self.supervised_loss(logits, batch.targets, **options)
         return Output(logits, losses, metrics)
 
 
@@ -120,7 +133,8 @@ class KnowledgeDistillation(SoftTargetDistiller):
     name = "kd"
     teachers_required = (1, 1)
     #: retrieval: the soft targets are the teacher's identity logits (KDAS-ReID's dynamic temperature)
-    tasks = ("classification", "regression", "retrieval")
+    #: segmentation: the KL is taken at every pixel/voxel; regression: MSE to the teacher's prediction
+    tasks = ("classification", "regression", "retrieval", "segmentation")
     replays_teacher_logits = True
 
     def use_task(self, task) -> None:
@@ -154,6 +168,7 @@ class KnowledgeDistillation(SoftTargetDistiller):
 
     def target_probs(self, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         (teacher_logits,) = self.teacher_logits(batch)
+        teacher_logits = class_last(teacher_logits)
         soft = F.softmax(teacher_logits / temperature, dim=-1)
         plain = soft if temperature == 1.0 else F.softmax(teacher_logits, dim=-1)
         return soft, plain

@@ -43,3 +43,23 @@ def kd_loss(
 ) -> torch.Tensor:
     """Hinton's soft-target term ``T^2 KL(softmax(z_t/T) || softmax(z_s/T))``."""
     return soft_kl(student_logits, F.softmax(teacher_logits / temperature, dim=-1), temperature, reduction)
+
+
+def class_last(logits: torch.Tensor) -> torch.Tensor:
+    """Logits with one row per prediction: B x K stays, dense B x K x <spatial> (segmentation) becomes
+    (B * locations) x K, so the soft-target losses above (which work along the last axis) give a
+    KL per pixel/voxel and ``batchmean`` averages it over every location of the batch."""
+    if logits.dim() <= 2:
+        return logits
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+
+
+def location_targets(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Targets aligned with ``class_last(logits)``: B x <spatial> label maps flattened to one per row."""
+    return targets if logits.dim() <= 2 else targets.reshape(-1)
+
+
+def check_dice_weight(method: str, dice_weight: float, task_name: str) -> None:
+    """A one-line ValueError when a Dice term is asked of a task without label maps."""
+    if dice_weight and task_name != "segmentation":
+        raise ValueError(f"method '{method}': dice_weight applies to segmentation only, not {task_name}; remove it")
