@@ -191,8 +191,8 @@ def info_for(name: str = "test", channels: int = 3) -> DatasetInfo:
 
 def test_registry_lists_every_source():
     assert DATASETS.names() == [
-        "breast_cancer", "cifar10", "cifar100", "csv", "digits", "fashion_mnist", "imagefolder", "iris", "mnist",
-        "npz", "wine",
+        "av_mnist", "breast_cancer", "cifar10", "cifar100", "csv", "digits", "fashion_mnist", "imagefolder", "iris",
+        "mnist", "npz", "sensor_cifar10", "sensor_mnist", "wine",
     ]  # fmt: skip
 
 

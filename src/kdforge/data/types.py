@@ -8,6 +8,7 @@ workers), for data that does not fit in memory.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +26,22 @@ class TensorData:
     records where every sample sits in the *source* split it was carved from (the official train
     or test set), so a subset can be traced back; it defaults to ``0..N-1``. The loader does not use
     it for identity: ``Batch.index`` is the position in this TensorData (see ``BatchLoader``).
+
+    Paired multimodal data: ``images`` is the *primary* input, served under the name
+    ``input_name`` (``Batch.image``); ``extra_inputs`` holds the other inputs of the same samples by
+    name (first dim N each; uint8 images or float32 tensors), served beside it in ``Batch.inputs``;
+    ``extras`` holds per-sample tensors for the method, served in ``Batch.extras`` (e.g.
+    ``"labelled"``, a bool mask of the samples whose label may be used). ``view(name)`` makes
+    another input the primary one. All of them are kept through ``select``.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     name: str | None = None
     indices: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_name: str = "image"
 
     def __post_init__(self) -> None:
         pixels = self.images.dtype == torch.uint8 and self.images.dim() == 4
@@ -50,6 +61,23 @@ class TensorData:
         self.indices = torch.as_tensor(self.indices, dtype=torch.int64)
         if self.indices.shape != self.labels.shape:
             raise DataError(f"{self._label()}: indices and labels differ in length")
+        for key, value in {**self.extra_inputs, **self.extras}.items():
+            if value.shape[:1] != self.labels.shape:
+                raise DataError(f"{self._label()}: '{key}' has {value.shape[0]} rows for {len(self.labels)} samples")
+
+    @property
+    def input_names(self) -> list[str]:
+        """Every input a sample carries: the primary one first."""
+        return [self.input_name, *self.extra_inputs]
+
+    def view(self, name: str) -> TensorData:
+        """The same samples with input ``name`` as the primary one (``images``)."""
+        if name == self.input_name:
+            return self
+        if name not in self.extra_inputs:
+            raise DataError(f"{self._label()} has no input '{name}'; inputs: {', '.join(self.input_names)}")
+        others = {self.input_name: self.images, **{k: v for k, v in self.extra_inputs.items() if k != name}}
+        return dataclasses.replace(self, images=self.extra_inputs[name], extra_inputs=others, input_name=name)
 
     def _label(self) -> str:
         return self.name or "dataset split"
@@ -70,6 +98,9 @@ class TensorData:
             labels=self.labels[positions],
             name=name or self.name,
             indices=self.indices[positions],
+            extra_inputs={key: value[positions] for key, value in self.extra_inputs.items()},
+            extras={key: value[positions] for key, value in self.extras.items()},
+            input_name=self.input_name,
         )
 
     def class_counts(self, num_classes: int | None = None) -> torch.Tensor:
@@ -88,7 +119,9 @@ class DatasetInfo:
     for images); models are built with ``in_channels`` and ``image_size``, which for D features are
     D and (1, 1). ``kind`` is "image" (uint8 pixels), "float" (float32 features in memory) or
     "stream" (items read from a Dataset). ``fit_stats`` marks statistics fitted on the training
-    split (refitted when a validation split or subset is carved out).
+    split (refitted when a validation split or subset is carved out). Paired multimodal data:
+    ``input_name`` names the input this describes (the primary one), ``extra_inputs`` describes
+    each other input by name (its own shape and normalisation statistics).
     """
 
     name: str
@@ -101,6 +134,30 @@ class DatasetInfo:
     input_shape: tuple[int, ...] | None = None
     kind: str = "image"
     fit_stats: bool = False
+    input_name: str = "image"
+    extra_inputs: dict[str, DatasetInfo] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        """Every input of the dataset: the primary one first."""
+        return [self.input_name, *self.extra_inputs]
+
+    def for_input(self, name: str) -> DatasetInfo:
+        """The description of input ``name`` (itself for the primary one)."""
+        if name == self.input_name:
+            return self
+        if name not in self.extra_inputs:
+            raise DataError(f"dataset '{self.name}' has no input '{name}'; inputs: {', '.join(self.input_names)}")
+        return self.extra_inputs[name]
+
+    def view(self, name: str) -> DatasetInfo:
+        """This dataset described with input ``name`` as the primary one."""
+        if name == self.input_name:
+            return self
+        chosen = self.for_input(name)
+        others = {self.input_name: dataclasses.replace(self, extra_inputs={})}
+        others.update({k: v for k, v in self.extra_inputs.items() if k != name})
+        return dataclasses.replace(chosen, input_name=name, extra_inputs=others)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -116,6 +173,16 @@ class DataSplits:
     val: TensorData | StreamData | None
     test: TensorData | StreamData
     info: DatasetInfo
+
+    def view(self, name: str) -> DataSplits:
+        """Every split (and the description) with input ``name`` as the primary one."""
+        if name == self.info.input_name:
+            return self
+        splits = [self.train, self.val, self.test]
+        if any(isinstance(split, StreamData) for split in splits):
+            raise DataError(f"{self.info.name} is streamed from a Dataset and has only one input")
+        train, val, test = (split.view(name) if split is not None else None for split in splits)  # type: ignore[union-attr]
+        return DataSplits(train=train, val=val, test=test, info=self.info.view(name))  # type: ignore[arg-type]
 
     def summary(self) -> str:
         """One line: name, split sizes, classes and sample shape."""

@@ -55,6 +55,8 @@ from kdforge.engine.build import (
     build_augmentation,
     build_data,
     build_distiller,
+    input_augmentations,
+    student_view,
 )
 from kdforge.engine.divergence import LossWatch, RunDiverged, likely_cause, nonfinite_tensors
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
@@ -213,7 +215,7 @@ class Trainer:
         fabric.barrier()
         fabric.seed_everything(config.seed, verbose=False)
 
-        self.data: DataSplits = build_data(config.data)
+        self.data: DataSplits = student_view(build_data(config.data), config)
         if config.train.progress != "none":  # the run's first line says where it trains
             precision = _fabric_precision(fabric, config.train.precision)
             shown = "" if precision == "32-true" else f", {precision}"
@@ -244,6 +246,7 @@ class Trainer:
             rank=fabric.global_rank,
             world_size=fabric.world_size,
             device=fabric.device,  # uint8 images travel to the device, augmentation runs there
+            input_augmentations=input_augmentations(config.data, self.info),  # paired data's other inputs
         )
         self.eval_augmentation = augmentation
         self.steps_per_epoch = len(self.train_loader)
@@ -356,6 +359,13 @@ class Trainer:
         """The stored teacher outputs to replay, when the recipe asks for them and the method can use them."""
         settings = self.config.teacher_bank
         if not settings.enabled or not len(self.distiller.teachers):
+            return None
+        if any(
+            getattr(t, "kdforge_input", self.info.input_name) != self.info.input_name for t in self.distiller.teachers
+        ):
+            self.fabric.print(
+                f"[{self.config.name}] teacher_bank ignored: a teacher reads another input; its teachers run live"
+            )
             return None
         if not self.distiller.replays_teacher_logits:
             self.fabric.print(

@@ -18,6 +18,16 @@ Selective KD (``select``): distil only the samples the teacher classifies correc
 (``correct``) or predicts with softmax confidence at least ``confidence_threshold``
 (``confident``). The KL term is summed over the selected samples and divided by the whole batch
 size, so the weight keeps its meaning; the others get the CE term only.
+
+Cross-modal (paired data): each teacher reads its own input (the recipe's ``teachers[i].input``),
+the student its own. Few labels: samples whose ``batch.extras["labelled"]`` is False (data option
+``unlabelled_per_class``) get the KL term only; the CE term is the mean over the batch's labelled
+samples (0 when it has none). Selection by ``correct`` cannot check an unlabelled sample and
+distils all of them.
+
+``modality_kd`` is the same loss with the defaults of sensor-modality transition KD (Van Molle
+et al., Sensors 2021): ``(1 - alpha(e)) CE + alpha(e) T^2 KL`` with alpha annealed linearly per
+epoch from 0.95 to 0.1 (``ce_weight: complement``) and T = 4.
 """
 
 from __future__ import annotations
@@ -56,14 +66,28 @@ class KDParams(MethodParams):
 
 
 def selection_mask(
-    teacher_probs: torch.Tensor, targets: torch.Tensor, select: str, threshold: float
+    teacher_probs: torch.Tensor,
+    targets: torch.Tensor,
+    select: str,
+    threshold: float,
+    labelled: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean mask of the samples to distil, or None for all of them."""
+    """Boolean mask of the samples to distil, or None for all of them (unlabelled samples, where
+    ``labelled`` is False, cannot be checked by ``correct`` and are all distilled)."""
     if select == "correct":
-        return teacher_probs.argmax(-1) == targets
+        correct = teacher_probs.argmax(-1) == targets
+        return correct if labelled is None else correct | ~labelled
     if select == "confident":
         return teacher_probs.max(-1).values >= threshold
     return None
+
+
+def labelled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor | None) -> torch.Tensor:
+    """CE averaged over the labelled samples (all when ``labelled`` is None; 0 when none is)."""
+    if labelled is None:
+        return F.cross_entropy(logits, targets)
+    per_sample = F.cross_entropy(logits, targets, reduction="none")
+    return (per_sample * labelled).sum() / labelled.sum().clamp_min(1)
 
 
 class SoftTargetDistiller(Distiller):
@@ -87,13 +111,14 @@ class SoftTargetDistiller(Distiller):
         if p.reduction == "elementmean":
             per_sample = per_sample / logits.shape[-1]
         metrics: dict[str, float | torch.Tensor] = {"temperature": temperature, "kd_weight": kd_weight}
-        mask = selection_mask(plain_probs, batch.targets, p.select, p.confidence_threshold)
+        labelled = self.label_mask(batch)
+        mask = selection_mask(plain_probs, batch.targets, p.select, p.confidence_threshold, labelled)
         if mask is not None:
             per_sample = per_sample * mask
             metrics["distilled_fraction"] = mask.float().mean()
         losses = {"kd": kd_weight * per_sample.mean()}
         if ce_weight:
-            losses["ce"] = ce_weight * F.cross_entropy(logits, batch.targets)
+            losses["ce"] = ce_weight * labelled_cross_entropy(logits, batch.targets, labelled)
         return Output(logits, losses, metrics)
 
 
@@ -104,9 +129,27 @@ class KnowledgeDistillation(SoftTargetDistiller):
     name = "kd"
     teachers_required = (1, 1)
     replays_teacher_logits = True
+    cross_modal = True
+    uses_label_mask = True
 
     def target_probs(self, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         (teacher_logits,) = self.teacher_logits(batch)
         soft = F.softmax(teacher_logits / temperature, dim=-1)
         plain = soft if temperature == 1.0 else F.softmax(teacher_logits, dim=-1)
         return soft, plain
+
+
+class ModalityKDParams(KDParams):
+    temperature: Schedule = Field(default_factory=lambda: as_schedule(4.0))
+    kd_weight: Schedule = Field(
+        default_factory=lambda: as_schedule({"kind": "linear", "start": 0.95, "end": 0.1, "by": "epoch"})
+    )
+    ce_weight: Schedule | Literal["complement"] = "complement"
+
+
+@METHODS.register("modality_kd")  # type: ignore[arg-type]
+class ModalityKD(KnowledgeDistillation):
+    """Sensor-modality transition KD (Van Molle et al. 2021): ``(1 - a(e)) CE + a(e) T^2 KL``, a 0.95 -> 0.1."""
+
+    name = "modality_kd"
+    Params = ModalityKDParams
