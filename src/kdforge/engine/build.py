@@ -216,6 +216,7 @@ def build_distiller(
     TensorData) for methods that look at the images before training (NoNN's filter partition).
     """
     student, spec = build_model(config.student, info, "student")
+    attach(student, kdforge_input=info.input_name)
     method_cls = METHODS.get(config.method.name)
     teachers = []
     for i, t in enumerate(config.teachers):

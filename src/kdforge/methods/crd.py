@@ -83,6 +83,7 @@ class ContrastiveRepresentationDistillation(ContrastiveDistiller):
 
     name = "crd"
     Params = CRDParams
+    cross_modal = True  # the teacher reads its own input of paired data
 
     def __init__(
         self, student, teachers=(), params=None, input_shape=None, num_samples=None, train_labels=None

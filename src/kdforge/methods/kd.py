@@ -27,7 +27,7 @@ distils all of them.
 
 ``modality_kd`` is the same loss with the defaults of sensor-modality transition KD (Van Molle
 et al., Sensors 2021): ``(1 - alpha(e)) CE + alpha(e) T^2 KL`` with alpha annealed linearly per
-epoch from 0.95 to 0.1 (``ce_weight: complement``) and T = 4.
+step from 0.95 to 0.1 (``ce_weight: complement``) and T = 4.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class KnowledgeDistillation(SoftTargetDistiller):
 class ModalityKDParams(KDParams):
     temperature: Schedule = Field(default_factory=lambda: as_schedule(4.0))
     kd_weight: Schedule = Field(
-        default_factory=lambda: as_schedule({"kind": "linear", "start": 0.95, "end": 0.1, "by": "epoch"})
+        default_factory=lambda: as_schedule({"kind": "linear", "start": 0.95, "end": 0.1})
     )
     ce_weight: Schedule | Literal["complement"] = "complement"
 
