@@ -151,9 +151,7 @@ def _splits(unlabelled: bool = False) -> DataSplits:
     audio_info = info_for("pairs", (1, 6, 10), names, (0.0,), (1.0,), "spectrogram")
     import dataclasses
 
-    info = dataclasses.replace(
-        image_info, extra_inputs={"audio": dataclasses.replace(audio_info, input_name="audio")}
-    )
+    info = dataclasses.replace(image_info, extra_inputs={"audio": dataclasses.replace(audio_info, input_name="audio")})
     return DataSplits(train=train, val=None, test=test, info=info)
 
 
@@ -171,7 +169,9 @@ def _config(student_input="audio", teacher_input="image", method="kd"):
 
 
 def test_a_misspelt_input_is_one_line_with_the_closest_name():
-    with pytest.raises(ConfigError, match=r"student.input 'audoi' is not an input of dataset 'pairs'; did you mean 'audio'\?"):
+    with pytest.raises(
+        ConfigError, match=r"student.input 'audoi' is not an input of dataset 'pairs'; did you mean 'audio'\?"
+    ):
         student_view(_splits(), _config(student_input="audoi"))
     splits = student_view(_splits(), _config())
     assert splits.info.input_name == "audio" and splits.info.image_size == (6, 10)
@@ -187,5 +187,7 @@ def test_cross_modal_teachers_need_a_cross_modal_method_and_unlabelled_data_a_ma
         build_distiller(_config(method="at"), splits.info, splits.train)
     few = student_view(_splits(unlabelled=True), _config())
     with pytest.raises(ConfigError, match="12 unlabelled samples"):
-        build_distiller(_config(teacher_input="audio", method="ce").model_copy(update={"teachers": []}), few.info, few.train)
+        build_distiller(
+            _config(teacher_input="audio", method="ce").model_copy(update={"teachers": []}), few.info, few.train
+        )
     build_distiller(_config(method="modality_kd"), few.info, few.train)  # masks its CE: accepted

@@ -270,7 +270,7 @@ def test_pipeline_runs_stages_in_order_and_skips_finished_ones(tmp_path):
 
 def test_demo_command_end_to_end(tmp_path):
     """`kdforge demo` as the README promises: three runs and a table (about 20 s on 2 idle cores)."""
-    result = run_cli("demo", "--out", str(tmp_path / "demo"), timeout=400)
+    result = run_cli("demo", "--out", str(tmp_path / "demo"), timeout=1500)
     assert result.returncode == 0, result.stderr[-2000:]
     for stage in ("teacher", "student_alone", "student_kd"):
         assert json.loads((tmp_path / "demo" / stage / "summary.json").read_text())["status"] == "finished"

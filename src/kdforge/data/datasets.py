@@ -55,7 +55,8 @@ def carve_splits(
     if train_subset is not None:
         if isinstance(train_subset, bool) or not isinstance(train_subset, int):
             raise ConfigError(f"train_subset must be a whole number of samples, got {train_subset!r}")
-        classes = splits.info.num_classes
+        classification = splits.info.task == "classification"
+        classes = splits.info.num_classes if classification else int(train.labels.unique().numel())
         if train_subset < classes:
             raise ConfigError(
                 f"train_subset {train_subset} is smaller than the {classes} classes of '{name}': some classes would "

@@ -114,7 +114,7 @@ class BatchLoader:
     def make_batch(self, positions: torch.Tensor) -> Batch:
         """The batch of the samples at ``positions``: gathered, moved, augmented."""
         images = self.data.images[positions]
-        targets = self.data.labels[positions]
+        targets = self.data.targets[positions]
         index = positions
         if self.device is not None:
             images, targets, index = (t.to(self.device, non_blocking=True) for t in (images, targets, index))

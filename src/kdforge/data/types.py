@@ -22,7 +22,11 @@ class TensorData:
     """One split held in memory.
 
     ``images`` is a uint8 tensor N x C x H x W (pixels), or a float32 tensor N x D (tabular
-    features) or N x C x H x W (float images); ``labels`` an int64 tensor N. ``indices`` (int64 N)
+    features) or N x C x H x W (float images); ``labels`` an int64 tensor N (the class, or for
+    other tasks the group that stratified splits and balanced subsets keep in proportion).
+    ``targets`` is what the network is trained to predict, any tensor whose first dimension is N
+    (float values for regression, per-pixel labels for segmentation); it defaults to ``labels``.
+    ``indices`` (int64 N)
     records where every sample sits in the *source* split it was carved from (the official train
     or test set), so a subset can be traced back; it defaults to ``0..N-1``. The loader does not use
     it for identity: ``Batch.index`` is the position in this TensorData (see ``BatchLoader``).
@@ -39,6 +43,7 @@ class TensorData:
     labels: torch.Tensor
     name: str | None = None
     indices: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    targets: torch.Tensor = field(default=None)  # type: ignore[assignment]
     extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     input_name: str = "image"
@@ -64,6 +69,12 @@ class TensorData:
         for key, value in {**self.extra_inputs, **self.extras}.items():
             if value.shape[:1] != self.labels.shape:
                 raise DataError(f"{self._label()}: '{key}' has {value.shape[0]} rows for {len(self.labels)} samples")
+        if self.targets is None:
+            self.targets = self.labels
+        elif self.targets.shape[:1] != self.labels.shape:
+            raise DataError(
+                f"{self._label()}: {len(self.labels)} samples but targets have shape {tuple(self.targets.shape)}"
+            )
 
     @property
     def input_names(self) -> list[str]:
@@ -98,6 +109,7 @@ class TensorData:
             labels=self.labels[positions],
             name=name or self.name,
             indices=self.indices[positions],
+            targets=None if self.targets is self.labels else self.targets[positions],
             extra_inputs={key: value[positions] for key, value in self.extra_inputs.items()},
             extras={key: value[positions] for key, value in self.extras.items()},
             input_name=self.input_name,
@@ -119,7 +131,10 @@ class DatasetInfo:
     for images); models are built with ``in_channels`` and ``image_size``, which for D features are
     D and (1, 1). ``kind`` is "image" (uint8 pixels), "float" (float32 features in memory) or
     "stream" (items read from a Dataset). ``fit_stats`` marks statistics fitted on the training
-    split (refitted when a validation split or subset is carved out). Paired multimodal data:
+    split (refitted when a validation split or subset is carved out). ``task`` names the entry of
+    ``kdforge.data.tasks.TASKS`` that scores predictions ("classification", "regression", ...);
+    for regression ``num_classes`` is the number of predicted values, ``target_scale`` converts
+    normalised targets back to their units for reporting and ``target_unit`` names that unit. Paired multimodal data:
     ``input_name`` names the input this describes (the primary one), ``extra_inputs`` describes
     each other input by name (its own shape and normalisation statistics).
     """
@@ -134,6 +149,9 @@ class DatasetInfo:
     input_shape: tuple[int, ...] | None = None
     kind: str = "image"
     fit_stats: bool = False
+    task: str = "classification"
+    target_scale: float = 1.0
+    target_unit: str = ""
     input_name: str = "image"
     extra_inputs: dict[str, DatasetInfo] = field(default_factory=dict)
 
@@ -189,6 +207,12 @@ class DataSplits:
         val = f", val {len(self.val)}" if self.val is not None else ""
         shape = "x".join(str(size) for size in self.info.sample_shape)
         features = " features" if len(self.info.sample_shape) == 1 else ""
+        if self.info.task == "regression":
+            unit = f" ({self.info.target_unit})" if self.info.target_unit else ""
+            return (
+                f"{self.info.name}: train {len(self.train)}{val}, test {len(self.test)}; regression of "
+                f"{self.info.num_classes} value(s){unit}, {shape}{features}"
+            )
         streamed = " (streamed)" if isinstance(self.train, StreamData) else ""
         return (
             f"{self.info.name}: train {len(self.train)}{val}, test {len(self.test)}; "

@@ -25,6 +25,7 @@ from kdforge.data import (
     load_dataset,
 )
 from kdforge.data.sources.common import MissingDataError
+from kdforge.data.tasks import task_for
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import MODELS, create
 from kdforge.models.specs import attach, same_spec
@@ -215,9 +216,13 @@ def build_distiller(
     adversarial methods, whose epsilon is in [0, 1] pixel units, ``train_data`` (the training
     TensorData) for methods that look at the images before training (NoNN's filter partition).
     """
+    method_cls = METHODS.get(config.method.name)
+    try:  # before any network is built: a classification-only method on regression data fails at once
+        method_cls.check_task(info.task, f"dataset '{info.name}'")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     student, spec = build_model(config.student, info, "student")
     attach(student, kdforge_input=info.input_name)
-    method_cls = METHODS.get(config.method.name)
     teachers = []
     for i, t in enumerate(config.teachers):
         name = t.input or info.input_name  # a teacher reads the student's input unless told otherwise
@@ -244,6 +249,7 @@ def build_distiller(
     extra = {k: v for k, v in offered.items() if k in accepted and v is not None}
     try:
         distiller = method_cls(student, teachers, config.method.params(), **extra)
+        distiller.use_task(task_for(info))
     except ValueError as exc:  # the method's own checks already name it and the fix
         raise ConfigError(str(exc)) from None
     return distiller, spec

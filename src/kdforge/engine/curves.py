@@ -7,7 +7,8 @@ from typing import Any
 
 
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Training loss and test/val top-1 against epoch, side by side, written atomically."""
+    """Training loss and the test/val primary metric (top-1, or MAE for regression) against epoch,
+    side by side, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,13 +20,17 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
+    metric, label = "top1", "top-1 (%)"
+    evaluated = next((r[split] for r in history for split in ("test", "val") if split in r), {})
+    if "top1" not in evaluated and "mae" in evaluated:
+        metric, label = "mae", "MAE"
     for split in ("test", "val"):
-        points = [(r["epoch"] + 1, r[split]["top1"]) for r in history if split in r]
+        points = [(r["epoch"] + 1, r[split][metric]) for r in history if split in r and metric in r[split]]
         if points:
             xs, ys = zip(*points)
-            acc_ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=f"{split} top-1")
+            acc_ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=f"{split} {label.split(' ')[0]}")
     acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("top-1 (%)")
+    acc_ax.set_ylabel(label)
     acc_ax.legend()
     fig.suptitle(title)
     fig.tight_layout()

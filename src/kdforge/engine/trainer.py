@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -50,6 +49,7 @@ from kdforge.core.runlock import RunLock
 from kdforge.core.signals import PARENT_ENV, StopFlag
 from kdforge.core.storage import ensure_writable_dir, remove_stale_temps, storage_message
 from kdforge.data import DataSplits, make_loader
+from kdforge.data.tasks import Task, task_for
 from kdforge.engine.build import (
     ModelSpec,
     build_augmentation,
@@ -223,6 +223,7 @@ class Trainer:
                 f"[{config.name}] {self.data.summary()}; training on {device_description(fabric.device)}{shown}"
             )
         self.info = self.data.info
+        self.task = task_for(self.info)
         torch.manual_seed(config.seed)  # model initialisation depends on the seed only
         distiller, self.spec = build_distiller(config, self.info, self.data.train)
         self.distiller: Distiller = distiller
@@ -708,13 +709,15 @@ class Trainer:
         return (epoch + 1) % self.config.train.eval_every == 0 or last_epoch
 
     def _evaluate_epoch(self, record: dict[str, Any]) -> None:
-        """Add test (and val) metrics of the deployed network, and each group member's test top-1."""
+        """Add test (and val) metrics of the deployed network, and each group member's primary test
+        metric (top-1 for classification)."""
         record["test"] = self.evaluate(self.data.test)
         if self.data.val is not None:
             record["val"] = self.evaluate(self.data.val)
         members = self.distiller.evaluation_models()
         if members:
-            record["members"] = {name: self.evaluate(self.data.test, model)["top1"] for name, model in members.items()}
+            primary = self.task.primary
+            record["members"] = {name: self.evaluate(self.data.test, model)[primary] for name, model in members.items()}
 
     def _step(self, epoch: int) -> Step:
         return Step(epoch, self.config.train.epochs, self.global_step, self.total_steps)
@@ -731,7 +734,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split, model: nn.Module | None = None) -> dict[str, float]:
-        """Top-1, top-5 and mean CE of the deployed network (or ``model``), each rank on its own shard."""
+        """The task's metrics (top-1, top-5 and mean CE for classification) of the deployed network
+        (or ``model``), each rank on its own shard."""
         return evaluate_model(
             model if model is not None else self.distiller.inference_model(),
             split,
@@ -744,6 +748,7 @@ class Trainer:
             channels_last=self.memory_format["student"],
             device=self.fabric.device,
             num_workers=self.config.data.num_workers,
+            task=self.task,
         )
 
     # ------------------------------------------------------------------ bookkeeping
@@ -754,9 +759,16 @@ class Trainer:
         checkpoints = self.out_dir / "checkpoints"
         split = self._selection_split()
         if split in record:
-            top1 = record[split]["top1"]
-            if not self.best or top1 > self.best["top1"]:
-                self.best = {"epoch": epoch, "top1": top1, "split": split, "test": record.get("test")}
+            primary = self.task.primary  # "top1" for classification, "mae" for regression
+            value = record[split][primary]
+            if not self.best or self.task.is_better(value, self.best[primary]):
+                self.best = {
+                    "epoch": epoch,
+                    primary: value,
+                    "metric": primary,
+                    "split": split,
+                    "test": record.get("test"),
+                }
                 self._save_model(checkpoints / "model_best.pt", {"epoch": epoch, **record.get("test", {})})
         self._save_model(checkpoints / "model_last.pt", {"epoch": epoch, **record.get("test", {})})
         with open(self.out_dir / "metrics.jsonl", "a") as handle:
@@ -769,7 +781,7 @@ class Trainer:
         every = max(1, math.ceil(epochs / 10))  # about ten lines per run, whatever its length
         if self.config.train.progress != "none" and ((epoch + 1) % every == 0 or epoch == 0):
             test = record.get("test", {})
-            shown = f" test top-1 {test['top1']:.2f}%" if test else ""
+            shown = f" test {self.task.describe(test)}" if test else ""
             self.fabric.print(
                 f"[{self.config.name}] epoch {epoch + 1}/{self.config.train.epochs} "
                 f"loss {record['train']['loss']:.4f}{shown} "
@@ -785,6 +797,7 @@ class Trainer:
             **({"error": error} if error else {}),
             "method": self.config.method.name,
             "dataset": self.info.name,
+            "task": self.task.name,
             "student": self.spec.name,
             "teachers": [t.name or "" for t in self.config.teachers],
             "seed": self.config.seed,
@@ -860,44 +873,31 @@ def evaluate_model(
     channels_last: bool = False,
     device: torch.device | str | None = None,
     num_workers: int = 0,
+    task: Task | None = None,
 ) -> dict[str, float]:
-    """Evaluate a classifier on a split (TensorData or StreamData): top-1, top-5 (%), mean cross-entropy."""
+    """Evaluate a network on a split (TensorData or StreamData) through ``task``'s evaluator:
+    top-1, top-5 (%) and mean cross-entropy for classification (the default), MAE, RMSE and MSE
+    for regression."""
+    task = task or task_for(None)
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count
+    if world_size > 1 and not task.shardable:  # e.g. retrieval ranks a whole gallery: every rank sees all
+        rank, world_size, reduce = 0, 1, None
     if world_size > 1:  # a strided shard per rank, without the padding a training sampler adds
         split = split.select(torch.arange(rank, len(split), world_size))
     loader = make_loader(
         split, batch_size, num_workers=num_workers, shuffle=False, augmentation=augmentation, train=False, device=device
     )
+    evaluator = task.evaluator()
     with torch.inference_mode():
         for batch in loader:
             channels = channels_last and batch.image.dim() == 4  # tabular rows have no channel layout
             image = batch.image.contiguous(memory_format=torch.channels_last) if channels else batch.image
             with autocast() if autocast else nullcontext():
-                logits = model(image)
-            logits = logits.float()
-            k = min(5, logits.shape[-1])
-            top = logits.topk(k, dim=-1).indices
-            hits = top == batch.targets.unsqueeze(1)
-            totals += torch.tensor(
-                [  # .item()-style reads: the totals stay on the CPU
-                    float(F.cross_entropy(logits, batch.targets, reduction="sum")),
-                    float(hits[:, 0].sum()),
-                    float(hits.any(1).sum()),
-                    float(len(batch)),
-                ],
-                dtype=torch.float64,
-            )
+                prediction = model(image)
+            evaluator.update(prediction, batch.targets)
     model.train(was_training)
-    if reduce is not None:
-        totals = reduce(totals)
-    count = max(float(totals[3]), 1.0)
-    return {
-        "top1": 100.0 * float(totals[1]) / count,
-        "top5": 100.0 * float(totals[2]) / count,
-        "loss": float(totals[0]) / count,
-    }
+    return evaluator.finish(reduce)
 
 
 #: settings a resumed run may change: they decide how often and how visibly the run is evaluated

@@ -29,6 +29,7 @@ from kdforge.core.registry import Registry
 from kdforge.core.schedules import Schedule
 from kdforge.core.validation import StrictScalars, finite_numbers
 from kdforge.data.batch import Batch
+from kdforge.data.tasks import Task, task_for
 
 METHODS: Registry[type[Distiller]] = Registry("method", group="kdforge.methods")
 
@@ -151,6 +152,10 @@ class Distiller(nn.Module):
     #: True when the method masks its supervised term with ``batch.extras["labelled"]`` (few-label
     #: data whose other samples are unlabelled; see ``label_mask``)
     uses_label_mask: ClassVar[bool] = False
+    #: the tasks (``kdforge.data.tasks.TASKS`` names) the method is written for; the trainer
+    #: refuses a dataset of another task in one line. Methods that take their supervised term from
+    #: ``supervised_loss`` and touch no class probabilities can list more.
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(
         self,
@@ -172,6 +177,8 @@ class Distiller(nn.Module):
         for teacher in self.teachers:
             teacher.requires_grad_(False)
             teacher.eval()
+        #: what the data asks for; ``use_task`` sets it (the trainer and ``from_data`` do)
+        self.task: Task = task_for(None)
 
     @classmethod
     def from_data(
@@ -216,7 +223,10 @@ class Distiller(nn.Module):
         accepted = inspect.signature(cls.__init__).parameters
         keywords = {k: v for k, v in offered.items() if k in accepted}
         keywords.update(extra)
-        return cls(student, teachers, params, **keywords)
+        distiller = cls(student, teachers, params, **keywords)
+        if info is not None:
+            distiller.use_task(task_for(info))
+        return distiller
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Everything the optimizer must step: the student's parameters and the method's own
@@ -249,6 +259,26 @@ class Distiller(nn.Module):
         """Method-specific numbers for the run's ``summary.json`` (under ``method_summary``; e.g.
         sparsity and compression rates); empty by default."""
         return {}
+
+    # ----------------------------------------------------------------- tasks
+    @classmethod
+    def check_task(cls, task_name: str, dataset: str = "the data") -> None:
+        """Raise a one-line ValueError when the method is not written for ``task_name``."""
+        if task_name not in cls.tasks:
+            able = sorted(name for name in METHODS.names() if task_name in METHODS.get(name).tasks)
+            raise ValueError(
+                f"method '{cls.method_name()}' does not support the {task_name} task of {dataset} (it supports "
+                f"{', '.join(cls.tasks)}); methods for {task_name}: {', '.join(able) or 'none'}"
+            )
+
+    def use_task(self, task: Task) -> None:
+        """Score and supervise through ``task`` (checked against ``tasks``)."""
+        self.check_task(task.name, getattr(task.info, "name", "the data"))
+        self.task = task
+
+    def supervised_loss(self, prediction: torch.Tensor, targets: torch.Tensor, **options: Any) -> torch.Tensor:
+        """The task's loss on the labels: cross-entropy for classification, MSE for regression."""
+        return self.task.supervised_loss(prediction, targets, **options)
 
     # ----------------------------------------------------------------- helpers
     @classmethod

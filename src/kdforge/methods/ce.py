@@ -1,8 +1,8 @@
-"""The student alone: cross-entropy on the labels (also how teachers are trained)."""
+"""The student alone: the task's supervised loss on the labels (cross-entropy for classification,
+MSE for regression); also how teachers are trained."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from pydantic import Field
 
 from kdforge.data.batch import Batch
@@ -15,13 +15,20 @@ class CrossEntropyParams(MethodParams):
 
 @METHODS.register("ce")
 class CrossEntropy(Distiller):
-    """Plain supervised training: ``L = CE(z_s, y)`` (optionally label-smoothed). No teacher."""
+    """Plain supervised training: ``L = CE(z_s, y)`` (optionally label-smoothed) for classification,
+    the task's own loss otherwise (``L = MSE(f_s(x), y)`` for regression). No teacher."""
 
     name = "ce"
     Params = CrossEntropyParams
     teachers_required = (0, 0)
+    tasks = ("classification", "regression")
+
+    def use_task(self, task) -> None:
+        if task.name != "classification" and self.params.label_smoothing:
+            raise ValueError(f"method 'ce': label_smoothing applies to classification only, not {task.name}")
+        super().use_task(task)
 
     def forward(self, batch: Batch, step: Step) -> Output:
         logits = self.student(batch.image)
-        loss = F.cross_entropy(logits, batch.targets, label_smoothing=self.params.label_smoothing)
-        return Output(logits, {"ce": loss})
+        loss = self.supervised_loss(logits, batch.targets, label_smoothing=self.params.label_smoothing)
+        return Output(logits, {self.task.loss_name: loss})

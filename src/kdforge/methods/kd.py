@@ -141,9 +141,7 @@ class KnowledgeDistillation(SoftTargetDistiller):
 
 class ModalityKDParams(KDParams):
     temperature: Schedule = Field(default_factory=lambda: as_schedule(4.0))
-    kd_weight: Schedule = Field(
-        default_factory=lambda: as_schedule({"kind": "linear", "start": 0.95, "end": 0.1})
-    )
+    kd_weight: Schedule = Field(default_factory=lambda: as_schedule({"kind": "linear", "start": 0.95, "end": 0.1}))
     ce_weight: Schedule | Literal["complement"] = "complement"
 
 
