@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CheckpointError(f"'{args.checkpoint}' is a plain state dict; evaluate a kdforge model file")
     data_cfg = recorded_data_config(record, args.checkpoint, args.data, args.root)  # the run's root and options
     dataset = data_cfg.name
-    data = build_command_data(data_cfg)
+    data = build_command_data(data_cfg, record)
     if data.info.num_classes != spec["num_classes"]:
         raise CheckpointError(
             f"'{args.checkpoint}' predicts {spec['num_classes']} classes; dataset '{dataset}' has {data.info.num_classes}"  # noqa: E501

@@ -129,14 +129,20 @@ def recorded_data_config(
     )
 
 
-def build_command_data(cfg: DataConfig) -> DataSplits:
-    """``build_data`` for eval/export: missing files point at ``--root``, not at a recipe key."""
+def build_command_data(cfg: DataConfig, record: dict[str, Any] | None = None) -> DataSplits:
+    """``build_data`` for eval/export: missing files point at ``--root``, not at a recipe key. A
+    model file of paired data (``record``) is served the input it was trained on."""
     try:
-        return build_data(cfg)
+        splits = build_data(cfg)
     except MissingDataError as error:
         raise DataError(
             f"{error.dataset}: {error.where}; pass --root FOLDER (the folder holding the dataset's files)"
         ) from None
+    saved = (record or {}).get("dataset") or {}
+    name = saved.get("input_name")
+    if saved.get("name") == splits.info.name and name in splits.info.input_names:
+        splits = splits.view(name)
+    return splits
 
 
 def recorded_augmentation(record: dict[str, Any], cfg: DataConfig, info: DatasetInfo) -> Augmentation:
