@@ -171,7 +171,8 @@ def _config(student_input="audio", teacher_input="image", method="kd"):
 def test_a_misspelt_input_is_one_line_with_the_closest_name():
     with pytest.raises(
         ConfigError,
-        match=r"student.input 'audoi' is not an input of dataset 'pairs' \(did you mean 'audio'\?\); its inputs: image, audio",
+        match=r"student.input 'audoi' is not an input of dataset 'pairs' \(did you mean 'audio'\?\); "
+        r"its inputs: image, audio",
     ):
         student_view(_splits(), _config(student_input="audoi"))
     splits = student_view(_splits(), _config())
