@@ -177,7 +177,12 @@ class TrainConfig(Strict):
         description="fold each frozen teacher's BatchNorms into the convolutions before them "
         "(same outputs up to float rounding, faster teacher forwards; kdforge.compress.fold)",
     )
-    compile: bool = Field(False, description="compile the student with torch.compile")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the student: auto = when a few timed eager steps say the run is long enough "
+        "to repay the compilation (not on MPS; on a CPU only with a C++ compiler); true/false force it. "
+        "The choice is recorded in summary.json (compile)",
+    )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     progress: Literal["auto", "bar", "none"] = Field(
         "auto", description="auto: a progress bar on a terminal, about ten epoch lines otherwise; none: silent"

@@ -19,6 +19,7 @@ off as a clean one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -48,7 +49,7 @@ from kdforge.core.errors import ConfigError, KDForgeError, StorageError
 from kdforge.core.runlock import RunLock
 from kdforge.core.signals import PARENT_ENV, StopFlag
 from kdforge.core.storage import ensure_writable_dir, remove_stale_temps, storage_message
-from kdforge.data import DataSplits, make_loader
+from kdforge.data import Batch, DataSplits, make_loader
 from kdforge.data.tasks import Task, task_for
 from kdforge.engine.build import (
     ModelSpec,
@@ -60,9 +61,10 @@ from kdforge.engine.build import (
 )
 from kdforge.engine.divergence import LossWatch, RunDiverged, likely_cause, nonfinite_tensors
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
-from kdforge.engine.probe import has_conv2d, probe_channels_last
+from kdforge.engine.probe import compile_decision, estimated_step_seconds, has_conv2d, probe_channels_last
 from kdforge.engine.record import device_description, run_record
 from kdforge.methods import Distiller, Output, Step
+from kdforge.models.profile import count_flops
 
 Callback = Callable[["Trainer", int, dict[str, Any]], None]
 
@@ -266,8 +268,7 @@ class Trainer:
             )
         self.total_steps = self.steps_per_epoch * config.train.epochs
         self.memory_format = self._choose_memory_format(augmentation)
-        if config.train.compile:
-            distiller.student.compile()
+        self.compilation = self._choose_compile(augmentation)
 
         groups = distiller.optimizer_groups()
         optimizers = [build_optimizer(g, config.train.optimizer) for g in groups]
@@ -326,16 +327,18 @@ class Trainer:
             teacher.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)  # type: ignore[call-overload]
         return decision
 
-    def _probe_memory_format(self, augmentation, teachers: list[nn.Module]) -> dict[str, Any]:
-        """Time both layouts once; a resumed run reuses its first session's choice (same numerics)."""
+    def _earlier_choice(self, key: str) -> Any:
+        """``summary.json[key]`` of the run being resumed (None for a fresh run)."""
         summary = self.out_dir / "summary.json"
-        if self.resume and summary.exists():
-            try:
-                earlier = json.loads(summary.read_text()).get("memory_format")
-            except (OSError, ValueError):
-                earlier = None
-            if isinstance(earlier, dict) and len(earlier.get("teachers", [])) == len(teachers):
-                return earlier
+        if not (self.resume and summary.exists()):
+            return None
+        try:
+            return json.loads(summary.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _probe_batch(self, augmentation) -> Batch:
+        """The first training batch, in order and unaugmented, on the run's device (for timing)."""
         probe_loader = make_loader(
             self.data.train,
             min(self.config.train.batch_size, len(self.data.train)),
@@ -344,11 +347,96 @@ class Trainer:
             train=False,
             device=self.fabric.device,
         )
-        batch = next(iter(probe_loader))
+        return next(iter(probe_loader))
+
+    def _choose_compile(self, augmentation) -> dict[str, Any]:
+        """Compile the student as ``train.compile`` says (engine/probe.py ``compile_decision``); a
+        resumed run keeps its first session's choice. A compilation that fails on the warm-up step
+        leaves the student eager, with the reason recorded, instead of stopping the run."""
+        earlier = self._earlier_choice("compile")
+        if isinstance(earlier, dict) and isinstance(earlier.get("compiled"), bool):
+            decision = dict(earlier)
+        else:
+            student = self.distiller.student
+
+            def step_seconds() -> float:
+                flops = count_flops(copy.deepcopy(student).cpu().eval(), self.info.sample_shape)
+                return estimated_step_seconds(flops, self.config.train.batch_size, self.fabric.device.type)
+
+            try:
+                decision = compile_decision(
+                    self.config.train.compile,
+                    total_steps=self.total_steps,
+                    device_type=self.fabric.device.type,
+                    step_seconds=step_seconds,
+                )
+            except Exception as exc:  # noqa: BLE001 - an estimate never stops a run
+                decision = {"compiled": False, "reason": f"auto: no estimate ({type(exc).__name__}: {exc})"}
+            if self.fabric.world_size > 1:  # every rank follows rank 0
+                decision = self.fabric.broadcast(decision, src=0)
+        if decision["compiled"] and _has_forward_hooks(self.distiller.student):
+            decision = {
+                "compiled": False,
+                "reason": f"{decision['reason']}; not compiled: the method taps the student's features with forward "
+                "hooks, which a compiled graph does not run",
+            }
+            if self.config.train.compile is True:
+                self.fabric.print(f"[{self.config.name}] train.compile ignored: {decision['reason']}")
+        if decision["compiled"]:
+            decision = self._compile_student(decision, augmentation)
+        return decision
+
+    def _task_loss(self, prediction: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.task.supervised_loss(prediction, targets)
+
+    def _student_layout(self, image: torch.Tensor) -> torch.Tensor:
+        nhwc = self.memory_format["student"] and image.dim() == 4
+        return image.contiguous(memory_format=torch.channels_last) if nhwc else image
+
+    def _compile_student(self, decision: dict[str, Any], augmentation) -> dict[str, Any]:
+        """torch.compile the student in place and compile one training step now, on a batch of the
+        run (weights, BatchNorm statistics and gradients restored afterwards), so that a compiler
+        failure is found before training and the warm-up time is measured apart."""
+        student = self.distiller.student
+        student.to(self.fabric.device)
+        saved = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        was_training = student.training
+        started = time.perf_counter()
+        try:
+            student.compile()
+            batch = self._probe_batch(augmentation)
+            student.train()
+            with self.fabric.autocast():
+                prediction = student(self._student_layout(batch.image))
+            self._task_loss(prediction.float(), batch.targets).backward()
+        except Exception as exc:  # noqa: BLE001 - an eager student still trains
+            student._compiled_call_impl = None  # back to the eager forward
+            decision = {
+                **decision,
+                "compiled": False,
+                "reason": f"{decision['reason']}; compilation failed "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}), eager kept",
+            }
+        else:
+            decision = {**decision, "warmup_seconds": time.perf_counter() - started}
+        finally:
+            student.zero_grad(set_to_none=True)
+            student.load_state_dict(saved)
+            student.train(was_training)
+        return decision
+
+    def _probe_memory_format(self, augmentation, teachers: list[nn.Module]) -> dict[str, Any]:
+        """Time both layouts once; a resumed run reuses its first session's choice (same numerics)."""
+        earlier = self._earlier_choice("memory_format")
+        if isinstance(earlier, dict) and len(earlier.get("teachers", [])) == len(teachers):
+            return earlier
+        batch = self._probe_batch(augmentation)
         for teacher in teachers:
             teacher.to(self.fabric.device)
         try:
-            decision = probe_channels_last(self.distiller.inference_model(), teachers, batch.image, batch.targets)
+            decision = probe_channels_last(
+                self.distiller.inference_model(), teachers, batch.image, batch.targets, loss=self._task_loss
+            )
         except Exception as exc:  # noqa: BLE001 - a probe never stops a run; the default layout stays
             decision = {"student": False, "teachers": [False] * len(teachers)}
             decision["reason"] = f"probe failed ({type(exc).__name__}: {exc}); contiguous layout kept"
@@ -810,6 +898,7 @@ class Trainer:
             "extra_parameters": self.distiller.extra_parameter_count(),
             **({"teacher_bn_folding": self.teacher_folding} if self.teacher_folding else {}),
             "memory_format": self.memory_format,
+            "compile": getattr(self, "compilation", None),
             **({"method_summary": extra} if (extra := self.distiller.summary_metrics()) else {}),
             "train_seconds": self.train_seconds,
             "wall_seconds": self._wall_seconds(),
@@ -926,6 +1015,11 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             found.append(f"{path}: {a!r} then, {b!r} now")
     return found
+
+
+def _has_forward_hooks(model: nn.Module) -> bool:
+    """Whether a FeatureTap (or any forward hook) listens to ``model`` or one of its modules."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def _non_teacher_parameters(distiller: Distiller) -> list[nn.Parameter]:
