@@ -15,7 +15,10 @@ from kdforge.engine.trainer import Trainer
 
 
 def test_forced_settings_are_recorded_as_such():
-    assert compile_decision(True, total_steps=1, device_type="cpu") == {"compiled": True, "reason": "train.compile: true"}
+    assert compile_decision(True, total_steps=1, device_type="cpu") == {
+        "compiled": True,
+        "reason": "train.compile: true",
+    }
     assert compile_decision(False, total_steps=10**9, device_type="cuda")["compiled"] is False
 
 
@@ -68,8 +71,9 @@ def test_a_failed_compilation_keeps_the_student_eager(tmp_path, monkeypatch):
     trainer = Trainer(_recipe(True), tmp_path)
     summary = trainer.fit()
     assert summary["status"] == "finished"
-    assert summary["compile"]["compiled"] is False and "compilation failed (RuntimeError: no backend here)" in (
-        summary["compile"]["reason"]
+    assert (
+        summary["compile"]["compiled"] is False
+        and "compilation failed (RuntimeError: no backend here)" in (summary["compile"]["reason"])
     )
 
 
