@@ -16,7 +16,7 @@ An audio teacher (``audio_cnn``) and an image teacher (``lenet`` width 2) are tr
 input; for each direction (audio -> image: LeNet student on images; image -> audio: audio_cnn width
 0.5 on spectrograms) the student is trained alone, by cross-modal KD, by CRD across modalities and by
 CCL, all on the full 2,700 labels (``--av-epochs``, default 20; Adam 1e-3, cosine, batch 64; CCL drops
-each epoch's partial last batch, its loss scales with the batch).
+each epoch's partial last batch, whose contrastive softmax would run over 12 samples).
 
 Runs go to --out (default runs/bench_cross_modal); finished runs are reused. Results print as
 markdown tables (mean +- std over the seeds) and are written to --out/results.json; ``--plot`` draws
@@ -64,7 +64,7 @@ def top1(summary: dict[str, Any]) -> float:
 
 
 def run_config(name: str, data: dict, student: dict, method: dict, epochs: int, batch: int, seed: int, teachers=()):
-    # ccl's contrastive loss scales with the batch: it trains on full batches only (the 12 samples
+    # ccl's contrastive softmax runs over the batch: it trains on full batches only (the 12 samples
     # of 2,700 left over at batch 64 are a different random few each epoch)
     drop_last = method["name"] == "ccl"
     return {

@@ -96,7 +96,8 @@ class CompositionalContrastiveLearning(Distiller):
     Params = CCLParams
     teachers_required = (1, None)
     cross_modal = True
-    batch_size_dependent = True  # the contrastive softmax runs over the B samples of the batch
+    # the contrastive softmax runs over the batch, but its means over positives and negatives keep the
+    # loss's scale within x2 between batch sizes (tests/test_batch_scale.py): not batch_size_dependent
 
     def __init__(self, student: nn.Module, teachers=(), params=None, input_shape=None) -> None:
         super().__init__(student, teachers, params)
