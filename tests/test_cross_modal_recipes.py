@@ -29,7 +29,7 @@ def _finished(out: Path) -> dict[str, dict]:
 @needs_mnist
 def test_modality_kd_recipe_runs(tmp_path):
     overrides = [*TINY, f"data.root={MNIST_ROOT}", "data.train_subset=100"]
-    assert main(["train", "modality_kd_mnist", "--set", *overrides, "--out", str(tmp_path / "r")]) == 0
+    assert main(["train", "recipes/modality_kd_mnist", "--set", *overrides, "--out", str(tmp_path / "r")]) == 0
     summaries = _finished(tmp_path / "r")
     assert {"teacher", "alone", "kd", "annealed", "selective"} <= set(summaries)
     assert summaries["kd"]["method"] == "modality_kd"
@@ -40,7 +40,7 @@ def test_modality_kd_recipe_runs(tmp_path):
 @needs_fsdd
 def test_ccl_recipe_runs(tmp_path):
     overrides = [*TINY, f"data.root={MNIST_ROOT}", f"data.options.audio_root={FSDD_ROOT}", "data.train_subset=300"]
-    assert main(["train", "ccl_av_mnist", "--set", *overrides, "--out", str(tmp_path / "r")]) == 0
+    assert main(["train", "recipes/ccl_av_mnist", "--set", *overrides, "--out", str(tmp_path / "r")]) == 0
     summaries = _finished(tmp_path / "r")
     assert summaries["audio_to_image_ccl"]["method"] == "ccl"
     assert summaries["image_to_audio_crd"]["method"] == "crd"
