@@ -28,7 +28,7 @@ def _finished(out: Path) -> dict[str, dict]:
 @pytest.mark.slow
 @needs_mnist
 def test_modality_kd_recipe_runs(tmp_path):
-    overrides = [*TINY, f"data.root={MNIST_ROOT}", "data.train_subset=100"]
+    overrides = [*TINY, f"data.root={MNIST_ROOT}", "data.train_subset=100", "train.batch_size=32"]
     assert main(["train", "recipes/modality_kd_mnist", "--set", *overrides, "--out", str(tmp_path / "r")]) == 0
     summaries = _finished(tmp_path / "r")
     assert {"teacher", "alone", "kd", "annealed", "selective"} <= set(summaries)
