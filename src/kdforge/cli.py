@@ -53,20 +53,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
+    from kdforge.data.tasks import TASKS
+
     rows = []
     for name, s in summaries.items():
         test = (s.get("final") or {}).get("test") or {}
+        task = s.get("task") or "classification"
+        if task == "regression":
+            shown = f"{test.get('mae', float('nan')):.3f}"
+        elif task == "classification" or task not in TASKS or not test:
+            shown = f"{test.get('top1', float('nan')):.2f}"
+        else:  # e.g. "rank-1 92.00% mAP 65.81%"
+            shown = TASKS.get(task)().describe(test)
         rows.append(
             (
                 name,
                 s.get("method", ""),
                 s.get("student", ""),
-                f"{test.get('top1', float('nan')):.2f}",
+                shown,
                 f"{s.get('student_parameters', 0):,}",
                 f"{s.get('train_seconds', 0):.1f}",
             )
         )
-    header = ("run", "method", "network", "top-1 (%)", "parameters", "train s")
+    tasks = {s.get("task") or "classification" for s in summaries.values()}
+    names = {"classification": "top-1 (%)", "regression": "MAE"}
+    scored = " / ".join(names[t] for t in sorted(tasks)) if tasks <= set(names) else "test"
+    header = ("run", "method", "network", scored, "parameters", "train s")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     print(line(header))
@@ -78,7 +90,7 @@ def _print_table(summaries: dict[str, dict[str, Any]], out: Path) -> None:
 # ----------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from kdforge.core.checkpoint import read_model_file
-    from kdforge.core.errors import CheckpointError
+    from kdforge.core.errors import CheckpointError, ConfigError
     from kdforge.engine.build import build_command_data, recorded_augmentation, recorded_data_config
     from kdforge.engine.trainer import evaluate_model
 
@@ -89,10 +101,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_cfg = recorded_data_config(record, args.checkpoint, args.data, args.root)  # the run's root and options
     dataset = data_cfg.name
     data = build_command_data(data_cfg, record)
+    from kdforge.data.tasks import task_for
+
+    task = task_for(data.info)
     if data.info.num_classes != spec["num_classes"]:
+        what = "classes" if task.name == "classification" else "values"
         raise CheckpointError(
-            f"'{args.checkpoint}' predicts {spec['num_classes']} classes; dataset '{dataset}' has {data.info.num_classes}"  # noqa: E501
+            f"'{args.checkpoint}' predicts {spec['num_classes']} {what}; dataset '{dataset}' has {data.info.num_classes}"  # noqa: E501
         )
+    if args.attack and task.name != "classification":
+        raise ConfigError(f"--attack measures robust top-1 of a classifier; '{dataset}' is a {task.name} task")
     from kdforge.compress.arch import load_model_file  # zoo, LMA, pruned and QAT networks
 
     model, _ = load_model_file(args.checkpoint)
@@ -102,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         split = split.select(evaluation_subset(split.labels, args.limit))
     augmentation = recorded_augmentation(record, data_cfg, data.info)  # the run's standardisation
-    metrics = evaluate_model(model, split, augmentation, args.batch_size, num_workers=data_cfg.num_workers)
+    metrics = evaluate_model(model, split, augmentation, args.batch_size, num_workers=data_cfg.num_workers, task=task)
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "model": spec["name"],
@@ -129,11 +147,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(result))
+    elif task.name not in ("classification", "regression"):
+        print(f"{spec['name']} on {dataset} {args.split} ({len(split)} images): {task.describe(metrics)}")
     else:
-        print(
-            f"{spec['name']} on {dataset} {args.split} ({len(split)} images): "
-            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}"
-        )
+        if task.name == "classification":
+            scores = f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}"
+        else:  # regression: errors in the target's units, the loss (MSE) in training units
+            unit = data.info.target_unit
+            scores = f"MAE {result['mae']:.4g}{unit}  RMSE {result['rmse']:.4g}{unit}  loss {result['loss']:.4g}"
+        print(f"{spec['name']} on {dataset} {args.split} ({len(split)} images): {scores}")
         if args.attack:
             robust, attack = result["robust"], result["robust"]["attack"]
             label = f"PGD-{args.steps}" if args.attack == "pgd" else "FGSM"
@@ -233,6 +255,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         agree = (
             f", top-1 agreement with float {100 * result['int8_agreement']:.1f}%" if "int8_agreement" in result else ""
         )
+        if "int8_mae_vs_float" in result:  # a regression network: the drift of its outputs
+            agree = f", mean |int8 - float| {result['int8_mae_vs_float']:.4g}{result.get('target_unit', '')}"
         print(f"int8 (ONNX Runtime static, per-channel): {result['int8_path']}{agree}")
     return 0
 
@@ -417,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kdforge.commands.nonn import add_commands as add_nonn_commands  # nonn-partition, serve-nonn
 
     add_nonn_commands(sub)
+    from kdforge.commands.search import add_commands as add_search_commands  # search (KD-guided DARTS)
+
+    add_search_commands(sub)
     for command in sub.choices.values():  # every command can load the user's own code
         command.add_argument(
             "--import",

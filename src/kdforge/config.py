@@ -37,6 +37,14 @@ class AugmentConfig(Strict):
     horizontal_flip: bool = Field(default=False, description="flip each training image left-right with probability 1/2")
 
 
+class SamplerConfig(Strict):
+    """Training batches of P identities x K samples each (kdforge.data.sampler; docs/retrieval.md)."""
+
+    name: Literal["pk"] = Field("pk", description="pk: P identities x K samples per batch")
+    p: int | None = Field(None, ge=2, description="identities per batch (default train.batch_size / k)")
+    k: int = Field(4, ge=1, description="samples per identity")
+
+
 class DataConfig(Strict):
     name: str = Field(
         ...,
@@ -60,6 +68,12 @@ class DataConfig(Strict):
         default=0,
         description="DataLoader worker processes reading a streamed (custom) Dataset; 0 reads in the main process",
     )
+    on_device: bool | Literal["auto"] = Field(
+        default="auto",
+        description="keep in-memory splits on the accelerator, so batches are gathered there without host copies: "
+        "auto = on a CUDA GPU when a split takes at most a quarter of its memory; true/false force it",
+    )
+    sampler: SamplerConfig | None = Field(default=None, description="training batch sampler, e.g. {name: pk, k: 4}")
 
 
 class LMAConfig(Strict):

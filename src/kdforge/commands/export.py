@@ -100,17 +100,36 @@ def export_checkpoint(
             x = calibration_batches(cfg, batches=1, batch_size=64, seed=1, record=record)[0]
             x = x.reshape(len(x), *shape)
             with torch.no_grad():
-                agree = (OnnxModule(path)(x).argmax(1) == network(x).argmax(1)).float().mean()
-            result["int8_agreement"] = float(agree)
+                quantized, reference = OnnxModule(path)(x), network(x)
+            dataset = record.get("dataset") or {}
+            if dataset.get("task", "classification") == "classification":
+                result["int8_agreement"] = float((quantized.argmax(1) == reference.argmax(1)).float().mean())
+            else:  # regression: how far int8 outputs drift from float, in the target's units
+                scale = float(dataset.get("target_scale") or 1.0)
+                result["int8_mae_vs_float"] = float((quantized - reference).abs().mean()) * scale
+                result["target_unit"] = str(dataset.get("target_unit") or "")
     return result
 
 
 def onnx_metadata(record: dict[str, Any], shape: tuple[int, int, int]) -> dict[str, str]:
-    """The model file's input contract (its dataset's mean, std and class names) as ONNX metadata."""
+    """The model file's input contract (its dataset's mean, std and class names) as ONNX metadata;
+    for a regression network also the task, how its outputs map to the target's units
+    (``target_scale``) and the unit."""
     from kdforge import __version__
 
     dataset = record.get("dataset") or {}
     spec = record.get("model") or {}
+    task = dataset.get("task") or "classification"
+    regression: dict[str, Any] = {}
+    if task != "classification":
+        scale, unit = float(dataset.get("target_scale") or 1.0), str(dataset.get("target_unit") or "")
+        regression = {
+            "task": task,
+            "output": f"{task} values (batch x {spec.get('num_classes')}); multiply by target_scale for the "
+            f"target's units{f' ({unit})' if unit else ''}",
+            "target_scale": scale,
+            "target_unit": unit or None,
+        }
     return input_metadata(
         shape,
         dataset.get("mean"),
@@ -120,6 +139,7 @@ def onnx_metadata(record: dict[str, Any], shape: tuple[int, int, int]) -> dict[s
         model=spec.get("name"),
         num_classes=spec.get("num_classes"),
         kdforge_version=__version__,
+        **regression,
     )
 
 

@@ -21,9 +21,11 @@ from kdforge.core.errors import ConfigError, DataError
 from kdforge.data.augment import Augmentation
 from kdforge.data.batch import Batch
 from kdforge.data.hashing import derive_seed
+from kdforge.data.sampler import pk_batches
 from kdforge.data.types import StreamData, TensorData
 
 _SHUFFLE_STREAM = 3
+_PK_STREAM = 31
 
 
 class BatchLoader:
@@ -274,8 +276,75 @@ class StreamLoader(BatchLoader):
         return Batch(inputs={"image": self._transform(inputs, index)}, targets=targets, index=index)
 
 
-def make_loader(data: TensorData | StreamData, batch_size: int, *, num_workers: int = 0, **options: Any) -> BatchLoader:
-    """The loader for ``data``: in-memory batches for a TensorData, a DataLoader for a StreamData."""
+def make_loader(
+    data: TensorData | StreamData,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    sampler: dict[str, Any] | None = None,
+    **options: Any,
+) -> BatchLoader:
+    """The loader for ``data``: in-memory batches for a TensorData, a DataLoader for a StreamData;
+    ``sampler`` ``{name: pk, p, k}`` makes P-identities x K-samples batches (``kdforge.data.sampler``)."""
+    if sampler is not None:
+        return pk_loader(data, batch_size, sampler, **options)
     if isinstance(data, StreamData):
         return StreamLoader(data, batch_size, num_workers=num_workers, **options)
     return BatchLoader(data, batch_size, **options)
+
+
+class PKBatchLoader(BatchLoader):
+    """A ``BatchLoader`` whose batches are P identities x K samples (``kdforge.data.sampler``)."""
+
+    def __init__(self, data: TensorData, p: int, k: int, **options: Any) -> None:
+        options.pop("shuffle", None)
+        options.pop("drop_last", None)
+        super().__init__(data, p * k, shuffle=True, drop_last=True, **options)
+        self.p, self.k = p, k
+        self.total_batches = len(data) // (p * k)
+
+    def __len__(self) -> int:
+        return self.total_batches // self.world_size
+
+    @property
+    def partial_batch_size(self) -> int:
+        return 0
+
+    def epoch_order(self) -> torch.Tensor:
+        seed = derive_seed(self.seed, self.epoch, _PK_STREAM)
+        batches = pk_batches(self.data.labels, self.p, self.k, len(self) * self.world_size, seed)
+        return batches[self.rank :: self.world_size].flatten()
+
+
+def pk_loader(data: Any, batch_size: int, sampler: dict[str, Any], **options: Any) -> PKBatchLoader:
+    """The P x K loader for a ``data.sampler`` mapping (``{name: pk, p, k}``), checked."""
+    if not isinstance(data, TensorData):
+        raise ConfigError(
+            "data.sampler 'pk' needs an in-memory dataset; a streamed (custom) Dataset has no labels index"
+        )
+    k = sampler.get("k")
+    p = sampler.get("p")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"data.sampler.k must be a positive whole number of samples per identity, got {k!r}")
+    if p is None:
+        if batch_size % k:
+            raise ConfigError(f"data.sampler.k={k} does not divide train.batch_size={batch_size}; pick k dividing it")
+        p = batch_size // k
+    elif p * k != batch_size:
+        raise ConfigError(
+            f"data.sampler p*k = {p}*{k} = {p * k} differs from train.batch_size={batch_size}; make them equal"
+        )
+    if p < 2:
+        raise ConfigError(f"data.sampler: p={p}; a batch needs at least 2 identities (negatives for every anchor)")
+    identities = int(data.labels.unique().numel())
+    if identities < p:
+        raise ConfigError(
+            f"data.sampler: p={p} identities per batch but the training split has only {identities}; "
+            f"lower train.batch_size (p = batch_size / k) or raise k"
+        )
+    loader = PKBatchLoader(data, p, k, **options)
+    if len(loader) == 0:
+        raise ConfigError(
+            f"data.sampler: {len(data)} training samples make no batch of p*k = {p * k} on each rank; lower p or k"
+        )
+    return loader

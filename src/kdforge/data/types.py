@@ -109,7 +109,7 @@ class TensorData:
             labels=self.labels[positions],
             name=name or self.name,
             indices=self.indices[positions],
-            targets=None if self.targets is self.labels else self.targets[positions],
+            targets=None if self.targets is self.labels else self.targets[positions],  # type: ignore[arg-type]
             extra_inputs={key: value[positions] for key, value in self.extra_inputs.items()},
             extras={key: value[positions] for key, value in self.extras.items()},
             input_name=self.input_name,
@@ -119,6 +119,38 @@ class TensorData:
         """Samples per class (int64, length ``num_classes`` or ``max label + 1``)."""
         length = num_classes if num_classes is not None else int(self.labels.max()) + 1
         return torch.bincount(self.labels, minlength=length)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every tensor of the split (samples, labels, targets, indices, paired inputs)."""
+        unique: dict[int, torch.Tensor] = {}  # targets are often the labels themselves
+        for value in _tensors(self).values():
+            for tensor in value.values() if isinstance(value, dict) else [value]:
+                unique[id(tensor)] = tensor
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    def to(self, device: torch.device | str) -> TensorData:
+        """The same split with every tensor on ``device`` (a loader then gathers batches there)."""
+        moved: dict[str, Any] = {}
+        for key, value in _tensors(self).items():
+            moved[key] = (
+                value.to(device) if isinstance(value, torch.Tensor) else {k: t.to(device) for k, t in value.items()}
+            )
+        if self.targets is self.labels:
+            moved["targets"] = None
+        return dataclasses.replace(self, **moved)
+
+
+def _tensors(data: TensorData) -> dict[str, Any]:
+    """The fields of ``data`` that hold tensors, or dicts of tensors (paired inputs)."""
+    found: dict[str, Any] = {}
+    for item in dataclasses.fields(data):
+        value = getattr(data, item.name)
+        if isinstance(value, torch.Tensor) or (
+            isinstance(value, dict) and value and all(isinstance(t, torch.Tensor) for t in value.values())
+        ):
+            found[item.name] = value
+    return found
 
 
 @dataclass(frozen=True)

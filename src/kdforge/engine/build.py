@@ -222,7 +222,7 @@ def build_distiller(
     adversarial methods, whose epsilon is in [0, 1] pixel units, ``train_data`` (the training
     TensorData) for methods that look at the images before training (NoNN's filter partition).
     """
-    method_cls = METHODS.get(config.method.name)
+    method_cls: type[Distiller] = METHODS.get(config.method.name)  # type: ignore[assignment]
     try:  # before any network is built: a classification-only method on regression data fails at once
         method_cls.check_task(info.task, f"dataset '{info.name}'")
     except ValueError as exc:

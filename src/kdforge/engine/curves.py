@@ -21,9 +21,11 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
     metric, label = "top1", "top-1 (%)"
-    evaluated = next((r[split] for r in history for split in ("test", "val") if split in r), {})
+    evaluated: dict[str, Any] = next((r[split] for r in history for split in ("test", "val") if split in r), {})
     if "top1" not in evaluated and "mae" in evaluated:
         metric, label = "mae", "MAE"
+    if "top1" not in evaluated and "map" in evaluated:  # retrieval
+        metric, label = "map", "mAP (%)"
     for split in ("test", "val"):
         points = [(r["epoch"] + 1, r[split][metric]) for r in history if split in r and metric in r[split]]
         if points:

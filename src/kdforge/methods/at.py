@@ -46,6 +46,7 @@ class AttentionTransfer(FeatureDistiller):
 
     name = "at"
     Params = ATParams
+    tasks = ("classification", "regression")
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: ATParams = self.params  # type: ignore[assignment]

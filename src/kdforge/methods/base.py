@@ -265,7 +265,7 @@ class Distiller(nn.Module):
     def check_task(cls, task_name: str, dataset: str = "the data") -> None:
         """Raise a one-line ValueError when the method is not written for ``task_name``."""
         if task_name not in cls.tasks:
-            able = sorted(name for name in METHODS.names() if task_name in METHODS.get(name).tasks)
+            able = sorted(name for name in METHODS.names() if task_name in getattr(METHODS.get(name), "tasks", ()))
             raise ValueError(
                 f"method '{cls.method_name()}' does not support the {task_name} task of {dataset} (it supports "
                 f"{', '.join(cls.tasks)}); methods for {task_name}: {', '.join(able) or 'none'}"

@@ -21,10 +21,10 @@ class CrossEntropy(Distiller):
     name = "ce"
     Params = CrossEntropyParams
     teachers_required = (0, 0)
-    tasks = ("classification", "regression")
+    tasks = ("classification", "regression", "retrieval")
 
     def use_task(self, task) -> None:
-        if task.name != "classification" and self.params.label_smoothing:
+        if task.name != "classification" and getattr(self.params, "label_smoothing", 0.0):
             raise ValueError(f"method 'ce': label_smoothing applies to classification only, not {task.name}")
         super().use_task(task)
 

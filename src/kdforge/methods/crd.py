@@ -83,6 +83,8 @@ class ContrastiveRepresentationDistillation(ContrastiveDistiller):
 
     name = "crd"
     Params = CRDParams
+    #: retrieval: tap the embedding (``student_layers: [embedding]``); negatives from other identities
+    tasks = ("classification", "retrieval")
     cross_modal = True  # the teacher reads its own input of paired data
 
     def __init__(

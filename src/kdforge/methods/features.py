@@ -245,8 +245,12 @@ class FeatureDistiller(Distiller):
         return Output(logits, losses)
 
     def ce_losses(self, logits: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """``ce_weight`` times the task's supervised loss, logged under its name: cross-entropy
+        ("ce") for classification, MSE ("mse") for regression."""
         weight = self.params.ce_weight  # type: ignore[attr-defined]
-        return {"ce": weight * F.cross_entropy(logits, batch.targets)} if weight else {}
+        if not weight:
+            return {}
+        return {self.task.loss_name: weight * self.supervised_loss(logits, batch.targets)}
 
 
 __all__ = [

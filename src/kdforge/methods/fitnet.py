@@ -102,6 +102,7 @@ class FitNet(FeatureDistiller):
 
     name = "fitnet"
     Params = FitNetParams
+    tasks = ("classification", "regression")
 
     def __init__(self, student, teachers=(), params=None, input_shape: Sequence[int] | None = None) -> None:
         super().__init__(student, teachers, params)

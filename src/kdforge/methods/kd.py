@@ -28,6 +28,19 @@ distils all of them.
 ``modality_kd`` is the same loss with the defaults of sensor-modality transition KD (Van Molle
 et al., Sensors 2021): ``(1 - alpha(e)) CE + alpha(e) T^2 KL`` with alpha annealed linearly per
 step from 0.95 to 0.1 (``ce_weight: complement``) and T = 4.
+
+Regression (a dataset whose task is ``regression``): the teacher's prediction replaces the soft
+targets, and both terms are mean squared errors (teacher-target, or "teacher-student", regression
+KD: Chen et al., "Learning Efficient Object Detection Models with Knowledge Distillation", NeurIPS
+2017, regression branch; Saputra et al., "Distilling Knowledge From a Deep Pose Regressor Network",
+ICCV 2019; Takamoto et al., "An Efficient Method of Training Small Models for Regression Problems
+with Knowledge Distillation", MIPR 2020)::
+
+    L = w_ce(p) * MSE(f_s(x), y) + w_kd(p) * MSE(f_s(x), f_t(x))
+
+averaged over the batch and the target's components; ``ce_weight: complement`` gives the convex
+mix ``(1 - alpha) MSE(f_s, y) + alpha MSE(f_s, f_t)``. ``temperature``, ``reduction``, ``select`` and
+``confidence_threshold`` act on class probabilities and are refused there.
 """
 
 from __future__ import annotations
@@ -42,6 +55,9 @@ from kdforge.core.schedules import Schedule, as_schedule
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
 from kdforge.methods.losses import KLReduction, soft_kl
+
+#: KD parameters that act on class probabilities: meaningless for a regression teacher's outputs
+CLASSIFICATION_ONLY = ("temperature", "reduction", "select", "confidence_threshold")
 
 
 class KDParams(MethodParams):
@@ -118,7 +134,13 @@ class SoftTargetDistiller(Distiller):
             metrics["distilled_fraction"] = mask.float().mean()
         losses = {"kd": kd_weight * per_sample.mean()}
         if ce_weight:
-            losses["ce"] = ce_weight * labelled_cross_entropy(logits, batch.targets, labelled)
+            labelled_ce = labelled is not None and self.task.name == "classification"
+            supervised = (
+                labelled_cross_entropy(logits, batch.targets, labelled)
+                if labelled_ce
+                else self.supervised_loss(logits, batch.targets)
+            )
+            losses["ce"] = ce_weight * supervised
         return Output(logits, losses, metrics)
 
 
@@ -128,9 +150,40 @@ class KnowledgeDistillation(SoftTargetDistiller):
 
     name = "kd"
     teachers_required = (1, 1)
+    #: retrieval: the soft targets are the teacher's identity logits (KDAS-ReID's dynamic temperature)
+    tasks = ("classification", "regression", "retrieval")
     replays_teacher_logits = True
     cross_modal = True
     uses_label_mask = True
+
+    def use_task(self, task) -> None:
+        if task.name == "regression":
+            given = [name for name in CLASSIFICATION_ONLY if name in self.params.model_fields_set]
+            if given:
+                raise ValueError(
+                    f"method 'kd': {', '.join(given)} act(s) on class probabilities and mean nothing for the "
+                    f"{task.name} task; drop {'it' if len(given) == 1 else 'them'} (regression KD is "
+                    "ce_weight * MSE(student, y) + kd_weight * MSE(student, teacher))"
+                )
+        super().use_task(task)
+
+    def forward(self, batch: Batch, step: Step) -> Output:
+        if self.task.name != "regression":  # classification, or retrieval's identity logits
+            return super().forward(batch, step)
+        p: KDParams = self.params  # type: ignore[assignment]
+        kd_weight = step.value(p.kd_weight)
+        ce_weight = 1.0 - kd_weight if p.ce_weight == "complement" else step.value(p.ce_weight)
+        prediction = self.student(batch.image)
+        (teacher,) = self.teacher_logits(batch)
+        if teacher.shape != prediction.shape:
+            raise ValueError(
+                f"method 'kd': the teacher predicts {tuple(teacher.shape[1:])} values per sample but the student "
+                f"{tuple(prediction.shape[1:])}; build both with the dataset's number of outputs"
+            )
+        losses = {"kd": kd_weight * F.mse_loss(prediction.float(), teacher.float())}
+        if ce_weight:
+            losses[self.task.loss_name] = ce_weight * self.supervised_loss(prediction, batch.targets)
+        return Output(prediction, losses, {"kd_weight": kd_weight})
 
     def target_probs(self, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         (teacher_logits,) = self.teacher_logits(batch)

@@ -56,6 +56,7 @@ class ProbabilisticKT(FeatureDistiller):
 
     name = "pkt"
     Params = PKTParams
+    tasks = ("classification", "regression", "retrieval")  # relations between samples: any tapped embedding
     #: the neighbour probabilities are normalised over the B samples of the batch, so the KL scales as 1/B
     batch_size_dependent = True
 

@@ -76,6 +76,8 @@ class RelationalKD(FeatureDistiller):
 
     name = "rkd"
     Params = RKDParams
+    #: retrieval: tap the embedding (``student_layers: [embedding]``) and keep its relations
+    tasks = ("classification", "regression", "retrieval")
 
     def forward(self, batch: Batch, step: Step) -> Output:
         p: RKDParams = self.params  # type: ignore[assignment]

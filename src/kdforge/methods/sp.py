@@ -49,6 +49,7 @@ class SimilarityPreserving(FeatureDistiller):
 
     name = "sp"
     Params = SPParams
+    tasks = ("classification", "regression", "retrieval")  # relations between samples: any tapped embedding
     #: ||G_s - G_t||_F^2 / B^2 of row-normalised B x B Gram matrices scales as 1/B
     batch_size_dependent = True
 

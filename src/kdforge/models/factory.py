@@ -16,6 +16,7 @@ from torch import nn
 
 from kdforge.core.errors import ConfigError, closest
 from kdforge.core.registry import Registry
+from kdforge.models.heads import OUTPUTS, apply_output
 from kdforge.models.specs import attach, spec_kind
 from kdforge.models.specs import build as build_spec
 
@@ -82,6 +83,9 @@ def create(
 
     `name` may also be a model spec (``package.module:callable``, ``path/to/file.py:callable``,
     ``hf:<hub id or folder>``; see `kdforge.models.specs`).
+
+    Zoo models also take ``output`` ("linear", "sigmoid" or "relu"; `kdforge.models.heads`): an
+    activation after the final linear layer, for regression targets in a known range.
     """
     if isinstance(name, str) and name not in MODELS and spec_kind(name) != "zoo":
         num_classes = _check_positive_int(name, "num_classes", num_classes)
@@ -93,17 +97,21 @@ def create(
         return model
     factory = MODELS.get(name)
     accepted = accepted_arguments(name)
+    output = kwargs.pop("output", "linear") if "output" not in accepted else "linear"
     takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
     unknown = [key for key in kwargs if key not in accepted]
     if unknown and not takes_any:
         bad = unknown[0]
         raise ConfigError(
-            f"model '{name}' got unknown argument '{bad}'{closest(bad, accepted)}; it accepts: {', '.join(accepted)}"
+            f"model '{name}' got unknown argument '{bad}'{closest(bad, [*accepted, 'output'])}; it accepts: "
+            f"{', '.join(accepted)} (and output: {' | '.join(OUTPUTS)})"
         )
     num_classes = _check_positive_int(name, "num_classes", num_classes)
     in_channels = _check_positive_int(name, "in_channels", in_channels)
     size = normalize_input_size(input_size, name)
     model = factory(num_classes=num_classes, in_channels=in_channels, input_size=size, **kwargs)
+    if output != "linear":  # (a factory with an `output` argument of its own keeps it)
+        model = apply_output(model, output, name)
     if size is not None:  # the data's shape: feature methods built by hand probe with it
         attach(model, kdforge_input_shape=(in_channels, *size))
     return model

@@ -24,6 +24,11 @@ from kdforge.core.errors import KDForgeError
 
 UNKNOWN = "?"
 
+#: the primary metric of each task, as summary.json's "best" entry names it
+PRIMARY = {"classification": "top1", "regression": "mae"}
+#: metrics where a smaller value is the better one (errors)
+LOWER_IS_BETTER = frozenset({"mae", "rmse"})
+
 # Keys of the resolved recipe that do not change what is trained (where files live, how progress
 # is shown). They are dropped before hashing so the same recipe run from two folders or machines
 # still forms one group. Teacher checkpoint paths are replaced by what they point at.
@@ -82,7 +87,7 @@ class RunResult:
     seconds_per_batch: float | None
     train_seconds: float | None
     wall_seconds: float | None
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, test top-1)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, test primary metric)
     record: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     # What identifies the setting, computed from the resolved recipe (see setting_of()).
@@ -93,6 +98,20 @@ class RunResult:
     train_subset: int | None = None
     batch_size: int | None = None
     reference_dataset: str = ""  # the dataset as a published table names it ("cifar100")
+    # The task the run was scored on and its primary metric (kdforge.data.tasks): "top1" for
+    # classification (higher is better), "mae" for regression (lower is better). ``final_score``,
+    # ``best_score`` and ``best_selection_score`` hold that metric; the *_top1 fields stay None
+    # for a regression run.
+    task: str = "classification"
+    primary: str = "top1"
+    final_score: float | None = None
+    best_score: float | None = None
+    best_selection_score: float | None = None
+    final_rmse: float | None = None  # regression only
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.primary in LOWER_IS_BETTER
 
     @property
     def group_key(self) -> tuple[str, str, str, tuple[str, ...], str]:
@@ -176,8 +195,8 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _read_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(epoch, test top-1) for every logged epoch that was evaluated; bad lines are skipped."""
+def _read_curve(run_dir: Path, metric: str = "top1") -> list[tuple[int, float]]:
+    """(epoch, test ``metric``) for every logged epoch that was evaluated; bad lines are skipped."""
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except OSError:
@@ -190,9 +209,9 @@ def _read_curve(run_dir: Path) -> list[tuple[int, float]]:
             continue
         test = record.get("test") if isinstance(record, dict) else None
         epoch = _integer(record.get("epoch")) if isinstance(record, dict) else None
-        top1 = _number(test.get("top1")) if isinstance(test, dict) else None
-        if epoch is not None and top1 is not None:
-            curve.append((epoch, top1))
+        value = _number(test.get(metric)) if isinstance(test, dict) else None
+        if epoch is not None and value is not None:
+            curve.append((epoch, value))
     return sorted(dict(curve).items())
 
 
@@ -206,6 +225,8 @@ def read_run(run_dir: Path, summary: dict[str, Any], resolver: TeacherResolver |
     best_test = best.get("test") or {}
     split = str(best.get("split") or summary.get("selection_split") or "test")
     setting = setting_of(config, summary, run_dir, resolver)
+    task = str(summary.get("task") or "classification")
+    primary = str(best.get("metric") or PRIMARY.get(task, "top1"))
     return RunResult(
         path=run_dir,
         name=str(summary.get("name") or config.get("name") or run_dir.name),
@@ -227,7 +248,7 @@ def read_run(run_dir: Path, summary: dict[str, Any], resolver: TeacherResolver |
         seconds_per_batch=_number(summary.get("seconds_per_batch")),
         train_seconds=_number(summary.get("train_seconds")),
         wall_seconds=_number(summary.get("wall_seconds")),
-        curve=_read_curve(run_dir),
+        curve=_read_curve(run_dir, primary),
         record=dict(summary.get("record") or {}),
         config=config,
         student_arch=setting["student_arch"],
@@ -237,6 +258,12 @@ def read_run(run_dir: Path, summary: dict[str, Any], resolver: TeacherResolver |
         train_subset=setting["train_subset"],
         batch_size=setting["batch_size"],
         reference_dataset=setting["reference_dataset"],
+        task=task,
+        primary=primary,
+        final_score=_number(final_test.get(primary)),
+        best_score=_number(best_test.get(primary)),
+        best_selection_score=_number(best.get(primary)),
+        final_rmse=_number(final_test.get("rmse")),
     )
 
 

@@ -51,8 +51,16 @@ def _colors(groups: Sequence[Group]) -> dict[int, str]:
     return {id(g): f"C{i % 10}" for i, g in enumerate(groups)}
 
 
+def _metric(members: Sequence[Group]) -> tuple[str, str, str]:
+    """(axis label, title word, caption word) of a dataset's primary metric: top-1 or MAE."""
+    if members and all(g.primary == "mae" for g in members):
+        return "test MAE", "error", "MAE"
+    return "test top-1 (%)", "accuracy", "top-1"
+
+
 def curve_plots(groups: Sequence[Group]) -> list[Plot]:
-    """Test top-1 against epoch per group: the mean over seeds, with a band from min to max."""
+    """Test top-1 (MAE for regression) against epoch per group: the mean over seeds, with a band
+    from min to max."""
     plots = []
     for dataset, members in _by_dataset(groups).items():
         curves = [(g, g.curve()) for g in members]
@@ -80,15 +88,16 @@ def curve_plots(groups: Sequence[Group]) -> list[Plot]:
                     alpha=0.18,
                     linewidth=0,
                 )
+        axis, word, caption = _metric(members)
         axes.set_xlabel("epoch")
-        axes.set_ylabel("test top-1 (%)")
-        axes.set_title(f"{dataset}: test top-1 by epoch")
+        axes.set_ylabel(axis)
+        axes.set_title(f"{dataset}: {axis.split(' (')[0]} by epoch")
         axes.grid(alpha=0.3)
-        axes.legend(fontsize="small", loc="lower right")
+        axes.legend(fontsize="small", loc="lower right" if word == "accuracy" else "upper right")
         plots.append(
             Plot(
-                f"{dataset}: accuracy against epoch",
-                "Mean test top-1 over seeds; the shaded band spans the lowest to the highest seed.",
+                f"{dataset}: {word} against epoch",
+                f"Mean test {caption} over seeds; the shaded band spans the lowest to the highest seed.",
                 _png(figure),
             )
         )
@@ -102,7 +111,7 @@ def _labels(groups: Sequence[Group]) -> dict[int, str]:
 
 
 def cost_plots(groups: Sequence[Group]) -> list[Plot]:
-    """Final top-1 (mean, error bar = sample std) against seconds per batch and train minutes."""
+    """Final top-1 or MAE (mean, error bar = sample std) against seconds per batch and train minutes."""
     plots = []
     axes_specs = (
         (
@@ -117,6 +126,7 @@ def cost_plots(groups: Sequence[Group]) -> list[Plot]:
         if not members:
             continue
         labels = _labels(members)
+        axis, word, caption = _metric(members)
         figure, axes_list = _figure(11, 4.8, columns=2)
         handles: dict[str, object] = {}
         for axes, (label, x_of) in zip(axes_list, axes_specs):
@@ -137,12 +147,12 @@ def cost_plots(groups: Sequence[Group]) -> list[Plot]:
                 )
                 text.set_in_layout(False)
             axes.set_xlabel(label)
-            axes.set_ylabel("final test top-1 (%)")
+            axes.set_ylabel(f"final {axis}")
             axes.margins(x=0.2, y=0.15)
             axes.grid(alpha=0.3)
         if not handles:
             continue
-        figure.suptitle(f"{dataset}: accuracy against cost")
+        figure.suptitle(f"{dataset}: {word} against cost")
         figure.legend(
             list(handles.values()),
             list(handles),
@@ -156,8 +166,8 @@ def cost_plots(groups: Sequence[Group]) -> list[Plot]:
         figure.tight_layout(rect=(0, 0.06 + 0.05 * rows, 1, 1))
         plots.append(
             Plot(
-                f"{dataset}: accuracy against cost",
-                "Final-epoch test top-1, mean over seeds, error bars one sample standard deviation "
+                f"{dataset}: {word} against cost",
+                f"Final-epoch test {caption}, mean over seeds, error bars one sample standard deviation "
                 "(none for a single seed). Timings compare only between runs on the same device.",
                 _png(figure, layout=False),
             )

@@ -14,7 +14,17 @@ from pathlib import Path
 
 from kdforge.report.collect import RunResult, SkippedRun
 from kdforge.report.plots import Plot
-from kdforge.report.table import DASH, FINAL_HEADER, Group, best_header, columns, provenance, table_rows
+from kdforge.report.table import (
+    DASH,
+    RMSE_HEADER,
+    Group,
+    best_header,
+    columns,
+    final_header,
+    metric_label,
+    provenance,
+    table_rows,
+)
 
 
 @dataclass
@@ -67,30 +77,43 @@ def unreadable_line(skipped: Sequence[SkippedRun]) -> str | None:
 def column_notes(report: Report) -> list[str]:
     """What each column is, in the order of the table (plain text with `code` and **bold**)."""
     splits = sorted({g.selection_split for g in report.groups})
+    groups = report.groups
+    regression = any(g.primary == "mae" for g in groups)
+    name = metric_label(groups)[0]
+    metric = {"top-1": "top-1", "MAE": "MAE"}.get(name, "top-1 (classification) or MAE (regression)")
+    best = {"top-1": "highest", "MAE": "lowest"}.get(name, "best")
     notes = [
-        f"**{FINAL_HEADER}**: test-set top-1 of the network after the last epoch, mean ± sample standard "
-        f"deviation over the seeds (n − 1 in the denominator; {DASH} for a single seed).",
+        f"**{final_header(groups)}**: test-set {metric} of the network after the last epoch, mean ± sample "
+        f"standard deviation over the seeds (n − 1 in the denominator; {DASH} for a single seed)."
+        + (
+            " MAE (mean absolute error) is in the regression target's units (degrees for rotated_mnist); "
+            "lower is better."
+            if regression
+            else ""
+        ),
     ]
+    if regression:
+        notes.append(
+            f"**{RMSE_HEADER}**: root mean squared error after the last epoch (regression runs), mean ± std; "
+            "it weighs large errors more than MAE and is never below it."
+        )
     for split in splits:
         if split == "test":
             notes.append(
-                f"**{best_header(split)}**: test top-1 at the epoch with the highest *test* top-1, mean ± std over "
-                "seeds. The epoch was chosen on the test set itself, so this number is optimistic; it is what "
-                "RepDistiller and mdistiller report. Never averaged together with final-epoch numbers."
+                f"**{best_header(split, groups)}**: test {metric} at the epoch with the {best} *test* {metric}, "
+                "mean ± std over seeds. The epoch was chosen on the test set itself, so this number is optimistic; "
+                "it is what RepDistiller and mdistiller report. Never averaged together with final-epoch numbers."
             )
         else:
             notes.append(
-                f"**{best_header(split)}**: test top-1 at the epoch with the highest top-1 on the held-out "
-                f"`{split}` split (data.val_fraction), mean ± std over seeds: a clean model-selection number."
+                f"**{best_header(split, groups)}**: test {metric} at the epoch with the {best} {metric} on the "
+                f"held-out `{split}` split (data.val_fraction), mean ± std over seeds: a clean model-selection number."
             )
     notes += [
         "**Δ final vs student alone**: final-epoch mean minus the final-epoch mean of the student trained "
         "alone (method `ce`) with the same dataset, student architecture, epochs and training subset "
-        "(preferring identical data and train settings); `ref` marks a student-alone group itself.",
-        "**paper top-1**: the published number registered in `kdforge.methods.references` for exactly this "
-        "method, dataset, teacher and student (CIFAR-100 benchmark tables; those are best-epoch numbers "
-        "selected on test after 240 epochs). † marks a group whose budget (epochs or training subset) differs "
-        f"from the published one, so it is context, not a target. {DASH}: no matching published number.",
+        "(preferring identical data and train settings); `ref` marks a student-alone group itself."
+        + (" For MAE a negative Δ is an improvement (a smaller error)." if regression else ""),
         "**extra params**: trainable parameters the method adds beside the student (adapters, heads, "
         "memory banks); they are dropped at deployment.",
         "**time/batch vs KD**: mean training seconds per batch divided by that of the plain `kd` group with "
@@ -98,6 +121,14 @@ def column_notes(report: Report) -> list[str]:
         "(or the teacher-bank lookup when enabled).",
         "**train min/run**: mean training time per run in minutes (the epochs' training loops, without evaluation).",
     ]
+    if any(g.primary == "top1" for g in groups) or not groups:
+        notes.insert(
+            len(notes) - 3,
+            "**paper top-1**: the published number registered in `kdforge.methods.references` for exactly this "
+            "method, dataset, teacher and student (CIFAR-100 benchmark tables; those are best-epoch numbers "
+            "selected on test after 240 epochs). † marks a group whose budget (epochs or training subset) differs "
+            f"from the published one, so it is context, not a target. {DASH}: no matching published number.",
+        )
     return notes
 
 
@@ -197,6 +228,14 @@ CSV_FIELDS = [
     "paper_top1",
     "paper_source",
     "paper_budget_differs",
+    "task",
+    "final_mae",
+    "final_rmse",
+    "best_mae",
+    "group_final_mae_mean",
+    "group_final_mae_std",
+    "group_best_mae_mean",
+    "group_best_mae_std",
 ]
 
 
@@ -213,6 +252,7 @@ def render_csv(report: Report) -> str:
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for group in report.groups:
+        classification = group.primary == "top1"
         for run in group.runs:
             row = {
                 "run_dir": report.where(run.path),
@@ -243,10 +283,10 @@ def render_csv(report: Report) -> str:
                 "torch_version": run.record.get("torch_version"),
                 "kdforge_version": run.record.get("kdforge_version"),
                 "group_seeds": group.n,
-                "group_final_top1_mean": group.final.mean,
-                "group_final_top1_std": group.final.std,
-                "group_best_top1_mean": group.best.mean,
-                "group_best_top1_std": group.best.std,
+                "group_final_top1_mean": group.final.mean if classification else None,
+                "group_final_top1_std": group.final.std if classification else None,
+                "group_best_top1_mean": group.best.mean if classification else None,
+                "group_best_top1_std": group.best.std if classification else None,
                 "group_delta_vs_student_alone": group.delta,
                 "student_alone_group": group.student_alone.name if group.student_alone else None,
                 "group_time_vs_kd": group.time_vs_kd,
@@ -254,6 +294,14 @@ def render_csv(report: Report) -> str:
                 "paper_top1": group.reference.top1 if group.reference else None,
                 "paper_source": group.reference.source if group.reference else None,
                 "paper_budget_differs": group.reference_budget_differs if group.reference else None,
+                "task": run.task,
+                "final_mae": run.final_score if not classification else None,
+                "final_rmse": run.final_rmse,
+                "best_mae": run.best_score if not classification else None,
+                "group_final_mae_mean": group.final.mean if not classification else None,
+                "group_final_mae_std": group.final.std if not classification else None,
+                "group_best_mae_mean": group.best.mean if not classification else None,
+                "group_best_mae_std": group.best.std if not classification else None,
             }
             writer.writerow({k: _csv_value(v) for k, v in row.items()})
     return buffer.getvalue()

@@ -52,12 +52,13 @@ class Group:
     key: tuple
     runs: list[RunResult]
     name: str = ""
-    final: Stat = field(default_factory=lambda: Stat(None, None, 0))
+    final: Stat = field(default_factory=lambda: Stat(None, None, 0))  # the primary metric (top-1 or MAE)
     best: Stat = field(default_factory=lambda: Stat(None, None, 0))
+    final_rmse: Stat = field(default_factory=lambda: Stat(None, None, 0))  # regression only
     seconds_per_batch: Stat = field(default_factory=lambda: Stat(None, None, 0))
     train_minutes: Stat = field(default_factory=lambda: Stat(None, None, 0))
     student_alone: Group | None = None
-    delta: float | None = None  # final mean minus the student-alone group's final mean
+    delta: float | None = None  # final mean minus the student-alone group's final mean (< 0 better for MAE)
     kd: Group | None = None
     time_vs_kd: float | None = None  # seconds per batch relative to the plain-KD group
     reference: Reference | None = None
@@ -75,6 +76,19 @@ class Group:
     @property
     def dataset(self) -> str:
         return self.first.dataset
+
+    @property
+    def task(self) -> str:
+        return self.first.task
+
+    @property
+    def primary(self) -> str:
+        """The metric ``final`` and ``best`` hold: "top1" (classification) or "mae" (regression)."""
+        return self.first.primary
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.first.lower_is_better
 
     @property
     def student(self) -> str:
@@ -126,7 +140,7 @@ class Group:
         return bool((self.first.config.get("teacher_bank") or {}).get("enabled"))
 
     def curve(self) -> list[tuple[int, float, float, float]]:
-        """(epoch, mean, min, max) of test top-1 over the seeds, at epochs every curve has."""
+        """(epoch, mean, min, max) of the test primary metric over the seeds, at epochs every curve has."""
         curves = [dict(r.curve) for r in self.runs if r.curve]
         if not curves:
             return []
@@ -145,13 +159,14 @@ def group_runs(runs: Sequence[RunResult]) -> list[Group]:
     """Runs with the same group key (same recipe apart from seed and name) form a group."""
     by_key: dict[tuple, list[RunResult]] = {}
     for run in runs:
-        by_key.setdefault(run.group_key, []).append(run)
+        by_key.setdefault((*run.group_key, run.primary), []).append(run)
     groups = []
     for key, members in by_key.items():
         members.sort(key=lambda r: (r.seed if r.seed is not None else -1, str(r.path)))
         group = Group(key=key, runs=members)
-        group.final = Stat.of(r.final_top1 for r in members)
-        group.best = Stat.of(r.best_top1 for r in members)
+        group.final = Stat.of(r.final_score for r in members)
+        group.best = Stat.of(r.best_score for r in members)
+        group.final_rmse = Stat.of(r.final_rmse for r in members)
         group.seconds_per_batch = Stat.of(r.seconds_per_batch for r in members)
         group.train_minutes = Stat.of(None if r.train_seconds is None else r.train_seconds / 60 for r in members)
         groups.append(group)
@@ -224,6 +239,7 @@ def _student_alone_for(group: Group, groups: Sequence[Group]) -> Group | None:
         and g.student_arch == group.student_arch
         and g.epochs == group.epochs
         and g.first.train_subset == group.first.train_subset
+        and g.primary == group.primary
     ]
     if not candidates:
         return None
@@ -275,18 +291,36 @@ def reference_for(group: Group) -> Reference | None:
     Only plain zoo networks match (a student built with extra constructor arguments is another
     network), and only single-teacher methods or the student alone.
     """
-    if group.student_arch != group.student or len(group.teachers) > 1:
+    if group.student_arch != group.student or len(group.teachers) > 1 or group.primary != "top1":
         return None
     teacher = group.teachers[0] if group.teachers else None
     return lookup(group.method, group.first.reference_dataset, teacher, group.student)
 
 
 # --------------------------------------------------------------------------- formatting
-def best_header(split: str) -> str:
-    return f"top-1 best epoch, selected on {split} (%)"
+def metric_label(groups: Sequence[Group] = ()) -> tuple[str, str]:
+    """(name, unit suffix) of the primary metric of ``groups``: top-1 (%) for classification,
+    MAE for regression (in the target's units, e.g. degrees), both named when a report mixes them."""
+    metrics = {g.primary for g in groups} or {"top1"}
+    if metrics == {"top1"}:
+        return "top-1", " (%)"
+    if metrics == {"mae"}:
+        return "MAE", ""
+    return "top-1 (%) or MAE", ""
 
 
-FINAL_HEADER = "top-1 final epoch (%)"
+def best_header(split: str, groups: Sequence[Group] = ()) -> str:
+    name, unit = metric_label(groups)
+    return f"{name} best epoch, selected on {split}{unit}"
+
+
+def final_header(groups: Sequence[Group] = ()) -> str:
+    name, unit = metric_label(groups)
+    return f"{name} final epoch{unit}"
+
+
+FINAL_HEADER = final_header()  # the classification report's header
+RMSE_HEADER = "RMSE final epoch"
 
 
 def _count(value: int | None) -> str:
@@ -307,10 +341,11 @@ def columns(groups: Sequence[Group]) -> list[str]:
         "student",
         "teacher",
         "seeds",
-        FINAL_HEADER,
-        *(best_header(s) for s in splits),
+        final_header(groups),
+        *([RMSE_HEADER] if any(g.primary == "mae" for g in groups) else []),
+        *(best_header(s, groups) for s in splits),
         "Δ final vs student alone",
-        "paper top-1 (%)",
+        *(["paper top-1 (%)"] if any(g.primary == "top1" for g in groups) or not groups else []),
         "extra params",
         "time/batch vs KD",
         "train min/run",
@@ -335,11 +370,13 @@ def table_rows(groups: Sequence[Group]) -> list[dict[str, str]]:
             "student": group.student_arch,
             "teacher": ", ".join(group.teachers) or DASH,
             "seeds": str(group.n),
-            FINAL_HEADER: group.final.format(),
+            final_header(groups): group.final.format(),
+            RMSE_HEADER: group.final_rmse.format(),
         }
         for header in headers:
-            if header.startswith("top-1 best epoch"):
-                row[header] = group.best.format() if header == best_header(group.selection_split) else DASH
+            if " best epoch, selected on " in header:
+                own = best_header(group.selection_split, groups)
+                row[header] = group.best.format() if header == own else DASH
         row["Δ final vs student alone"] = "ref" if group.method == STUDENT_ALONE else _signed(group.delta)
         row["paper top-1 (%)"] = paper_cell(group)
         row["extra params"] = _count(group.extra_parameters)

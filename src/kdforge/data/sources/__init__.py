@@ -1,3 +1,3 @@
 """Dataset sources; importing this package registers every one of them in ``DATASETS``."""
 
-from kdforge.data.sources import cifar, digits, idx, imagefolder, npz, paired, rotated, tabular  # noqa: F401
+from kdforge.data.sources import cifar, digits, idx, imagefolder, npz, paired, retrieval, rotated, tabular  # noqa: F401

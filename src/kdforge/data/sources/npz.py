@@ -10,6 +10,11 @@ Image layouts: N x H x W (one channel), N x H x W x C (channels-last) or N x C x
 are scaled by 255 (and rounded), float arrays holding whole numbers in 0..255 are used as they are;
 anything else is an error. ``class_names`` (optional array of strings) names the classes; otherwise
 the classes are ``0..max label``.
+
+Regression: ``task: regression`` reads ``y_train``/``y_test`` as float targets (N, or N x K for
+vector targets); ``target_names`` (optional array of strings) names the K components;
+``target_scale`` ("auto" or a number) and ``target_unit`` as for CSV
+(``kdforge.data.sources.targets``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from kdforge.core.errors import ConfigError, DataError
 from kdforge.data.catalog import DATASETS
 from kdforge.data.sources.common import build_splits
+from kdforge.data.sources.targets import check_task, regression_splits
 from kdforge.data.types import DataSplits
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -133,8 +139,17 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 @DATASETS.register("npz")
-def npz(root=None, download: bool = False, path=None, layout: str | None = None) -> DataSplits:
+def npz(
+    root=None,
+    download: bool = False,
+    path=None,
+    layout: str | None = None,
+    task: str = "classification",
+    target_scale: float | str = "auto",
+    target_unit: str = "",
+) -> DataSplits:
     """Images or N x D features and labels from one .npz (x_train y_train x_test y_test, class_names)."""
+    regression = check_task("npz", task) == "regression"
     source = path if path is not None else root
     if source is None:
         raise ConfigError("npz needs the file: set data.options.path (or data.root) to the .npz")
@@ -153,7 +168,7 @@ def npz(root=None, download: bool = False, path=None, layout: str | None = None)
             images = to_features(values, where)
         else:
             images = to_uint8(to_nchw(values, layout, where), where)
-        labels = _labels(arrays[f"y_{split}"], f"{source} y_{split}")
+        labels = arrays[f"y_{split}"] if regression else _labels(arrays[f"y_{split}"], f"{source} y_{split}")
         if len(images) != len(labels):
             raise DataError(f"npz: {source} has {len(images)} {split} images but {len(labels)} labels")
         splits[split] = (images, labels)
@@ -162,6 +177,10 @@ def npz(root=None, download: bool = False, path=None, layout: str | None = None)
             f"npz: {source} x_train is {splits['train'][0].ndim}-D but x_test is {splits['test'][0].ndim}-D; "
             "store both splits alike"
         )
+    if regression:
+        names = arrays.get("target_names")
+        target_names = [str(name) for name in names.tolist()] if names is not None else None
+        return regression_splits("npz", splits["train"], splits["test"], target_names, target_scale, target_unit)
     if "class_names" in arrays:
         class_names = [str(name) for name in arrays["class_names"].tolist()]
     else:

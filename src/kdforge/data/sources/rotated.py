@@ -67,6 +67,7 @@ def rotated_mnist(root=None, download: bool = False, max_angle: float = 90.0, an
     if isinstance(angle_seed, bool) or not isinstance(angle_seed, int):
         raise ConfigError(f"rotated_mnist: angle_seed must be a whole number, got {angle_seed!r}")
     base = mnist(root=root, download=download)
+    assert isinstance(base.train, TensorData) and isinstance(base.test, TensorData)  # IDX files load in memory
     train = _rotated(base.train, float(max_angle), angle_seed, "train")
     test = _rotated(base.test, float(max_angle), angle_seed, "test")
     info = dataclasses.replace(

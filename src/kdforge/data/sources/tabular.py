@@ -7,13 +7,21 @@ mean and std fitted on the training split, and never augmented; models see a B x
 Bundled sets (scikit-learn ships the files; they load offline): ``wine`` (178 samples, 13
 features, 3 classes), ``breast_cancer`` (569 samples, 30 features, 2 classes) and ``iris`` (150
 samples, 4 features, 3 classes). Their test split is fixed: a quarter of the samples, class-
-stratified with seed 0; ``TensorData.indices`` are positions in scikit-learn's array.
+stratified with seed 0; ``TensorData.indices`` are positions in scikit-learn's array. One bundled
+*regression* set: ``diabetes`` (442 patients, 10 standardised features, target: a quantitative
+measure of disease progression one year after baseline, 25..346; Efron et al., "Least Angle
+Regression", Annals of Statistics 2004), its test quarter stratified by target decile.
 
 ``csv``: one header row, then one sample per row. ``label`` names the label column (default: the
 last one); every other column must hold numbers. Labels may be integers (class indices) or text
 (classes are the sorted distinct names). ``path`` is one file, split into train and test
 (``test_fraction``, default 0.25, class-stratified and seeded); or ``data.root`` is a folder with
 ``train.csv`` and ``test.csv``.
+
+Regression from CSV: ``task: regression`` reads the ``label`` column(s) as float targets;
+``label`` may then be a list of columns (a vector target, N x K). ``target_scale`` ("auto": the
+training targets' root mean square, or a number) and ``target_unit`` say how targets are
+normalised for training and in which unit errors are reported (``kdforge.data.sources.targets``).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch
 from kdforge.core.errors import ConfigError, DataError
 from kdforge.data.catalog import DATASETS
 from kdforge.data.sources.common import MissingDataError, build_splits, resolve_root
+from kdforge.data.sources.targets import check_task, float_targets, regression_splits, strata
 from kdforge.data.splits import stratified_holdout
 from kdforge.data.types import DataSplits
 
@@ -50,6 +59,43 @@ def holdout_splits(
         class_names,
         source_indices=(train, test),
     )
+
+
+def regression_holdout(
+    name: str,
+    features: np.ndarray,
+    targets: np.ndarray,
+    target_names: list[str] | None,
+    fraction: float,
+    seed: int,
+    scale: object = "auto",
+    unit: str = "",
+) -> DataSplits:
+    """Train/test DataSplits of one regression table: ``fraction`` held out, stratified by target decile."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"{name}: test_fraction must be in (0, 1), got {fraction}")
+    values = float_targets(targets, f"{name} targets")
+    groups = torch.as_tensor(strata(values, values))
+    train, test = stratified_holdout(groups, max(1, round(fraction * len(values))), seed)
+    rows = features.astype(np.float32)
+    return regression_splits(
+        name,
+        (rows[train.numpy()], values[train.numpy()]),
+        (rows[test.numpy()], values[test.numpy()]),
+        target_names,
+        scale,
+        unit,
+        source_indices=(train, test),
+    )
+
+
+@DATASETS.register("diabetes")
+def diabetes(root=None, download: bool = False) -> DataSplits:
+    """scikit-learn's diabetes table (regression): 442 samples, 10 features, disease progression (bundled)."""
+    import sklearn.datasets
+
+    bunch = sklearn.datasets.load_diabetes()
+    return regression_holdout("diabetes", bunch.data, bunch.target, ["progression"], TEST_FRACTION, SPLIT_SEED)
 
 
 def _sklearn(name: str, loader: str) -> DataSplits:
@@ -80,6 +126,13 @@ def iris(root=None, download: bool = False) -> DataSplits:
 
 def read_csv(path: Path, label: str | None) -> tuple[np.ndarray, list[str], str]:
     """(float64 features N x D, raw label strings, label column name) of one CSV file."""
+    features, labels, columns = read_table(path, [label] if label is not None else None)
+    return features, [row[0] for row in labels], columns[0]
+
+
+def read_table(path: Path, label: list[str] | None) -> tuple[np.ndarray, list[list[str]], list[str]]:
+    """(float64 features N x D, raw strings of the label columns per row, label column names) of one
+    CSV file; ``label`` None means the last column."""
     try:
         with open(path, newline="") as handle:
             rows = list(csv_module.reader(handle))
@@ -89,20 +142,21 @@ def read_csv(path: Path, label: str | None) -> tuple[np.ndarray, list[str], str]
     if len(rows) < 2:
         raise DataError(f"csv: {path} needs a header row and at least one data row")
     header = [cell.strip() for cell in rows[0]]
-    column = label if label is not None else header[-1]
-    if column not in header:
-        raise ConfigError(
-            f"csv: {path} has no column '{column}' (columns: {', '.join(header)}); set data.options.label"
-        )
-    target = header.index(column)
-    if len(header) < 2:
+    columns = label if label is not None else [header[-1]]
+    for column in columns:
+        if column not in header:
+            raise ConfigError(
+                f"csv: {path} has no column '{column}' (columns: {', '.join(header)}); set data.options.label"
+            )
+    targets = [header.index(column) for column in columns]
+    if len(header) <= len(set(targets)):
         raise DataError(f"csv: {path} has only the label column; it needs at least one feature column")
-    features = np.empty((len(rows) - 1, len(header) - 1), dtype=np.float64)
+    features = np.empty((len(rows) - 1, len(header) - len(set(targets))), dtype=np.float64)
     labels = []
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise DataError(f"csv: {path} line {line} has {len(row)} fields but the header has {len(header)}")
-        cells = [cell for position, cell in enumerate(row) if position != target]
+        cells = [cell for position, cell in enumerate(row) if position not in targets]
         try:
             features[line - 2] = [float(cell) for cell in cells]
         except ValueError:
@@ -111,10 +165,10 @@ def read_csv(path: Path, label: str | None) -> tuple[np.ndarray, list[str], str]
                 f"csv: {path} line {line} holds '{bad}' in a feature column; features must be numbers "
                 "(encode text columns as numbers)"
             ) from None
-        labels.append(row[target].strip())
+        labels.append([row[target].strip() for target in targets])
     if not np.isfinite(features).all():
         raise DataError(f"csv: {path} holds NaN or infinite feature values; clean them first")
-    return features, labels, column
+    return features, labels, columns
 
 
 def _is_number(cell: str) -> bool:
@@ -144,13 +198,18 @@ def csv(
     root=None,
     download: bool = False,
     path=None,
-    label: str | None = None,
+    label: str | list[str] | None = None,
     test_fraction: float = TEST_FRACTION,
     seed: int = SPLIT_SEED,
+    task: str = "classification",
+    target_scale: float | str = "auto",
+    target_unit: str = "",
 ) -> DataSplits:
     """Rows of numeric features and a label column from CSV: one file (split here) or train.csv + test.csv."""
     if path is not None and not isinstance(path, str | Path):
         raise ConfigError(f"csv: data.options.path must be a file path (a string), got {path!r}")
+    if check_task("csv", task) == "regression":
+        return _csv_regression(root, path, label, float(test_fraction), int(seed), target_scale, target_unit)
     if label is not None and not isinstance(label, str):
         raise ConfigError(f"csv: data.options.label must be a column name (a string), got {label!r}")
     if path is not None:
@@ -178,4 +237,48 @@ def csv(
         (train_x.astype(np.float32), values[:split]),
         (test_x.astype(np.float32), values[split:]),
         names,
+    )
+
+
+def _csv_regression(root, path, label, test_fraction: float, seed: int, scale: object, unit: str) -> DataSplits:
+    """``csv`` with ``task: regression``: the label column(s) are float targets."""
+    columns = [label] if isinstance(label, str) else label
+    if columns is not None and (
+        not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns)
+    ):
+        raise ConfigError(f"csv: data.options.label must be a column name or a list of them, got {label!r}")
+
+    def targets(file: Path, text: list[list[str]]) -> np.ndarray:
+        try:
+            values = np.array([[float(cell) for cell in row] for row in text], dtype=np.float64)
+        except ValueError:
+            raise DataError(
+                f"csv: {file} holds a non-number in a target column; regression targets are numbers"
+            ) from None
+        return values[:, 0] if values.shape[1] == 1 and (columns is None or isinstance(label, str)) else values
+
+    if path is not None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise MissingDataError("csv", f"file {file} not found", "set data.options.path to a .csv file")
+        features, text, names = read_table(file, columns)
+        return regression_holdout("csv", features, targets(file, text), names, test_fraction, seed, scale, unit)
+    folder = resolve_root(root)
+    files = [folder / "train.csv", folder / "test.csv"]
+    if not all(file.is_file() for file in files):
+        raise MissingDataError(
+            "csv",
+            f"dataset files not found (searched {folder}; expected train.csv, test.csv)",
+            "set data.root to the folder holding them, or data.options.path to one .csv",
+        )
+    (train_x, train_t, names), (test_x, test_t, _) = (read_table(file, columns) for file in files)
+    if train_x.shape[1] != test_x.shape[1]:
+        raise DataError(f"csv: train.csv has {train_x.shape[1]} features but test.csv has {test_x.shape[1]}")
+    return regression_splits(
+        "csv",
+        (train_x.astype(np.float32), targets(files[0], train_t)),
+        (test_x.astype(np.float32), targets(files[1], test_t)),
+        names,
+        scale,
+        unit,
     )

@@ -5,10 +5,11 @@ predictions into metrics, and the metric that selects the best epoch (with its d
 trainer, ``kdforge eval`` and every method reach the task through ``DatasetInfo.task``, so a new
 kind of target (per-pixel labels, embeddings, ...) is a new file here, not a change to the loop.
 
-Registered: ``classification`` (top-1, top-5, cross-entropy) and ``regression`` (MAE, RMSE, MSE).
+Registered: ``classification`` (top-1, top-5, cross-entropy), ``regression`` (MAE, RMSE, MSE) and
+``retrieval`` (rank-1/CMC, mAP, recall@10 of embeddings, query vs gallery).
 """
 
-from kdforge.data.tasks import classification, regression  # noqa: F401  (registers them)
+from kdforge.data.tasks import classification, regression, retrieval  # noqa: F401  (registers them)
 from kdforge.data.tasks.base import TASKS, Evaluator, Task, task_for
 
 __all__ = ["TASKS", "Evaluator", "Task", "task_for"]

@@ -56,6 +56,10 @@ class Task:
     def evaluator(self) -> Evaluator:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def predict(self, model: Any, inputs: torch.Tensor) -> torch.Tensor:
+        """What the evaluator scores: ``model(inputs)`` (retrieval ranks an embedding instead)."""
+        return model(inputs)
+
     def is_better(self, new: float, old: float) -> bool:
         """Whether ``new`` beats ``old`` on the primary metric."""
         return new > old if self.higher_is_better else new < old
