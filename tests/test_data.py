@@ -191,8 +191,9 @@ def info_for(name: str = "test", channels: int = 3) -> DatasetInfo:
 
 def test_registry_lists_every_source():
     assert DATASETS.names() == [
-        "breast_cancer", "cifar10", "cifar100", "csv", "diabetes", "digits", "fashion_mnist", "imagefolder", "iris",
-        "mnist", "npz", "retrieval_cifar10", "retrieval_mnist", "rotated_mnist", "seg3d_mnist", "seg_mnist", "wine",
+        "av_mnist", "breast_cancer", "cifar10", "cifar100", "csv", "diabetes", "digits", "fashion_mnist",
+        "imagefolder", "iris", "mnist", "npz", "retrieval_cifar10", "retrieval_mnist", "rotated_mnist",
+        "seg3d_mnist", "seg_mnist", "sensor_cifar10", "sensor_mnist", "wine",
     ]  # fmt: skip
 
 

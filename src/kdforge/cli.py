@@ -101,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CheckpointError(f"'{args.checkpoint}' is a plain state dict; evaluate a kdforge model file")
     data_cfg = recorded_data_config(record, args.checkpoint, args.data, args.root)  # the run's root and options
     dataset = data_cfg.name
-    data = build_command_data(data_cfg)
+    data = build_command_data(data_cfg, record)
     from kdforge.data.tasks import task_for
 
     task = task_for(data.info)

@@ -118,6 +118,11 @@ class ModelConfig(Strict):
         description="kdforge model file to load (relative: to the working directory, else the recipe's folder; "
         "{stage}: an earlier pipeline stage's run directory)",
     )
+    input: str | None = Field(
+        None,
+        description="paired multimodal data: the named input this network reads (e.g. audio, sensor); "
+        "default: the dataset's first input for the student, the student's input for a teacher",
+    )
     lma: LMAConfig | None = Field(None, description="LMA activations instead of ReLU")
     prune: PruneConfig | None = Field(None, description="prune when the run starts")
     qat: QATConfig | None = Field(None, description="quantization-aware training")

@@ -33,7 +33,7 @@ def calibration_batches(
     """``batches`` shuffled training batches of ``dataset`` (a name or the run's DataConfig),
     normalised as at test time (no augmentation; with ``record``'s statistics when given)."""
     cfg = dataset if isinstance(dataset, DataConfig) else DataConfig(name=dataset, root=root, augment=False)
-    data = build_command_data(cfg)
+    data = build_command_data(cfg, record)
     augmentation = recorded_augmentation(record or {}, cfg, data.info)
     loader = make_loader(
         data.train,

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.core.errors import ConfigError
+from kdforge.data.audio import SpectrogramAugmentation
 from kdforge.data.hashing import random_below, sample_keys
 from kdforge.data.types import DatasetInfo
 
@@ -136,12 +137,16 @@ def crop_pixel_index(
 
 
 def default_augmentation(info: DatasetInfo) -> Augmentation:
-    """The standard training augmentation of a dataset.
+    """The standard training augmentation of a dataset (or of one input of a paired dataset).
 
+    Log-mel spectrograms (``kind == "spectrogram"``): a time shift of up to 4 frames and
+    SpecAugment masks of up to 8 frames and 4 mel bins (``kdforge.data.audio``).
     cifar10/cifar100: 4-pixel zero-padded random crop and horizontal flip (the usual KD recipe).
     Everything else (mnist, fashion_mnist, digits, npz, imagefolder): normalization only; digits are
     not flip-symmetric and MNIST-style benchmarks are reported without augmentation.
     """
-    if info.name.startswith("cifar"):
+    if info.kind == "spectrogram":
+        return SpectrogramAugmentation(mean=info.mean, std=info.std, time_shift=4, time_mask=8, freq_mask=4)  # type: ignore[return-value]
+    if info.name.startswith(("cifar", "sensor_cifar")):
         return Augmentation.for_dataset(info, crop_padding=4, horizontal_flip=True)
     return Augmentation.for_dataset(info)

@@ -15,16 +15,20 @@ class Batch:
     add more names), ``targets`` the labels (class indices, or floats for regression) and
     ``index`` the dataset index of every sample (CRD memory banks and the teacher bank key on it).
     ``extras`` carries anything task-specific (masks, negative indices, a domain flag).
+    ``primary`` names the input the deployed network (the student) reads, ``Batch.image``:
+    ``"image"`` unless a paired dataset serves the student another input (e.g. ``"audio"``).
     """
 
     inputs: dict[str, torch.Tensor]
     targets: torch.Tensor
     index: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    primary: str = "image"
 
     @property
     def image(self) -> torch.Tensor:
-        return self.inputs["image"]
+        """The student's input (``inputs[primary]``)."""
+        return self.inputs[self.primary]
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -36,4 +40,5 @@ class Batch:
             targets=move(self.targets),
             index=move(self.index),
             extras={k: move(v) for k, v in self.extras.items()},
+            primary=self.primary,
         )

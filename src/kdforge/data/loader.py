@@ -37,6 +37,12 @@ class BatchLoader:
     rank r takes positions r, r + world_size, ...; ranks are disjoint apart from that padding.
     Call ``set_epoch`` before each epoch. Without an augmentation, images are only scaled to [0, 1].
     ``device`` moves each batch there (uint8 is moved, then augmented on the device).
+
+    Paired data (``TensorData.extra_inputs``): every other input is served beside the primary one
+    in ``Batch.inputs`` under its name, transformed by ``input_augmentations[name]`` (an
+    ``Augmentation`` or anything with its call signature; without one, uint8 is scaled to [0, 1]
+    and float kept), and ``TensorData.extras`` go to ``Batch.extras``. ``Batch.primary`` is the
+    data's ``input_name``.
     """
 
     def __init__(
@@ -52,6 +58,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str | None = None,
+        input_augmentations: dict[str, Any] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -67,6 +74,7 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device) if device is not None else None
+        self.input_augmentations = dict(input_augmentations or {})
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -112,12 +120,22 @@ class BatchLoader:
         index = positions
         if self.device is not None:
             images, targets, index = (t.to(self.device, non_blocking=True) for t in (images, targets, index))
-        return Batch(inputs={"image": self._transform(images, index)}, targets=targets, index=index)
+        data = self.data
+        inputs = {data.input_name: self._transform(images, index)}
+        for name, values in data.extra_inputs.items():
+            gathered = values[positions].to(self.device, non_blocking=True) if self.device else values[positions]
+            inputs[name] = self._transform(gathered, index, self.input_augmentations.get(name))
+        extras = {
+            name: (values[positions].to(self.device) if self.device else values[positions])
+            for name, values in data.extras.items()
+        }
+        return Batch(inputs=inputs, targets=targets, index=index, extras=extras, primary=data.input_name)
 
-    def _transform(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if self.augmentation is None:
+    def _transform(self, images: torch.Tensor, index: torch.Tensor, augmentation: Any = "primary") -> torch.Tensor:
+        augmentation = self.augmentation if isinstance(augmentation, str) else augmentation
+        if augmentation is None:
             return images.to(torch.float32) if images.is_floating_point() else images.to(torch.float32) / 255.0
-        return self.augmentation(images, index, self.seed, self.epoch, train=self.train)
+        return augmentation(images, index, self.seed, self.epoch, train=self.train)
 
 
 class _Bad:

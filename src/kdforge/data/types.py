@@ -30,6 +30,13 @@ class TensorData:
     records where every sample sits in the *source* split it was carved from (the official train
     or test set), so a subset can be traced back; it defaults to ``0..N-1``. The loader does not use
     it for identity: ``Batch.index`` is the position in this TensorData (see ``BatchLoader``).
+
+    Paired multimodal data: ``images`` is the *primary* input, served under the name
+    ``input_name`` (``Batch.image``); ``extra_inputs`` holds the other inputs of the same samples by
+    name (first dim N each; uint8 images or float32 tensors), served beside it in ``Batch.inputs``;
+    ``extras`` holds per-sample tensors for the method, served in ``Batch.extras`` (e.g.
+    ``"labelled"``, a bool mask of the samples whose label may be used). ``view(name)`` makes
+    another input the primary one. All of them are kept through ``select``.
     """
 
     images: torch.Tensor
@@ -37,6 +44,9 @@ class TensorData:
     name: str | None = None
     indices: torch.Tensor = field(default=None)  # type: ignore[assignment]
     targets: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    extra_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_name: str = "image"
 
     def __post_init__(self) -> None:
         pixels = self.images.dtype == torch.uint8 and self.images.dim() in (4, 5)  # 5: volumes N x C x D x H x W
@@ -56,12 +66,29 @@ class TensorData:
         self.indices = torch.as_tensor(self.indices, dtype=torch.int64)
         if self.indices.shape != self.labels.shape:
             raise DataError(f"{self._label()}: indices and labels differ in length")
+        for key, value in {**self.extra_inputs, **self.extras}.items():
+            if value.shape[:1] != self.labels.shape:
+                raise DataError(f"{self._label()}: '{key}' has {value.shape[0]} rows for {len(self.labels)} samples")
         if self.targets is None:
             self.targets = self.labels
         elif self.targets.shape[:1] != self.labels.shape:
             raise DataError(
                 f"{self._label()}: {len(self.labels)} samples but targets have shape {tuple(self.targets.shape)}"
             )
+
+    @property
+    def input_names(self) -> list[str]:
+        """Every input a sample carries: the primary one first."""
+        return [self.input_name, *self.extra_inputs]
+
+    def view(self, name: str) -> TensorData:
+        """The same samples with input ``name`` as the primary one (``images``)."""
+        if name == self.input_name:
+            return self
+        if name not in self.extra_inputs:
+            raise DataError(f"{self._label()} has no input '{name}'; inputs: {', '.join(self.input_names)}")
+        others = {self.input_name: self.images, **{k: v for k, v in self.extra_inputs.items() if k != name}}
+        return dataclasses.replace(self, images=self.extra_inputs[name], extra_inputs=others, input_name=name)
 
     def _label(self) -> str:
         return self.name or "dataset split"
@@ -83,6 +110,9 @@ class TensorData:
             name=name or self.name,
             indices=self.indices[positions],
             targets=None if self.targets is self.labels else self.targets[positions],  # type: ignore[arg-type]
+            extra_inputs={key: value[positions] for key, value in self.extra_inputs.items()},
+            extras={key: value[positions] for key, value in self.extras.items()},
+            input_name=self.input_name,
         )
 
     def class_counts(self, num_classes: int | None = None) -> torch.Tensor:
@@ -136,7 +166,9 @@ class DatasetInfo:
     split (refitted when a validation split or subset is carved out). ``task`` names the entry of
     ``kdforge.data.tasks.TASKS`` that scores predictions ("classification", "regression", ...);
     for regression ``num_classes`` is the number of predicted values, ``target_scale`` converts
-    normalised targets back to their units for reporting and ``target_unit`` names that unit.
+    normalised targets back to their units for reporting and ``target_unit`` names that unit. Paired multimodal data:
+    ``input_name`` names the input this describes (the primary one), ``extra_inputs`` describes
+    each other input by name (its own shape and normalisation statistics).
     """
 
     name: str
@@ -152,6 +184,30 @@ class DatasetInfo:
     task: str = "classification"
     target_scale: float = 1.0
     target_unit: str = ""
+    input_name: str = "image"
+    extra_inputs: dict[str, DatasetInfo] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        """Every input of the dataset: the primary one first."""
+        return [self.input_name, *self.extra_inputs]
+
+    def for_input(self, name: str) -> DatasetInfo:
+        """The description of input ``name`` (itself for the primary one)."""
+        if name == self.input_name:
+            return self
+        if name not in self.extra_inputs:
+            raise DataError(f"dataset '{self.name}' has no input '{name}'; inputs: {', '.join(self.input_names)}")
+        return self.extra_inputs[name]
+
+    def view(self, name: str) -> DatasetInfo:
+        """This dataset described with input ``name`` as the primary one."""
+        if name == self.input_name:
+            return self
+        chosen = self.for_input(name)
+        others = {self.input_name: dataclasses.replace(self, extra_inputs={})}
+        others.update({k: v for k, v in self.extra_inputs.items() if k != name})
+        return dataclasses.replace(chosen, input_name=name, extra_inputs=others)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -167,6 +223,16 @@ class DataSplits:
     val: TensorData | StreamData | None
     test: TensorData | StreamData
     info: DatasetInfo
+
+    def view(self, name: str) -> DataSplits:
+        """Every split (and the description) with input ``name`` as the primary one."""
+        if name == self.info.input_name:
+            return self
+        splits = [self.train, self.val, self.test]
+        if any(isinstance(split, StreamData) for split in splits):
+            raise DataError(f"{self.info.name} is streamed from a Dataset and has only one input")
+        train, val, test = (split.view(name) if split is not None else None for split in splits)  # type: ignore[union-attr]
+        return DataSplits(train=train, val=val, test=test, info=self.info.view(name))  # type: ignore[arg-type]
 
     def summary(self) -> str:
         """One line: name, split sizes, classes and sample shape."""

@@ -13,7 +13,7 @@ from torch import nn
 from kdforge.compress.arch import materialize
 from kdforge.config import AugmentConfig, DataConfig, ModelConfig, RunConfig
 from kdforge.core.checkpoint import read_model_file
-from kdforge.core.errors import CheckpointError, ConfigError, DataError
+from kdforge.core.errors import CheckpointError, ConfigError, DataError, closest
 from kdforge.core.plugins import require_registered
 from kdforge.data import (
     Augmentation,
@@ -28,8 +28,8 @@ from kdforge.data.sources.common import MissingDataError
 from kdforge.data.tasks import task_for
 from kdforge.methods import METHODS, Distiller
 from kdforge.models import MODELS, create
+from kdforge.models.specs import attach, same_spec
 from kdforge.models.specs import rebuild as rebuild_spec
-from kdforge.models.specs import same_spec
 
 
 @dataclass
@@ -69,6 +69,30 @@ def _load_data(cfg: DataConfig) -> DataSplits:
 def model_input_shape(info: DatasetInfo) -> tuple[int, ...]:
     """One sample's shape as networks see it: (C, H, W), or (C, D, H, W) for volumes."""
     return tuple(info.sample_shape) if len(info.sample_shape) == 4 else (info.in_channels, *info.image_size)
+
+
+def _input_name_error(role: str, name: str, info: DatasetInfo) -> ConfigError:
+    inputs = info.input_names
+    return ConfigError(
+        f"{role}.input '{name}' is not an input of dataset '{info.name}'{closest(name, inputs)}; "
+        f"its inputs: {', '.join(inputs)}"
+    )
+
+
+def student_view(splits: DataSplits, config: RunConfig) -> DataSplits:
+    """The data as the student reads it: its ``input`` becomes the primary one (``Batch.image``),
+    so evaluation, export and the model's input shape follow the student's input."""
+    name = config.student.input
+    if name is None or name == splits.info.input_name:
+        return splits
+    if name not in splits.info.input_names:
+        raise _input_name_error("student", name, splits.info)
+    return splits.view(name)
+
+
+def input_augmentations(cfg: DataConfig, info: DatasetInfo) -> dict[str, Augmentation]:
+    """The augmentation of every other input of paired data, by name (each with its own statistics)."""
+    return {name: build_augmentation(cfg, extra) for name, extra in info.extra_inputs.items()}
 
 
 def build_augmentation(cfg: DataConfig, info: DatasetInfo) -> Augmentation:
@@ -124,14 +148,20 @@ def recorded_data_config(
     )
 
 
-def build_command_data(cfg: DataConfig) -> DataSplits:
-    """``build_data`` for eval/export: missing files point at ``--root``, not at a recipe key."""
+def build_command_data(cfg: DataConfig, record: dict[str, Any] | None = None) -> DataSplits:
+    """``build_data`` for eval/export: missing files point at ``--root``, not at a recipe key. A
+    model file of paired data (``record``) is served the input it was trained on."""
     try:
-        return build_data(cfg)
+        splits = build_data(cfg)
     except MissingDataError as error:
         raise DataError(
             f"{error.dataset}: {error.where}; pass --root FOLDER (the folder holding the dataset's files)"
         ) from None
+    saved = (record or {}).get("dataset") or {}
+    name = saved.get("input_name")
+    if saved.get("name") == splits.info.name and name in splits.info.input_names:
+        splits = splits.view(name)
+    return splits
 
 
 def recorded_augmentation(record: dict[str, Any], cfg: DataConfig, info: DatasetInfo) -> Augmentation:
@@ -191,6 +221,17 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, role: str) -> tuple[nn.Modu
     return model, spec
 
 
+def _check_label_mask(config: RunConfig, method_cls: Any, train: TensorData | StreamData | None) -> None:
+    """Unlabelled training samples need a method that masks its supervised term."""
+    mask = getattr(train, "extras", {}).get("labelled")
+    if mask is not None and not bool(mask.all()) and not getattr(method_cls, "uses_label_mask", False):
+        raise ConfigError(
+            f"the training split holds {int((~mask).sum())} unlabelled samples (data.options."
+            f"unlabelled_per_class), which method '{config.method.name}' would train on with their labels; "
+            "use modality_kd or kd (they mask the CE term), or set unlabelled_per_class: 0"
+        )
+
+
 def build_distiller(
     config: RunConfig, info: DatasetInfo, train: TensorData | StreamData | None = None
 ) -> tuple[Distiller, ModelSpec]:
@@ -206,7 +247,22 @@ def build_distiller(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     student, spec = build_model(config.student, info, "student")
-    teachers = [build_model(t, info, f"teachers.{i}")[0] for i, t in enumerate(config.teachers)]
+    attach(student, kdforge_input=info.input_name)
+    teachers = []
+    for i, t in enumerate(config.teachers):
+        name = t.input or info.input_name  # a teacher reads the student's input unless told otherwise
+        if name not in info.input_names:
+            raise _input_name_error(f"teachers.{i}", name, info)
+        if name != info.input_name and not getattr(method_cls, "cross_modal", False):
+            raise ConfigError(
+                f"method '{config.method.name}' runs every network on one input, but teachers.{i} reads "
+                f"'{name}' and the student '{info.input_name}'; use a cross-modal method (kd, modality_kd, "
+                "crd, ccl) or give both the same input"
+            )
+        teacher = build_model(t, info.for_input(name), f"teachers.{i}")[0]
+        attach(teacher, kdforge_input=name)
+        teachers.append(teacher)
+    _check_label_mask(config, method_cls, train)
     accepted = inspect.signature(method_cls.__init__).parameters
     offered: dict[str, Any] = {
         "input_shape": model_input_shape(info),

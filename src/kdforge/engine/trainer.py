@@ -56,7 +56,9 @@ from kdforge.engine.build import (
     build_augmentation,
     build_data,
     build_distiller,
+    input_augmentations,
     model_input_shape,
+    student_view,
 )
 from kdforge.engine.divergence import LossWatch, RunDiverged, likely_cause, nonfinite_tensors
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
@@ -216,7 +218,7 @@ class Trainer:
         fabric.barrier()
         fabric.seed_everything(config.seed, verbose=False)
 
-        self.data: DataSplits = build_data(config.data)
+        self.data: DataSplits = student_view(build_data(config.data), config)
         if config.train.progress != "none":  # the run's first line says where it trains
             precision = _fabric_precision(fabric, config.train.precision)
             shown = "" if precision == "32-true" else f", {precision}"
@@ -252,6 +254,7 @@ class Trainer:
             rank=fabric.global_rank,
             world_size=fabric.world_size,
             device=fabric.device,  # uint8 images travel to the device, augmentation runs there
+            input_augmentations=input_augmentations(config.data, self.info),  # paired data's other inputs
             sampler=config.data.sampler.model_dump() if config.data.sampler else None,
         )
         self.eval_augmentation = augmentation
@@ -451,6 +454,13 @@ class Trainer:
         """The stored teacher outputs to replay, when the recipe asks for them and the method can use them."""
         settings = self.config.teacher_bank
         if not settings.enabled or not len(self.distiller.teachers):
+            return None
+        if any(
+            getattr(t, "kdforge_input", self.info.input_name) != self.info.input_name for t in self.distiller.teachers
+        ):
+            self.fabric.print(
+                f"[{self.config.name}] teacher_bank ignored: a teacher reads another input; its teachers run live"
+            )
             return None
         if not self.distiller.replays_teacher_logits:
             self.fabric.print(

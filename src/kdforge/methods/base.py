@@ -146,6 +146,12 @@ class Distiller(nn.Module):
     #: batch, e.g. SP and PKT scale as 1/B): the trainer then refuses a partial last batch, which
     #: would be over-weighted. tests/test_batch_scale.py checks every method's declaration.
     batch_size_dependent: ClassVar[bool] = False
+    #: True when the method runs each teacher on its own input (``input_of``), so a teacher may read
+    #: another input of paired multimodal data than the student (cross-modal distillation)
+    cross_modal: ClassVar[bool] = False
+    #: True when the method masks its supervised term with ``batch.extras["labelled"]`` (few-label
+    #: data whose other samples are unlabelled; see ``label_mask``)
+    uses_label_mask: ClassVar[bool] = False
     #: the tasks (``kdforge.data.tasks.TASKS`` names) the method is written for; the trainer
     #: refuses a dataset of another task in one line. Methods that take their supervised term from
     #: ``supervised_loss`` and touch no class probabilities can list more.
@@ -303,6 +309,22 @@ class Distiller(nn.Module):
     def extra_parameter_count(self) -> int:
         return sum(p.numel() for p in self.extra_parameters())
 
+    @staticmethod
+    def input_of(model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The input ``model`` reads: ``batch.inputs[model.kdforge_input]`` when the run gave it
+        one (a teacher on another input of paired data), else ``batch.image``."""
+        name = getattr(model, "kdforge_input", None)
+        if name is None or name == batch.primary:
+            return batch.image
+        if name not in batch.inputs:
+            raise KeyError(f"the batch has no input '{name}' (inputs: {', '.join(batch.inputs)})")
+        return batch.inputs[name]
+
+    @staticmethod
+    def label_mask(batch: Batch) -> torch.Tensor | None:
+        """Bool mask of the samples whose label may be used (None: all of them)."""
+        return batch.extras.get("labelled")
+
     def teacher_logits(self, batch: Batch) -> list[torch.Tensor]:
         """Logits of every teacher on ``batch``.
 
@@ -313,6 +335,6 @@ class Distiller(nn.Module):
         if stored is not None:
             return [t.float() for t in stored.unbind(0)]
         with torch.inference_mode():
-            outputs = [teacher(batch.image) for teacher in self.teachers]
+            outputs = [teacher(self.input_of(teacher, batch)) for teacher in self.teachers]
         # clone: inference tensors cannot be saved for the student's backward pass
         return [out.float().clone() for out in outputs]

@@ -281,13 +281,15 @@ class ContrastiveDistiller(FeatureDistiller):
                 stacklevel=2,
             )
         self.input_shape = input_shape_for(name, self.student, input_shape)
-        (student_shape,), (teacher_shape,) = probe_feature_shapes(
-            name,
-            self.input_shape,
-            [
-                (self.student, self.student_tap, self.student_layers),
-                (self.teachers[0], self.teacher_tap, self.teacher_layers),
-            ],
+        teacher = self.teachers[0]
+        # a teacher on another input of paired data (cross-modal) is probed with its own input's shape
+        other_input = getattr(teacher, "kdforge_input", None) not in (None, getattr(student, "kdforge_input", None))
+        teacher_input = getattr(teacher, "kdforge_input_shape", None) if other_input else None
+        ((student_shape,),) = probe_feature_shapes(
+            name, self.input_shape, [(self.student, self.student_tap, self.student_layers)]
+        )
+        ((teacher_shape,),) = probe_feature_shapes(
+            name, teacher_input or self.input_shape, [(teacher, self.teacher_tap, self.teacher_layers)]
         )
         student_dim, teacher_dim = math.prod(student_shape), math.prod(teacher_shape)
         self.embed_student = EmbedHead(student_dim, p.feature_dim)
@@ -314,7 +316,7 @@ class ContrastiveDistiller(FeatureDistiller):
         logits, _ = self.student_tap(batch.image)
         (student_feat,) = self._collect(self.student_tap, self.student_layers, "student")
         with torch.no_grad():
-            teacher_logits, _ = self.teacher_tap(batch.image)
+            teacher_logits, _ = self.teacher_tap(self.input_of(self.teachers[0], batch))
         (teacher_feat,) = self._collect(self.teacher_tap, self.teacher_layers, "teacher")
         self.student_tap.clear()
         self.teacher_tap.clear()

@@ -85,6 +85,7 @@ class ContrastiveRepresentationDistillation(ContrastiveDistiller):
     Params = CRDParams
     #: retrieval: tap the embedding (``student_layers: [embedding]``); negatives from other identities
     tasks = ("classification", "retrieval")
+    cross_modal = True  # the teacher reads its own input of paired data
 
     def __init__(
         self, student, teachers=(), params=None, input_shape=None, num_samples=None, train_labels=None

@@ -222,7 +222,7 @@ class FeatureDistiller(Distiller):
         logits, _ = self.student_tap(batch.image)
         student_feats = self._collect(self.student_tap, self.student_layers, "student")
         with torch.no_grad():
-            self.teacher_tap(batch.image)
+            self.teacher_tap(self.input_of(self.teachers[0], batch))
         teacher_feats = self._collect(self.teacher_tap, self.teacher_layers, "teacher")
         # release the stored tensors now: the loss keeps what backward needs
         self.student_tap.clear()

@@ -24,6 +24,16 @@ Selective KD (``select``): distil only the samples the teacher classifies correc
 (``confident``). The KL term is summed over the selected samples and divided by the whole batch
 size, so the weight keeps its meaning; the others get the CE term only.
 
+Cross-modal (paired data): each teacher reads its own input (the recipe's ``teachers[i].input``),
+the student its own. Few labels: samples whose ``batch.extras["labelled"]`` is False (data option
+``unlabelled_per_class``) get the KL term only; the CE term is the mean over the batch's labelled
+samples (0 when it has none). Selection by ``correct`` cannot check an unlabelled sample and
+distils all of them.
+
+``modality_kd`` is the same loss with the defaults of sensor-modality transition KD (Van Molle
+et al., Sensors 2021): ``(1 - alpha(e)) CE + alpha(e) T^2 KL`` with alpha annealed linearly per
+step from 0.95 to 0.1 (``ce_weight: complement``) and T = 4.
+
 Regression (a dataset whose task is ``regression``): the teacher's prediction replaces the soft
 targets, and both terms are mean squared errors (teacher-target, or "teacher-student", regression
 KD: Chen et al., "Learning Efficient Object Detection Models with Knowledge Distillation", NeurIPS
@@ -79,14 +89,28 @@ class KDParams(MethodParams):
 
 
 def selection_mask(
-    teacher_probs: torch.Tensor, targets: torch.Tensor, select: str, threshold: float
+    teacher_probs: torch.Tensor,
+    targets: torch.Tensor,
+    select: str,
+    threshold: float,
+    labelled: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean mask of the samples to distil, or None for all of them."""
+    """Boolean mask of the samples to distil, or None for all of them (unlabelled samples, where
+    ``labelled`` is False, cannot be checked by ``correct`` and are all distilled)."""
     if select == "correct":
-        return teacher_probs.argmax(-1) == targets
+        correct = teacher_probs.argmax(-1) == targets
+        return correct if labelled is None else correct | ~labelled
     if select == "confident":
         return teacher_probs.max(-1).values >= threshold
     return None
+
+
+def labelled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, labelled: torch.Tensor | None) -> torch.Tensor:
+    """CE averaged over the labelled samples (all when ``labelled`` is None; 0 when none is)."""
+    if labelled is None:
+        return F.cross_entropy(logits, targets)
+    per_sample = F.cross_entropy(logits, targets, reduction="none")
+    return (per_sample * labelled).sum() / labelled.sum().clamp_min(1)
 
 
 class SoftTargetDistiller(Distiller):
@@ -115,14 +139,22 @@ class SoftTargetDistiller(Distiller):
         if p.reduction == "elementmean":
             per_sample = per_sample / rows.shape[-1]
         metrics: dict[str, float | torch.Tensor] = {"temperature": temperature, "kd_weight": kd_weight}
-        mask = selection_mask(plain_probs, location_targets(batch.targets, logits), p.select, p.confidence_threshold)
+        labelled = self.label_mask(batch)
+        targets = location_targets(batch.targets, logits)
+        mask = selection_mask(plain_probs, targets, p.select, p.confidence_threshold, labelled)
         if mask is not None:
             per_sample = per_sample * mask
             metrics["distilled_fraction"] = mask.float().mean()
         losses = {"kd": kd_weight * per_sample.mean()}
         if ce_weight:
             options = {"dice_weight": p.dice_weight} if p.dice_weight else {}
-            losses["ce"] = ce_weight * self.supervised_loss(logits, batch.targets, **options)
+            labelled_ce = labelled is not None and self.task.name == "classification"
+            supervised = (
+                labelled_cross_entropy(logits, batch.targets, labelled)
+                if labelled_ce
+                else self.supervised_loss(logits, batch.targets, **options)
+            )
+            losses["ce"] = ce_weight * supervised
         return Output(logits, losses, metrics)
 
 
@@ -136,6 +168,8 @@ class KnowledgeDistillation(SoftTargetDistiller):
     #: segmentation: the KL is taken at every pixel/voxel; regression: MSE to the teacher's prediction
     tasks = ("classification", "regression", "retrieval", "segmentation")
     replays_teacher_logits = True
+    cross_modal = True
+    uses_label_mask = True
 
     def use_task(self, task) -> None:
         if task.name == "regression":
@@ -172,3 +206,17 @@ class KnowledgeDistillation(SoftTargetDistiller):
         soft = F.softmax(teacher_logits / temperature, dim=-1)
         plain = soft if temperature == 1.0 else F.softmax(teacher_logits, dim=-1)
         return soft, plain
+
+
+class ModalityKDParams(KDParams):
+    temperature: Schedule = Field(default_factory=lambda: as_schedule(4.0))
+    kd_weight: Schedule = Field(default_factory=lambda: as_schedule({"kind": "linear", "start": 0.95, "end": 0.1}))
+    ce_weight: Schedule | Literal["complement"] = "complement"
+
+
+@METHODS.register("modality_kd")  # type: ignore[arg-type]
+class ModalityKD(KnowledgeDistillation):
+    """Sensor-modality transition KD (Van Molle et al. 2021): ``(1 - a(e)) CE + a(e) T^2 KL``, a 0.95 -> 0.1."""
+
+    name = "modality_kd"
+    Params = ModalityKDParams
