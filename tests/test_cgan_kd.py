@@ -229,7 +229,8 @@ def rotated_digits():
             )
             return dataclasses.replace(base, train=splits["train"], test=splits["test"], info=info)
 
-    return name
+    yield name
+    DATASETS._entries.pop(name, None)  # the registry is global: leave it as the other tests expect it
 
 
 def _pipeline(data: dict, samples: int, subsample: str) -> dict:

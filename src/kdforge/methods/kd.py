@@ -50,7 +50,7 @@ mix ``(1 - alpha) MSE(f_s, y) + alpha MSE(f_s, f_t)``. ``temperature``, ``reduct
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,7 @@ class KnowledgeDistillation(SoftTargetDistiller):
     teachers_required = (1, 1)
     #: retrieval: the soft targets are the teacher's identity logits (KDAS-ReID's dynamic temperature)
     #: segmentation: the KL is taken at every pixel/voxel; regression: MSE to the teacher's prediction
-    tasks = ("classification", "regression", "retrieval", "segmentation")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "regression", "retrieval", "segmentation")
     replays_teacher_logits = True
     cross_modal = True
     uses_label_mask = True
@@ -220,3 +220,5 @@ class ModalityKD(KnowledgeDistillation):
 
     name = "modality_kd"
     Params = ModalityKDParams
+    #: measured on class labels only (its alpha schedule and selection act on class probabilities)
+    tasks = ("classification",)
