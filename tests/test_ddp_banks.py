@@ -72,6 +72,9 @@ def worker(rank, world, port, name, result_file):
         model = DistributedDataParallel(distiller)  # broadcast_buffers=True, as Fabric's DDP
         banks = train(model, global_batches(), rank, world)
         torch.save(banks, f"{result_file}.{rank}")
+        # both ranks finish their collectives before either tears gloo down: a rank that exits
+        # while the other still has gloo threads in flight can abort with std::terminate
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
@@ -85,7 +88,18 @@ def free_port():
 @pytest.mark.parametrize("name", ["crd", "hkd"])
 def test_banks_under_two_gloo_processes_equal_one_process(name, tmp_path):
     result = tmp_path / "banks"
-    mp.start_processes(worker, args=(2, free_port(), name, str(result)), nprocs=2, join=True, start_method="spawn")
+    for attempt in range(3):
+        try:
+            mp.start_processes(
+                worker, args=(2, free_port(), name, str(result)), nprocs=2, join=True, start_method="spawn"
+            )
+            break
+        except mp.ProcessExitedException as error:
+            # a rank killed by a signal (gloo's teardown aborting on a loaded machine, or a port
+            # taken between free_port() and bind) is infrastructure, not a wrong bank; a Python
+            # exception inside a rank raises ProcessRaisedException and is not retried
+            if error.signal_name is None or attempt == 2:
+                raise
     rank0 = torch.load(f"{result}.0")
     rank1 = torch.load(f"{result}.1")
     single = train(build(name).train(), global_batches())
