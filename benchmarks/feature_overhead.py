@@ -70,7 +70,7 @@ def method_step(name: str, teacher_name: str, student_name: str, classes: int, b
     if "num_samples" in accepted:
         extra["num_samples"] = NUM_SAMPLES
     params = {"num_negatives": 4096} if name == "crd" else {}
-    distiller = method(student, [teacher], params, **extra)
+    distiller = method(student, [teacher] if method.teachers_required[1] != 0 else [], params, **extra)
     distiller.train()
     if defaults:
         fold_frozen_teachers([teacher], trained=[p for n, p in distiller.named_parameters() if "teachers." not in n])

@@ -202,6 +202,12 @@ class TrainConfig(Strict):
         "to repay the compilation (not on MPS; on a CPU only with a C++ compiler); true/false force it. "
         "The choice is recorded in summary.json (compile)",
     )
+    allocator: Literal["auto", "system"] = Field(
+        "auto",
+        description="auto: on a CPU run with glibc, keep freed memory for reuse instead of returning it to the "
+        "kernel every step (no page faults per step; 10-30% faster CPU steps, +10-15% resident memory); "
+        "system: leave the C allocator as it is. Recorded in summary.json (allocator)",
+    )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     progress: Literal["auto", "bar", "none"] = Field(
         "auto", description="auto: a progress bar on a terminal, about ten epoch lines otherwise; none: silent"

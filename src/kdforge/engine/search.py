@@ -41,6 +41,7 @@ from pydantic import Field, ValidationError
 from torch import nn
 
 from kdforge.config import DataConfig, ModelConfig, Strict, apply_override, parse_override, read_yaml
+from kdforge.core.allocator import tune_allocator
 from kdforge.core.checkpoint import atomic_save, atomic_write_text
 from kdforge.core.errors import ConfigError
 from kdforge.core.schedules import as_schedule
@@ -141,6 +142,7 @@ class Search:
         if not resume and (state_path.is_file() or (self.out_dir / "genotype.json").is_file()):
             raise ConfigError(f"'{self.out_dir}' already holds a search; pass --resume or another --out")
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.allocator = tune_allocator("auto", "cpu")  # the search runs on the CPU (core/allocator.py)
         torch.manual_seed(recipe.seed)
         splits = build_data(recipe.data)
         self.info = splits.info
@@ -312,6 +314,7 @@ class Search:
             "genotype": genotype,
             "arch_split": self._score(),
             "first_order": True,
+            "allocator": self.allocator,
         }
         atomic_write_text(json.dumps(summary, indent=1) + "\n", self.out_dir / "search_summary.json")
         self.log(

@@ -38,6 +38,7 @@ from torch import nn
 from kdforge.compress.fold import fold_frozen_teachers
 from kdforge.compress.footprint import compression_report
 from kdforge.config import RunConfig, build_config
+from kdforge.core.allocator import tune_allocator
 from kdforge.core.checkpoint import (
     STATE_FORMAT,
     atomic_save,
@@ -207,6 +208,8 @@ class Trainer:
             fabric.launch()
         finally:  # only the processes started by launch() inherit it, never a later command in this process
             os.environ.pop(PARENT_ENV, None)
+        # before data and networks are allocated: a CPU step then reuses freed memory (core/allocator.py)
+        self.allocator = tune_allocator(config.train.allocator, fabric.device.type)
         if fabric.is_global_zero:
             ensure_writable_dir(self.out_dir)  # before any data is loaded: a bad --out fails at once
             # one writer per run directory: a second train/bench on the same --out is refused
@@ -919,6 +922,7 @@ class Trainer:
             **({"teacher_bn_folding": self.teacher_folding} if self.teacher_folding else {}),
             "memory_format": self.memory_format,
             "compile": getattr(self, "compilation", None),
+            "allocator": getattr(self, "allocator", None),
             "data_on_device": getattr(self, "data_on_device", None),
             **({"method_summary": extra} if (extra := self.distiller.summary_metrics()) else {}),
             "train_seconds": self.train_seconds,
