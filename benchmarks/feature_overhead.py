@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.compress.fold import fold_frozen_teachers
+from kdforge.core.allocator import tune_allocator
 from kdforge.data.batch import Batch
 from kdforge.methods import METHODS, Step
 from kdforge.models import FeatureTap, create
@@ -172,7 +173,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--mdistiller", help="path of an mdistiller checkout (optional)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--allocator",
+        choices=("auto", "system"),
+        default="auto",
+        help="the C allocator for the whole process, as train.allocator (auto: kdforge train's default; "
+        "it applies to every column, mdistiller's included)",
+    )
     args = parser.parse_args()
+    allocator = tune_allocator(args.allocator, "cpu")
+    print(f"allocator: {allocator['reason']}", file=sys.stderr)
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     shape = (3, 32, 32)
@@ -223,7 +233,8 @@ def main() -> None:
         rows.append(f"| {name} | {taps} | {ours:.0f} | {limit:.0f} | {ours / limit:.2f} | {other} |")
     note = (
         f"{args.teacher} -> {args.student}, {args.classes} classes, batch {args.batch_size}, 1 thread, thread CPU "
-        f"time, median of {args.rounds} interleaved rounds x {args.repeats} steps, torch {torch.__version__}"
+        f"time, median of {args.rounds} interleaved rounds x {args.repeats} steps, torch {torch.__version__}, "
+        f"allocator {args.allocator} ({'tuned' if allocator['tuned'] else 'as the system has it'})"
     )
     table = "\n".join([note, "", *rows])
     print(table)
