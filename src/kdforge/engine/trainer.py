@@ -1,4 +1,5 @@
-"""The training loop: short, ours, on top of Lightning Fabric (devices, DDP, precision).
+"""The training loop: short, ours, on top of Lightning Fabric (devices, DDP, precision); a run that is
+one float32 CPU process uses the lighter stand-in of engine/runtime.py instead.
 
 A run directory holds::
 
@@ -65,6 +66,7 @@ from kdforge.engine.divergence import LossWatch, RunDiverged, likely_cause, nonf
 from kdforge.engine.optim import build_optimizer, lr_function, set_learning_rate
 from kdforge.engine.probe import compile_decision, estimated_step_seconds, has_conv2d, probe_channels_last
 from kdforge.engine.record import device_description, run_record
+from kdforge.engine.runtime import LocalRuntime, local_runtime_applies
 from kdforge.methods import Distiller, Output, Step
 from kdforge.models.profile import count_flops
 
@@ -76,8 +78,6 @@ class RunInterrupted(KDForgeError):
 
 
 def _make_fabric(config: RunConfig):
-    from lightning.fabric import Fabric
-
     accelerator = config.train.accelerator
     if accelerator == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
@@ -89,11 +89,16 @@ def _make_fabric(config: RunConfig):
     strategy = config.train.strategy
     if config.train.devices > 1 and strategy == "auto":
         strategy = "ddp"
+    precision = resolve_precision(config.train.precision, accelerator)
+    if local_runtime_applies(accelerator, config.train.devices, strategy, precision):
+        return LocalRuntime()  # one CPU process at 32-true: no Lightning import (engine/runtime.py)
+    from lightning.fabric import Fabric
+
     fabric = Fabric(
         accelerator=config.train.accelerator,
         devices=config.train.devices,
         strategy=strategy,
-        precision=resolve_precision(config.train.precision, accelerator),  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
     )
     # Lightning keeps "which rank am I" in one process-wide setting that a Fabric sets only from a
     # cluster environment; an earlier run in the same process (a notebook, a test) could leave
