@@ -88,6 +88,35 @@ def run(recipe_data: dict, folder: Path, label: str) -> dict[str, float]:
     }
 
 
+TEACHER_FORWARD = """
+import resource, sys, time
+import torch
+from kdforge.compress.fold import fold_frozen_teachers
+from kdforge.core.allocator import tune_allocator
+from kdforge.models import create
+tune_allocator("auto", "cpu")  # as kdforge train
+torch.set_num_threads(1)
+teacher = create("resnet20", num_classes=10).eval().requires_grad_(False)
+fold_frozen_teachers([teacher], trained=[])
+teacher.to(memory_format=torch.channels_last)
+x = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+with torch.inference_mode():
+    for _ in range(3):
+        teacher(x)
+    started, steps = time.perf_counter(), 20
+    for _ in range(steps):
+        teacher(x)
+print(128 * steps / (time.perf_counter() - started))
+"""
+
+
+def teacher_images_per_second() -> float:
+    """The resnet20 teacher's inference forward as ``kdforge train`` runs it (BatchNorm folded,
+    channels_last, batch 128, one thread): the other half of live KD's physical limit."""
+    done = subprocess.run([sys.executable, "-c", TEACHER_FORWARD], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data", help="folder holding cifar-10-batches-py")
@@ -123,10 +152,13 @@ def main() -> None:
         bank_seconds = time.perf_counter() - started
 
         results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        teacher_speeds: list[float] = []
         for r in range(args.rounds):
             for name, data in variants.items():
                 results[name].append(run(data, folder / f"round{r}", name.replace(" ", "_")))
                 print(f"round {r} {name}: {results[name][-1]}", flush=True)
+            teacher_speeds.append(teacher_images_per_second())
+            print(f"round {r} teacher forward: {teacher_speeds[-1]:.0f} images/s", flush=True)
 
     base = results["student alone"]
     rows = [
@@ -141,6 +173,17 @@ def main() -> None:
         wall = statistics.median(x["wall"] for x in runs)
         top1 = statistics.median(x["top1"] for x in runs)
         rows.append(f"| {name} | {ips:.0f} | {ratio:.3f} | {cpu:.2f} | {cpu_ratio:.3f} | {wall:.0f} | {top1:.2f} |")
+    # live KD's physical limit: the student-alone run's whole training step (loading and
+    # augmentation included) plus the teacher's inference forward, per image, same round
+    limits = [1 / (1 / b["images_per_second"] + 1 / t) for b, t in zip(base, teacher_speeds)]
+    live = results["kd live"]
+    limit_ratio = statistics.median(x["images_per_second"] / lim for x, lim in zip(live, limits))
+    rows.append("")
+    rows.append(
+        f"Teacher forward (resnet20, folded, channels_last, batch 128): "
+        f"{statistics.median(teacher_speeds):.0f} images/s; live KD's limit (1 / (1/alone + 1/teacher)): "
+        f"{statistics.median(limits):.0f} images/s; **kd live / limit = {limit_ratio:.3f}** (target >= 0.95)"
+    )
     note = (
         f"End to end (`kdforge train`, CIFAR-10 {args.subset} images, {args.epochs} epochs, resnet20 -> resnet8, "
         f"batch 128, 1 thread, {args.rounds} interleaved rounds, medians); storing the bank once took "
