@@ -33,6 +33,9 @@ LAUNCHER_VARIABLES = (
     "SLURM_PROCID",
     "OMPI_COMM_WORLD_SIZE",
     "PMI_SIZE",
+    "NODE_RANK",
+    "LT_NUM_NODES",
+    "LSB_JOBID",
 )
 
 
