@@ -40,6 +40,7 @@ from pydantic import Field, ValidationError
 from torch import nn
 
 from kdforge.config import ConfigError, DataConfig, ModelConfig, Strict
+from kdforge.core.allocator import tune_allocator
 from kdforge.core.checkpoint import atomic_save, atomic_write_text, load_file
 from kdforge.core.errors import KDForgeError
 from kdforge.core.plugins import import_all
@@ -284,6 +285,7 @@ class GanTrainer:
         if config.train.accelerator == "cuda" and not use_cuda:
             raise ConfigError("train.accelerator is cuda but this process sees no CUDA GPU; use auto or cpu")
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.allocator = tune_allocator("auto", self.device.type)  # CPU steps reuse freed memory (core/allocator.py)
 
         self.data: DataSplits = build_data(config.data)
         info = self.info = self.data.info
@@ -657,6 +659,7 @@ class GanTrainer:
             "method": "cgan" if not getattr(self, "continuous", False) else "ccgan",
             "dataset": self.info.name if hasattr(self, "info") else self.config.data.name,
             "seed": self.config.seed,
+            "allocator": getattr(self, "allocator", None),
             "epochs_done": len(self.history),
             "epochs": self.config.train.epochs,
             "final": {"epoch": last.get("epoch"), "train": last.get("train"), "quality": last.get("quality")},
