@@ -316,6 +316,20 @@ def test_cgan_kd_pipeline_end_to_end_regression(tmp_path, rotated_digits):
     saved = torch.load(tmp_path / "run" / "generate" / "generated.pt", weights_only=True)
     assert saved["targets"].dtype == torch.float32 and len(saved["targets"]) == counts["kept"]
     assert math.isfinite(summaries["student"]["final"]["test"]["mae"])
+    # soft relabelling needs class probabilities: refused in one line for a continuous label
+    from kdforge.engine.generate import build_generate_config, generate_run
+
+    soft = build_generate_config(
+        {
+            "generator": str(tmp_path / "run" / "gan"),
+            "teacher": {"checkpoint": str(tmp_path / "run" / "teacher" / "checkpoints" / "model_last.pt")},
+            "samples": 20,
+            "relabel": "soft",
+        }
+    )
+    with pytest.raises(ConfigError, match="relabel: soft needs class labels") as error:
+        generate_run(soft, tmp_path / "soft")
+    assert "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------- errors
