@@ -6,7 +6,8 @@ stages for several seeds; prints a mean ± std table of the students' test metri
 Stages named in --shared run once (seed as in the recipe) under OUT/shared; every other stage runs
 per seed under OUT/seed<k> (with ``<stage>:seed=k``), reading the shared stages through symbolic
 links. Finished stages are skipped, so an interrupted benchmark resumes. --set overrides apply to
-every stage (``stage:key=value`` to one). Results: OUT/results.json and a Markdown table on stdout.
+every stage (``stage:key=value`` to one); --only runs just the named student stages. Results:
+OUT/results.json and a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         "--shared", nargs="+", default=["teacher", "gan", "generate", "generate_confidence", "generate_filter_only"]
     )
     parser.add_argument("--set", nargs="+", default=[], dest="overrides")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these student stages")
     args = parser.parse_args(argv)
     recipe_path = Path(args.recipe)
     recipe = read_yaml(recipe_path)
     stages = list(stage_recipes(recipe, recipe_path.parent))
     shared = [s for s in stages if s in args.shared]
-    students = [s for s in stages if s not in shared]
+    students = [s for s in stages if s not in shared and (args.only is None or s in args.only)]
     out = Path(args.out)
     shared_dir = out / "shared"
     summaries: dict[str, dict[int, dict]] = {}
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             if not link.is_symlink():
                 link.symlink_to((shared_dir / name).resolve(), target_is_directory=True)
         overrides = [*args.overrides, *(f"{s}:seed={seed}" for s in students)]
-        result = run_pipeline(recipe, recipe_path.parent, seed_dir, overrides, train_run)
+        only = None if args.only is None else [*shared, *students]
+        result = run_pipeline(recipe, recipe_path.parent, seed_dir, overrides, train_run, only=only)
         for name in students:
             summaries.setdefault(name, {})[seed] = result[name]
     rows = {}

@@ -225,7 +225,13 @@ def rotated_digits():
                     split, images=rotate_images(split.images, angles), targets=angles / 90.0
                 )
             info = dataclasses.replace(
-                base.info, name=name, num_classes=1, class_names=["angle"], task="regression", target_scale=90.0
+                base.info,
+                name=name,
+                num_classes=1,
+                class_names=["angle"],
+                task="regression",
+                target_scale=90.0,
+                target_unit="°",
             )
             return dataclasses.replace(base, train=splits["train"], test=splits["test"], info=info)
 
@@ -310,6 +316,20 @@ def test_cgan_kd_pipeline_end_to_end_regression(tmp_path, rotated_digits):
     saved = torch.load(tmp_path / "run" / "generate" / "generated.pt", weights_only=True)
     assert saved["targets"].dtype == torch.float32 and len(saved["targets"]) == counts["kept"]
     assert math.isfinite(summaries["student"]["final"]["test"]["mae"])
+    # soft relabelling needs class probabilities: refused in one line for a continuous label
+    from kdforge.engine.generate import build_generate_config, generate_run
+
+    soft = build_generate_config(
+        {
+            "generator": str(tmp_path / "run" / "gan"),
+            "teacher": {"checkpoint": str(tmp_path / "run" / "teacher" / "checkpoints" / "model_last.pt")},
+            "samples": 20,
+            "relabel": "soft",
+        }
+    )
+    with pytest.raises(ConfigError, match="relabel: soft needs class labels") as error:
+        generate_run(soft, tmp_path / "soft")
+    assert "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -375,3 +395,77 @@ def test_class_gan_scores_each_fake_with_the_class_it_was_made_for(tmp_path):
         assert real.min() >= -1.0 and real.max() <= 1.0
     finally:
         trainer.lock.release()
+
+
+# ----------------------------------------------------------------------------- soft relabelling
+def test_soft_labels_are_softened_teacher_probabilities():
+    from kdforge.generative.processing import soft_labels
+
+    logits = torch.tensor([[4.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    sharp, soft = soft_labels(logits), soft_labels(logits, temperature=4.0)
+    assert torch.allclose(sharp.sum(1), torch.ones(2)) and torch.allclose(soft.sum(1), torch.ones(2))
+    assert torch.allclose(sharp, logits.softmax(1))
+    assert torch.equal(soft.argmax(1), teacher_labels(logits, classification=True))
+    assert (soft.max(1).values < sharp.max(1).values).all()  # a higher temperature flattens
+
+
+def test_soft_relabelling_pipeline_trains_a_student_on_class_probabilities(tmp_path):
+    from kdforge.cli import train_run
+    from kdforge.config import DataConfig
+    from kdforge.engine.build import build_data
+    from kdforge.engine.pipeline import run_pipeline
+
+    data = {"name": "digits", "augment": False, "train_subset": 300}
+    recipe = _pipeline(data, 200, "none")
+    recipe["pipeline"]["generate"].update(relabel="soft", relabel_temperature=2.0)
+    recipe["pipeline"]["student"].update(method={"name": "ce"})
+    recipe["pipeline"]["student"].pop("teachers")
+    summaries = run_pipeline(recipe, tmp_path, tmp_path / "run", [], train_run)
+    assert "relabel soft (T 2)" in summaries["generate"]["processing"]
+    saved = torch.load(tmp_path / "run" / "generate" / "generated.pt", weights_only=True)
+    kept = summaries["generate"]["counts"]["kept"]
+    assert saved["targets"].shape == (kept, 10) and saved["relabelling"] == "soft"
+    assert torch.allclose(saved["targets"].sum(1), torch.ones(kept), atol=1e-5)
+    assert torch.equal(saved["targets"].argmax(1), saved["labels"])  # labels: the arg-max, for class counts
+    assert float(saved["targets"].max()) < 1.0  # soft, not one-hot
+    mixed = build_data(DataConfig(**data, generated=str(tmp_path / "run" / "generate")))
+    targets = mixed.train.targets
+    assert targets.shape == (300 + kept, 10) and targets.dtype == torch.float32
+    assert torch.equal(targets[:300], torch.nn.functional.one_hot(mixed.train.labels[:300], 10).float())
+    assert mixed.test.targets.dtype == torch.int64  # evaluation stays on real class indices
+    assert summaries["student"]["status"] == "finished"
+    assert math.isfinite(summaries["student"]["final"]["test"]["loss"])
+
+
+# ----------------------------------------------------------------------------- augmentation on angle targets
+def test_horizontal_flip_on_angle_regression_is_refused_in_one_line():
+    from kdforge.config import DataConfig
+    from kdforge.engine.build import build_augmentation
+
+    digits = DATASETS.get("digits")().info
+    angles = dataclasses.replace(digits, name="rotated_mnist", task="regression", num_classes=1, target_unit="°")
+    flip = DataConfig(name="rotated_mnist", augment={"horizontal_flip": True})
+    with pytest.raises(ConfigError, match="horizontal_flip: false") as error:
+        build_augmentation(flip, angles)
+    assert "\n" not in str(error.value) and "angle" in str(error.value)
+    # crops keep the angle; flips are fine for regression targets that are not angles
+    assert build_augmentation(DataConfig(name="rotated_mnist", augment={"crop_padding": 2}), angles).crop_padding == 2
+    ages = dataclasses.replace(angles, name="ages", target_unit="years")
+    assert build_augmentation(flip, ages).horizontal_flip
+    # there is no rotation augmentation to misuse: the key is refused with its neighbours named
+    with pytest.raises(Exception, match="rotation"):
+        DataConfig(name="rotated_mnist", augment={"rotation": 15})
+
+
+def test_rotated_mnist_recipe_with_flips_fails_before_training(tmp_path, rotated_digits):
+    from kdforge.cli import train_run
+    from kdforge.engine.runs import build_any_config
+
+    recipe = {
+        "name": "flip_angles",
+        "data": {"name": rotated_digits, "augment": {"horizontal_flip": True}},
+        "student": {"name": "mlp", "kwargs": {"hidden": [8]}},
+        "train": {"epochs": 1, "progress": "none"},
+    }
+    with pytest.raises(ConfigError, match="angle targets"):
+        train_run(build_any_config(recipe), tmp_path / "run")

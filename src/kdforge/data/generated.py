@@ -1,9 +1,12 @@
 """Generated samples added to a real training split (``data.generated`` in a recipe).
 
 A generation run (``kind: generate``, :mod:`kdforge.engine.generate`) writes ``generated.pt``: uint8
-images, int64 labels and targets, kept and relabelled by a teacher. :func:`add_generated` appends
+images, int64 labels and targets (or, after soft relabelling, N x C class probabilities), kept and
+relabelled by a teacher. :func:`add_generated` appends
 them to the training split after any subset or validation carve, so the test and validation splits
 stay real. Their ``indices`` continue after the source split's (never confused with a real image).
+With soft targets the real training samples' class indices become one-hot rows, so one cross-entropy
+covers both (``F.cross_entropy`` takes class probabilities as targets).
 """
 
 from __future__ import annotations
@@ -58,7 +61,19 @@ def add_generated(splits: DataSplits, path: str | Path) -> DataSplits:
             f"{tuple(train.images.shape[1:])}"
         )
     real_targets = train.targets
-    fake_targets = samples.targets.to(real_targets.dtype)
+    if _soft(samples.targets) and splits.info.task == "classification":
+        # soft relabelling: class probabilities; the real samples' class indices become one-hot rows
+        classes = int(splits.info.num_classes)
+        if samples.targets.shape[1] != classes:
+            raise DataError(
+                f"data.generated: soft targets have {samples.targets.shape[1]} classes but '{splits.info.name}' "
+                f"has {classes}"
+            )
+        if not _soft(real_targets):
+            real_targets = torch.nn.functional.one_hot(real_targets.long(), classes).float()
+        fake_targets = samples.targets.float()
+    else:
+        fake_targets = samples.targets.to(real_targets.dtype)
     if real_targets.dim() != fake_targets.dim():
         fake_targets = fake_targets.reshape(len(fake_targets), *real_targets.shape[1:])
     start = int(train.indices.max()) + 1 if len(train) else 0
@@ -70,3 +85,8 @@ def add_generated(splits: DataSplits, path: str | Path) -> DataSplits:
         targets=torch.cat([real_targets, fake_targets]),
     )
     return dataclasses.replace(splits, train=merged)
+
+
+def _soft(targets: torch.Tensor) -> bool:
+    """Class probabilities (N x C floats) rather than class indices."""
+    return targets.is_floating_point() and targets.dim() == 2

@@ -95,6 +95,10 @@ def input_augmentations(cfg: DataConfig, info: DatasetInfo) -> dict[str, Augment
     return {name: build_augmentation(cfg, extra) for name, extra in info.extra_inputs.items()}
 
 
+#: regression target units that mark an angle (``DatasetInfo.target_unit``): flips would corrupt them
+ANGLE_UNITS = frozenset({"°", "deg", "degree", "degrees", "rad", "radian", "radians"})
+
+
 def build_augmentation(cfg: DataConfig, info: DatasetInfo) -> Augmentation:
     if cfg.augment is True:
         return default_augmentation(info)
@@ -108,6 +112,11 @@ def build_augmentation(cfg: DataConfig, info: DatasetInfo) -> Augmentation:
         raise ConfigError(
             f"data.augment crops or flips the images of '{info.name}' but not their per-pixel labels; set "
             "data.augment: false (or true: normalisation only) for segmentation"
+        )
+    if settings.horizontal_flip and info.task == "regression" and info.target_unit.strip().lower() in ANGLE_UNITS:
+        raise ConfigError(
+            f"data.augment.horizontal_flip mirrors the images of '{info.name}' but not their angle targets "
+            "(a flip turns an angle a into -a); set horizontal_flip: false (crops keep the angle)"
         )
     return Augmentation(
         crop_padding=settings.crop_padding,

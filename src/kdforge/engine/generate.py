@@ -44,6 +44,7 @@ from kdforge.generative.processing import (
     penultimate_features,
     quantile_filter,
     rejection_sample,
+    soft_labels,
     teacher_labels,
     teacher_losses,
 )
@@ -88,7 +89,16 @@ class GenerateConfig(Strict):
     filter: FilterConfig = Field(
         default_factory=lambda: FilterConfig.model_validate({}), description="drop samples the teacher disagrees with"
     )
-    relabel: bool = Field(True, description="replace each kept sample's label by the teacher's prediction")
+    relabel: bool | Literal["hard", "soft"] = Field(
+        True,
+        description="replace each kept sample's label by the teacher's: true or hard: its arg-max class (or its value "
+        "for regression); soft: its softened class probabilities softmax(logits / relabel_temperature) as the "
+        "target (classification; the student's cross-entropy takes them as soft labels); false: keep the "
+        "conditioning label",
+    )
+    relabel_temperature: float = Field(
+        1.0, gt=0.0, description="temperature of soft relabelling (above 1 softens the teacher's probabilities)"
+    )
     batch_size: int = Field(256, ge=1, description="images per generator / teacher forward")
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +150,10 @@ def _generate(config: GenerateConfig, out: Path) -> dict[str, Any]:
     splits = build_data(data_config)
     info = splits.info
     classification = not generator.continuous
+    if config.relabel == "soft" and not classification:
+        raise ConfigError(
+            "relabel: soft needs class labels (the teacher's probabilities); use relabel: true for regression"
+        )
     if classification and info.task != "classification":
         raise ConfigError(f"the generator makes class-conditional samples but '{info.name}' is a {info.task} dataset")
     teacher, _ = build_model(config.teacher, info, "teacher")
@@ -215,12 +229,15 @@ def _generate(config: GenerateConfig, out: Path) -> dict[str, Any]:
     kept = subsampled & passed
 
     # 3. relabelling
+    relabel = "hard" if config.relabel is True else (config.relabel or "none")
     predicted = teacher_labels(outputs, classification)
-    final = predicted if config.relabel else conditioning
+    final = conditioning if relabel == "none" else predicted
     kept_index = kept.nonzero().squeeze(1)
     if classification:
         labels = final[kept_index].long()
         targets = labels
+        if relabel == "soft":  # the teacher's softened probabilities; labels stay its arg-max (class counts)
+            targets = soft_labels(outputs[kept_index], config.relabel_temperature)
         changed = int((predicted[kept_index] != conditioning[kept_index]).sum())
     else:
         targets = final[kept_index].float()
@@ -238,7 +255,8 @@ def _generate(config: GenerateConfig, out: Path) -> dict[str, Any]:
         "labels": labels.clone(),
         "targets": targets.clone(),
         "conditioning": conditioning[kept_index].clone(),
-        "relabelled": bool(config.relabel),
+        "relabelled": relabel != "none",
+        "relabelling": relabel,
     }
     atomic_save(record, out / "generated.pt")
     columns = 10
@@ -262,7 +280,8 @@ def _generate(config: GenerateConfig, out: Path) -> dict[str, Any]:
         "kind": "generate",
         "status": "finished",
         "method": "generate",
-        "processing": f"subsample {method}, filter quantile {quantile}, relabel {str(config.relabel).lower()}",
+        "processing": f"subsample {method}, filter quantile {quantile}, relabel {relabel}"
+        + (f" (T {config.relabel_temperature:g})" if relabel == "soft" else ""),
         "dataset": info.name,
         "seed": config.seed,
         "counts": counts,

@@ -19,7 +19,9 @@
    classification and 0.7 for regression.
 
 3. **Relabelling** replaces each kept sample's label by the teacher's: the arg-max class, or the
-   predicted value.
+   predicted value (hard relabelling, the paper's); or, for classes, by the teacher's probabilities
+   softened at a temperature ``T``, ``softmax(logits / T)`` (soft relabelling, an option beside the
+   paper's: the student's cross-entropy then takes a soft label, as in KD's soft-target term).
 """
 
 from __future__ import annotations
@@ -163,3 +165,10 @@ def teacher_labels(outputs: torch.Tensor, classification: bool) -> torch.Tensor:
     if classification:
         return outputs.argmax(dim=1)
     return outputs.float().reshape(len(outputs), -1)[:, 0]
+
+
+def soft_labels(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The teacher's class probabilities softened at ``temperature``: ``softmax(logits / T)``, N x C float32."""
+    if temperature <= 0:
+        raise ValueError(f"relabel temperature must be positive, got {temperature}")
+    return (logits.float() / temperature).softmax(dim=1)
