@@ -20,6 +20,7 @@ Reported per run: final-epoch rank-1 and mAP (%) on the held-out digits, paramet
 latency (batch 1, one thread, median of 20). One training process at a time.
 
     python benchmarks/retrieval_kdas.py --out runs/bench-retrieval [--seeds 0 1 2] [--parts retrieval search]
+        [--search-seeds 0 1 2] [--objectives ce kd_fixed kd_annealed]
         [--dataset retrieval_cifar10]
 """
 
@@ -116,69 +117,81 @@ def matching_width(parameters: int) -> float:
 
 
 def search_part(args, teacher_file: Path, results: dict) -> None:
-    objectives = {"ce": {}, "kd_fixed": {"temperature": 4.0}, "kd_annealed": {"temperature_start": 10.0}}
-    for objective, extra in objectives.items():
-        recipe = SearchRecipe.model_validate(
-            {
-                "name": f"search-{objective}",
-                "seed": 0,
-                "data": {k: v for k, v in data(args.root, args.subset).items() if k != "sampler"},
-                "teacher": {"checkpoint": str(teacher_file)},
-                "search": {
-                    "objective": objective,
-                    "epochs": args.search_epochs,
-                    "batch_size": 32,
-                    "max_batches": args.search_batches,
-                    "channels": 4,
-                    "layers": 3,
-                    "steps": 3,
-                    "eval_samples": 500,
-                    **extra,
-                },
-                "derived": {"channels": args.derived_channels, "layers": 4},
+    """For each seed in ``--search-seeds``: a search per objective, each genotype trained with annealed
+    KD, and a hand-designed ``embed_cnn`` of the same parameter count as the ``kd_annealed`` genotype
+    (or the first objective's) trained alike. Seed 0 keeps the folders of the first runs."""
+    every = {"ce": {}, "kd_fixed": {"temperature": 4.0}, "kd_annealed": {"temperature_start": 10.0}}
+    objectives = {name: every[name] for name in args.objectives}
+    for seed in args.search_seeds:
+        tag = "" if seed == 0 else f"-seed{seed}"
+        searched: dict[str, int] = {}
+        for objective, extra in objectives.items():
+            recipe = SearchRecipe.model_validate(
+                {
+                    "name": f"search-{objective}{tag}",
+                    "seed": seed,
+                    "data": {k: v for k, v in data(args.root, args.subset).items() if k != "sampler"},
+                    "teacher": {"checkpoint": str(teacher_file)},
+                    "search": {
+                        "objective": objective,
+                        "epochs": args.search_epochs,
+                        "batch_size": 32,
+                        "max_batches": args.search_batches,
+                        "channels": 4,
+                        "layers": 3,
+                        "steps": 3,
+                        "eval_samples": 500,
+                        **extra,
+                    },
+                    "derived": {"channels": args.derived_channels, "layers": 4},
+                }
+            )
+            folder = args.out / "search" / f"{objective}{tag}"
+            done = folder / "search_summary.json"
+            summary = json.loads(done.read_text()) if done.is_file() else run_search(recipe, folder)
+            student = {
+                "name": "darts_net",
+                "kwargs": {"genotype": summary["genotype"], "channels": args.derived_channels, "layers": 4},
             }
-        )
-        folder = args.out / "search" / objective
-        done = folder / "search_summary.json"
-        summary = json.loads(done.read_text()) if done.is_file() else run_search(recipe, folder)
-        student = {
-            "name": "darts_net",
-            "kwargs": {"genotype": summary["genotype"], "channels": args.derived_channels, "layers": 4},
-        }
-        label = f"searched (search objective {objective}) + annealed KD"
+            label = f"searched (search objective {objective}) + annealed KD"
+            row = run(
+                {
+                    "name": f"{label}{tag}",
+                    "seed": seed,
+                    "data": data(args.root, args.subset),
+                    "student": student,
+                    "teachers": [{"checkpoint": str(teacher_file)}],
+                    "method": {"name": "kd", "temperature": ANNEALED},
+                    "train": {**train_settings(args.epochs), "grad_clip": args.grad_clip},
+                },
+                args.out / "search" / f"train-{objective}-clip{args.grad_clip:g}{tag}",
+            )
+            row["search_seconds"] = summary["search_seconds"]
+            row["genotype"] = summary["genotype"]
+            row["seed"] = seed
+            searched[objective] = row["parameters"]
+            results.setdefault(label, []).append(row)
+            print(
+                f"{label} seed {seed}: rank-1 {row['rank1']:.2f} mAP {row['map']:.2f}, {row['parameters']:,} parameters"
+            )
+        reference = "kd_annealed" if "kd_annealed" in searched else next(iter(searched))
+        width = matching_width(searched[reference])
+        label = f"hand-designed embed_cnn (width matched to the {reference} genotype) + annealed KD"
         row = run(
             {
-                "name": label,
-                "seed": 0,
+                "name": f"hand{tag}",
+                "seed": seed,
                 "data": data(args.root, args.subset),
-                "student": student,
+                "student": {"name": "embed_cnn", "kwargs": {"width": width, "dim": 32}},
                 "teachers": [{"checkpoint": str(teacher_file)}],
                 "method": {"name": "kd", "temperature": ANNEALED},
                 "train": {**train_settings(args.epochs), "grad_clip": args.grad_clip},
             },
-            args.out / "search" / f"train-{objective}-clip{args.grad_clip:g}",
+            args.out / "search" / f"train-hand-clip{args.grad_clip:g}{tag}",
         )
-        row["search_seconds"] = summary["search_seconds"]
-        row["genotype"] = summary["genotype"]
-        results[label] = [row]
-        print(f"{label}: rank-1 {row['rank1']:.2f} mAP {row['map']:.2f}, {row['parameters']:,} parameters")
-    searched = results["searched (search objective kd_annealed) + annealed KD"][0]["parameters"]
-    width = matching_width(searched)
-    label = f"hand-designed embed_cnn (width {width}) + annealed KD"
-    row = run(
-        {
-            "name": "hand",
-            "seed": 0,
-            "data": data(args.root, args.subset),
-            "student": {"name": "embed_cnn", "kwargs": {"width": width, "dim": 32}},
-            "teachers": [{"checkpoint": str(teacher_file)}],
-            "method": {"name": "kd", "temperature": ANNEALED},
-            "train": {**train_settings(args.epochs), "grad_clip": args.grad_clip},
-        },
-        args.out / "search" / f"train-hand-clip{args.grad_clip:g}",
-    )
-    results[label] = [row]
-    print(f"{label}: rank-1 {row['rank1']:.2f} mAP {row['map']:.2f}, {row['parameters']:,} parameters")
+        row["width"], row["seed"] = width, seed
+        results.setdefault(label, []).append(row)
+        print(f"{label} seed {seed} (width {width}): rank-1 {row['rank1']:.2f} mAP {row['map']:.2f}")
 
 
 def table(results: dict) -> str:
@@ -216,6 +229,10 @@ def main() -> None:
         "--grad-clip", type=float, default=5.0, help="gradient-norm clip when training the searched and hand students"
     )
     parser.add_argument("--parts", nargs="+", choices=["retrieval", "search"], default=["retrieval", "search"])
+    parser.add_argument("--search-seeds", type=int, nargs="+", default=[0], help="seeds of the search part")
+    parser.add_argument(
+        "--objectives", nargs="+", choices=["ce", "kd_fixed", "kd_annealed"], default=["ce", "kd_fixed", "kd_annealed"]
+    )
     args = parser.parse_args()
     DATASET.update(name=args.dataset, input=(1, 28, 28) if args.dataset == "retrieval_mnist" else (3, 32, 32))
     logging.getLogger("lightning").setLevel(logging.ERROR)
