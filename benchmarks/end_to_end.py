@@ -124,6 +124,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--subset", type=int, default=5000, help="training images (class-balanced)")
     parser.add_argument("--methods", default="", help="comma-separated further methods to run live (e.g. fitnet,crd)")
+    parser.add_argument(
+        "--system-allocator",
+        action="store_true",
+        help="also run the student alone and live KD with train.allocator: system (glibc's defaults)",
+    )
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     if not (Path(args.root) / "cifar-10-batches-py").is_dir():
@@ -138,6 +143,11 @@ def main() -> None:
             "kd live": recipe(args.root, args.subset, args.epochs, kd, True, None),
             "kd banked": recipe(args.root, args.subset, args.epochs, kd, True, bank_dir),
         }
+        if args.system_allocator:  # the same runs with glibc's allocator as it comes (train.allocator: system)
+            for name in ("student alone", "kd live"):
+                system = json.loads(json.dumps(variants[name]))
+                system["train"]["allocator"] = "system"
+                variants[f"{name}, allocator system"] = system
         for name in filter(None, args.methods.split(",")):
             variants[f"{name} live"] = recipe(args.root, args.subset, args.epochs, {"name": name}, True, None)
 

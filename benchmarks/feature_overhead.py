@@ -57,7 +57,9 @@ def _taps_of(distiller, network) -> list[str]:
     return names
 
 
-def method_step(name: str, teacher_name: str, student_name: str, classes: int, batch: Batch, shape, defaults=False):
+def method_step(
+    name: str, teacher_name: str, student_name: str, classes: int, batch: Batch, shape, defaults=False, compiled=False
+):
     """The method's full step; ``defaults``: as ``kdforge train`` runs it (teacher BatchNorm folded,
     networks and images channels_last)."""
     torch.manual_seed(0)
@@ -81,6 +83,8 @@ def method_step(name: str, teacher_name: str, student_name: str, classes: int, b
             targets=batch.targets,
             index=batch.index,
         )
+    if compiled:  # as train.compile does for a long run: the student compiled in place
+        student.compile()
     optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     step = Step(epoch=30, epochs=240, global_step=1000, total_steps=100_000)
 
@@ -174,6 +178,11 @@ def main() -> None:
     parser.add_argument("--mdistiller", help="path of an mdistiller checkout (optional)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time the defaults with the student compiled (train.compile's choice for long runs; slow warm-up)",
+    )
+    parser.add_argument(
         "--allocator",
         choices=("auto", "system"),
         default="auto",
@@ -198,26 +207,32 @@ def main() -> None:
         runs[name] = {
             "kdforge": step,
             "defaults": defaults_step,
+            **(
+                {"compiled": method_step(name, args.teacher, args.student, args.classes, batch, shape, True, True)[0]}
+                if args.compiled
+                else {}
+            ),
             "limit": limit_step(args.teacher, args.student, args.classes, batch, s_taps, t_taps),
             "taps": (s_taps, t_taps),
         }
         other = mdistiller_step(name, args.mdistiller, args.teacher, args.student, args.classes, batch)
         if other is not None:
             runs[name]["mdistiller"] = other
-        for key in ("kdforge", "defaults", "limit", "mdistiller"):
+        for key in ("kdforge", "defaults", "compiled", "limit", "mdistiller"):
             if key in runs[name]:
                 runs[name][key]()  # warm-up (lazy buffers, CRD's normaliser)
     times: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):
         for name, variants in runs.items():
-            for key in ("kdforge", "defaults", "limit", "mdistiller"):
+            for key in ("kdforge", "defaults", "compiled", "limit", "mdistiller"):
                 if key in variants:
                     times.setdefault((name, key), []).append(cpu_seconds(variants[key], args.repeats))
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     rows = [
         "| method | taps (student / teacher) | kdforge ms | limit ms | kdforge / limit | mdistiller ms "
-        "| kdforge / mdistiller | kdforge defaults ms | defaults / mdistiller |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kdforge / mdistiller | kdforge defaults ms | defaults / mdistiller |"
+        + (" defaults + compiled student ms | compiled / mdistiller |" if args.compiled else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compiled else ""),
     ]
     for name, variants in runs.items():
         ours = 1000 * statistics.median(times[(name, "kdforge")])
@@ -230,6 +245,14 @@ def main() -> None:
             other = f"{theirs:.0f} | {ours / theirs:.2f} | {fast:.0f} | {fast / theirs:.2f}"
         else:
             other = f"- | - | {fast:.0f} | -"
+        if (name, "compiled") in times:
+            compiled = 1000 * statistics.median(times[(name, "compiled")])
+            theirs_text = (
+                f"{compiled / (1000 * statistics.median(times[(name, 'mdistiller')])):.2f}"
+                if (name, "mdistiller") in times
+                else "-"
+            )
+            other += f" {compiled:.0f} | {theirs_text} |"
         rows.append(f"| {name} | {taps} | {ours:.0f} | {limit:.0f} | {ours / limit:.2f} | {other} |")
     note = (
         f"{args.teacher} -> {args.student}, {args.classes} classes, batch {args.batch_size}, 1 thread, thread CPU "
