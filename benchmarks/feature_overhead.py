@@ -252,7 +252,7 @@ def main() -> None:
                 if (name, "mdistiller") in times
                 else "-"
             )
-            other += f" {compiled:.0f} | {theirs_text} |"
+            other += f" | {compiled:.0f} | {theirs_text}"
         rows.append(f"| {name} | {taps} | {ours:.0f} | {limit:.0f} | {ours / limit:.2f} | {other} |")
     note = (
         f"{args.teacher} -> {args.student}, {args.classes} classes, batch {args.batch_size}, 1 thread, thread CPU "
