@@ -72,3 +72,38 @@ def test_pixel_weight_is_refused_off_dense_tasks_and_background_weight_alone():
     lonely = METHODS.get("kd")(_Fixed(STUDENT), [_Fixed(TEACHER)], {"background_weight": 0.5})
     with pytest.raises(ValueError, match="background_weight only acts with pixel_weight: foreground"):
         lonely.use_task(task_for(SEG_INFO))
+
+
+def test_growing_ta_foreground_pixel_weight_weights_both_kl_terms():
+    from kdforge.models import create
+
+    torch.manual_seed(0)
+    student = create("unet2d", num_classes=3, in_channels=1, base=2, depth=2)
+    teacher = create("unet2d", num_classes=3, in_channels=1, base=4, depth=2).eval()
+    params = {"temperature": 2.0, "kd_weight": 1.0, "ce_weight": 1.0, "pixel_weight": "foreground"}
+    method = METHODS.get("growing_ta")(student, [teacher], {**params, "background_weight": 0.2})
+    method.use_task(task_for(SEG_INFO))
+    x = torch.randn(2, 1, 8, 8)
+    labels = torch.zeros(2, 8, 8, dtype=torch.int64)
+    labels[0, 2:4, 2:5] = 1
+    labels[1, 5:7, 1:3] = 2
+    out = method(batch_of(x, y=labels), Step(0, 1, 0, 1))
+    with torch.no_grad():
+        z_s, z_a, z_t = (net(x).movedim(1, -1).reshape(-1, 3) for net in (student, method.ta, teacher))
+    fg = (labels.reshape(-1) > 0) | (z_t.argmax(-1) > 0)
+    w = torch.where(fg, 1.0, 0.2)
+
+    def weighted(s, t):
+        pt = F.softmax(t / 2.0, -1)
+        kl = 4.0 * (pt * (pt.log() - F.log_softmax(s / 2.0, -1))).sum(-1)
+        return float((w * kl).sum() / w.sum()), float(kl.mean())
+
+    expected_kd, plain_kd = weighted(z_s, z_a)
+    expected_ta, _ = weighted(z_a, z_t)
+    assert float(out.losses["kd"].detach()) == pytest.approx(expected_kd, rel=1e-4)
+    assert float(out.losses["ta_kd"].detach()) == pytest.approx(expected_ta, rel=1e-4)
+    assert expected_kd != pytest.approx(plain_kd, rel=1e-3)
+    with pytest.raises(ValueError, match="pixel_weight 'foreground'.*classification"):
+        METHODS.get("growing_ta")(
+            create("resnet8", num_classes=3), [create("resnet8", num_classes=3).eval()], params
+        ).use_task(task_for(CLS_INFO))

@@ -71,6 +71,7 @@ from kdforge.methods.losses import (
     foreground_weights,
     location_targets,
     soft_kl,
+    weighted_location_mean,
 )
 
 #: KD parameters that act on class probabilities: meaningless for a regression teacher's outputs
@@ -176,10 +177,10 @@ class SoftTargetDistiller(Distiller):
         if p.pixel_weight == "foreground":  # dense tasks only (use_task refuses it elsewhere)
             rows_labelled = None if labelled is None else labelled.repeat_interleave(len(rows) // len(labelled))
             weights = foreground_weights(plain_probs.argmax(-1), targets, p.background_weight, rows_labelled)
-            kd_term = (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
             metrics["foreground_fraction"] = (weights == 1.0).float().mean()
         else:
-            kd_term = per_sample.mean()
+            weights = None
+        kd_term = weighted_location_mean(per_sample, weights)
         losses = {"kd": kd_weight * kd_term}
         if ce_weight:
             options = {"dice_weight": p.dice_weight} if p.dice_weight else {}

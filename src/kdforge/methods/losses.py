@@ -76,6 +76,13 @@ def foreground_weights(
     return torch.where(foreground, 1.0, float(background_weight))
 
 
+def weighted_location_mean(per_row: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``per_row`` averaged over rows: the plain mean, or ``sum(w * x) / sum(w)`` with ``weights``."""
+    if weights is None:
+        return per_row.mean()
+    return (per_row * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
 def check_dice_weight(method: str, dice_weight: float, task_name: str) -> None:
     """A one-line ValueError when a Dice term is asked of a task without label maps."""
     if dice_weight and task_name != "segmentation":
