@@ -13,6 +13,8 @@ the per-pixel KL is averaged:
   both call background weigh ``background_weight`` 0.1, all others 1) at T = 4 / 2 / 1;
 * ``fgc_T4``: ``fg_T4`` distilling only the pixels the teacher classifies correctly
   (``select: correct``).
+* ``growing_ta`` / ``growing_ta_fg_T4``: ``segmentation_kd.py``'s growing teacher assistant (base 16,
+  depth 2, grown from the student's width in 3 steps) with the plain / foreground-weighted KL, T = 4.
 
     python benchmarks/segmentation_pixel_kd.py --variants alone kd fg_T4 --seeds 0 1 2 [--record]
 
@@ -34,6 +36,15 @@ from kdforge.engine.trainer import Trainer
 ROOT = Path(__file__).resolve().parent
 KD = {"name": "kd", "ce_weight": 0.5, "kd_weight": 0.5, "dice_weight": 1.0}
 FOREGROUND = {"pixel_weight": "foreground", "background_weight": 0.1}
+#: segmentation_kd.py's growing TA: unet2d base 16, depth 2, grown from the student's width in 3 steps
+GROWING = {
+    "name": "growing_ta",
+    "ce_weight": 0.5,
+    "kd_weight": 0.5,
+    "dice_weight": 1.0,
+    "ta": {"name": "unet2d", "kwargs": {"base": 16, "depth": 2}},
+    "grow_epochs": 3,
+}
 VARIANTS: dict[str, dict | None] = {
     "alone": None,
     "kd": {**KD, "temperature": 4.0},
@@ -42,6 +53,8 @@ VARIANTS: dict[str, dict | None] = {
     "fg_T2": {**KD, "temperature": 2.0, **FOREGROUND},
     "fg_T1": {**KD, "temperature": 1.0, **FOREGROUND},
     "fgc_T4": {**KD, "temperature": 4.0, **FOREGROUND, "select": "correct"},
+    "growing_ta": {**GROWING, "temperature": 4.0},
+    "growing_ta_fg_T4": {**GROWING, "temperature": 4.0, **FOREGROUND},
 }
 
 
