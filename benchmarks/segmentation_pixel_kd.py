@@ -19,7 +19,7 @@ the per-pixel KL is averaged:
     python benchmarks/segmentation_pixel_kd.py --variants alone kd fg_T4 --seeds 0 1 2 [--record]
 
 Runs are sequential (``OMP_NUM_THREADS=1`` recommended); finished runs under ``--work`` (one folder
-``<variant>_s<seed>`` each) are reused, and ``--table-only`` tabulates them without training.
+``<variant>_s<seed>`` each, status "finished") are reused, and ``--table-only`` tabulates them without training.
 """
 
 from __future__ import annotations
@@ -81,6 +81,11 @@ def recipe(variant: str, seed: int, args) -> dict:
     }
 
 
+def finished(summary: Path) -> bool:
+    """A run counts once its summary says it finished (a running or failed run writes one too)."""
+    return summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
+
+
 def spread(values: list[float]) -> str:
     return f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
 
@@ -101,7 +106,7 @@ def main() -> None:
         for seed in args.seeds:
             out = Path(args.work) / f"{variant}_s{seed}"
             summary = out / "summary.json"
-            if not summary.is_file():
+            if not finished(summary):
                 if args.table_only:
                     continue
                 started = time.time()
