@@ -30,7 +30,9 @@ std on the conv rows; every conv column and classifier column that reads a new c
 The TA's output is therefore unchanged at the moment of growth, in eval and in train mode.
 
 **Segmentation.** On segmentation data the CE terms are per-pixel (per-voxel) CE plus
-``dice_weight`` x soft Dice, and each KL is taken per location and averaged over locations. The
+``dice_weight`` x soft Dice, and each KL is taken per location and averaged over locations
+(``pixel_weight: foreground``: a weighted mean, weight 1 where the label or the teacher's argmax is
+not background, ``background_weight`` elsewhere, for both KL terms, as in ``kd``). The
 assistant may be a U-Net (``unet2d``/``unet3d``): its conv-BN pairs are grown as above and, since
 decoder convolutions read concatenations [upsampled, skip], the reading columns of new channels are
 zeroed per input segment (``input_segments``).
@@ -57,7 +59,14 @@ from torch import Tensor, nn
 from kdforge.core.errors import ConfigError
 from kdforge.data.batch import Batch
 from kdforge.methods.base import METHODS, Distiller, MethodParams, Output, Step
-from kdforge.methods.losses import check_dice_weight, class_last, kd_loss
+from kdforge.methods.losses import (
+    check_dice_weight,
+    class_last,
+    foreground_weights,
+    kd_loss,
+    location_targets,
+    weighted_location_mean,
+)
 from kdforge.models import create
 from kdforge.models.branches import fresh_copy
 from kdforge.models.cifar_resnet import CifarResNet
@@ -95,6 +104,10 @@ class GrowingTAParams(MethodParams):
     reduction: Literal["batchmean", "elementmean"] = "batchmean"
     #: segmentation only: weight of a soft Dice loss added to the CE of the student and the TA
     dice_weight: float = Field(0.0, ge=0.0)
+    #: segmentation only: ``foreground`` averages both KL terms over pixels with weight 1 where the
+    #: label or the teacher's argmax is not background (class 0), ``background_weight`` elsewhere
+    pixel_weight: Literal["uniform", "foreground"] = "uniform"
+    background_weight: float = Field(0.1, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _student_learns(self) -> GrowingTAParams:
@@ -304,22 +317,46 @@ class GrowingTeacherAssistant(Distiller):
         (teacher_logits,) = self.teacher_logits(batch)
         ta_logits = self.ta(batch.image)
         logits = self.student(batch.image)
-        T = p.temperature
         options = {"dice_weight": p.dice_weight} if p.dice_weight else {}
         rows, ta_rows, teacher_rows = class_last(logits), class_last(ta_logits), class_last(teacher_logits)
+        weights = None
+        if p.pixel_weight == "foreground":  # segmentation only (use_task refuses it elsewhere)
+            labels = location_targets(batch.targets, logits)
+            weights = foreground_weights(teacher_rows.argmax(-1), labels, p.background_weight)
         terms = {  # segmentation: the KL per pixel/voxel (class_last rows), averaged over locations
             "ta_ce": (ta_ce, lambda: self.supervised_loss(ta_logits, batch.targets, **options)),
-            "ta_kd": (ta_kd, lambda: kd_loss(ta_rows, teacher_rows, T, p.reduction)),
+            "ta_kd": (ta_kd, lambda: self._pixel_kl(ta_rows, teacher_rows, batch, weights)),
             "ce": (p.ce_weight, lambda: self.supervised_loss(logits, batch.targets, **options)),
-            "kd": (p.kd_weight, lambda: kd_loss(rows, ta_rows.detach(), T, p.reduction)),
+            "kd": (p.kd_weight, lambda: self._pixel_kl(rows, ta_rows.detach(), batch, weights)),
         }
         losses = {name: weight * term() for name, (weight, term) in terms.items() if weight}
         steps = len(self.schedule(step.epochs))
         metrics = {"ta_active_fraction": self.fraction_after(int(self.growths), steps)}
         return Output(logits, losses, metrics)
 
+    def _pixel_kl(self, rows, target_rows, batch: Batch, weights: torch.Tensor | None) -> torch.Tensor:
+        """``T^2 KL`` per row (pixel/voxel, or sample), averaged plainly or with ``weights``."""
+        p: GrowingTAParams = self.params  # type: ignore[assignment]
+        if weights is None:
+            return kd_loss(rows, target_rows, p.temperature, p.reduction)
+        per_row = kd_loss(rows, target_rows, p.temperature, "none")
+        if p.reduction == "elementmean":
+            per_row = per_row / rows.shape[-1]
+        return weighted_location_mean(per_row, weights)
+
     def use_task(self, task) -> None:
-        check_dice_weight("growing_ta", self.params.dice_weight, task.name)  # type: ignore[attr-defined]
+        p: GrowingTAParams = self.params  # type: ignore[assignment]
+        check_dice_weight("growing_ta", p.dice_weight, task.name)
+        if p.pixel_weight != "uniform" and task.name != "segmentation":
+            raise ValueError(
+                f"method 'growing_ta': pixel_weight '{p.pixel_weight}' weights the KL of a dense (segmentation) "
+                f"task's pixels; the {task.name} task has one prediction per sample: remove it"
+            )
+        if "background_weight" in p.model_fields_set and p.pixel_weight == "uniform":
+            raise ValueError(
+                "method 'growing_ta': background_weight only acts with pixel_weight: foreground; "
+                "set that too or remove background_weight"
+            )
         super().use_task(task)
 
     def evaluation_models(self) -> dict[str, nn.Module]:

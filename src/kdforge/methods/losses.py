@@ -59,6 +59,30 @@ def location_targets(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
     return targets if logits.dim() <= 2 else targets.reshape(-1)
 
 
+def foreground_weights(
+    teacher_classes: torch.Tensor,
+    label_rows: torch.Tensor,
+    background_weight: float,
+    labelled_rows: torch.Tensor | None = None,
+    background: int = 0,
+) -> torch.Tensor:
+    """Per-location weights for a dense KD term: 1 where the teacher's argmax class or the label is
+    not ``background`` (labels count only where ``labelled_rows`` is True), ``background_weight``
+    elsewhere. Inputs are one value per row of ``class_last(logits)``."""
+    label_foreground = label_rows != background
+    if labelled_rows is not None:
+        label_foreground = label_foreground & labelled_rows
+    foreground = (teacher_classes != background) | label_foreground
+    return torch.where(foreground, 1.0, float(background_weight))
+
+
+def weighted_location_mean(per_row: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``per_row`` averaged over rows: the plain mean, or ``sum(w * x) / sum(w)`` with ``weights``."""
+    if weights is None:
+        return per_row.mean()
+    return (per_row * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
 def check_dice_weight(method: str, dice_weight: float, task_name: str) -> None:
     """A one-line ValueError when a Dice term is asked of a task without label maps."""
     if dice_weight and task_name != "segmentation":
