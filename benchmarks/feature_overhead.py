@@ -40,6 +40,7 @@ from kdforge.core.allocator import tune_allocator
 from kdforge.data.batch import Batch
 from kdforge.methods import METHODS, Step
 from kdforge.models import FeatureTap, create
+from kdforge.models.precision import run_in_bfloat16
 
 HERE = Path(__file__).resolve().parent
 NUM_SAMPLES = 10_000
@@ -58,7 +59,15 @@ def _taps_of(distiller, network) -> list[str]:
 
 
 def method_step(
-    name: str, teacher_name: str, student_name: str, classes: int, batch: Batch, shape, defaults=False, compiled=False
+    name: str,
+    teacher_name: str,
+    student_name: str,
+    classes: int,
+    batch: Batch,
+    shape,
+    defaults=False,
+    compiled=False,
+    teacher_bf16=False,
 ):
     """The method's full step; ``defaults``: as ``kdforge train`` runs it (teacher BatchNorm folded,
     networks and images channels_last)."""
@@ -83,6 +92,8 @@ def method_step(
             targets=batch.targets,
             index=batch.index,
         )
+    if teacher_bf16:  # train.teacher_precision: bf16
+        run_in_bfloat16(teacher, "cpu")
     if compiled:  # as train.compile does for a long run: the student compiled in place
         student.compile()
     optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
@@ -178,6 +189,11 @@ def main() -> None:
     parser.add_argument("--mdistiller", help="path of an mdistiller checkout (optional)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument(
+        "--teacher-bf16",
+        action="store_true",
+        help="the 'kdforge defaults' column with train.teacher_precision: bf16 (teacher forward in bfloat16)",
+    )
+    parser.add_argument(
         "--compiled",
         action="store_true",
         help="also time the defaults with the student compiled (train.compile's choice for long runs; slow warm-up)",
@@ -203,7 +219,9 @@ def main() -> None:
     runs: dict[str, dict[str, object]] = {}
     for name in args.methods.split(","):
         step, s_taps, t_taps = method_step(name, args.teacher, args.student, args.classes, batch, shape)
-        defaults_step, _, _ = method_step(name, args.teacher, args.student, args.classes, batch, shape, defaults=True)
+        defaults_step, _, _ = method_step(
+            name, args.teacher, args.student, args.classes, batch, shape, defaults=True, teacher_bf16=args.teacher_bf16
+        )
         runs[name] = {
             "kdforge": step,
             "defaults": defaults_step,
@@ -258,6 +276,7 @@ def main() -> None:
         f"{args.teacher} -> {args.student}, {args.classes} classes, batch {args.batch_size}, 1 thread, thread CPU "
         f"time, median of {args.rounds} interleaved rounds x {args.repeats} steps, torch {torch.__version__}, "
         f"allocator {args.allocator} ({'tuned' if allocator['tuned'] else 'as the system has it'})"
+        + ("; 'kdforge defaults' with the teacher's forward in bfloat16" if args.teacher_bf16 else "")
     )
     table = "\n".join([note, "", *rows])
     print(table)

@@ -68,6 +68,7 @@ from kdforge.engine.probe import compile_decision, estimated_step_seconds, has_c
 from kdforge.engine.record import device_description, run_record
 from kdforge.engine.runtime import LocalRuntime, local_runtime_applies
 from kdforge.methods import Distiller, Output, Step
+from kdforge.models.precision import run_in_bfloat16
 from kdforge.models.profile import count_flops
 
 Callback = Callable[["Trainer", int, dict[str, Any]], None]
@@ -244,6 +245,26 @@ class Trainer:
             self.teacher_folding = fold_frozen_teachers(
                 list(distiller.teachers), trained=_non_teacher_parameters(distiller)
             )
+        self.teacher_precision = None
+        if config.train.teacher_precision == "bf16" and len(distiller.teachers):
+            # frozen teachers only (as for BatchNorm folding): a network that keeps training stays float32
+            shared = {id(p) for p in _non_teacher_parameters(distiller)}
+            frozen = [
+                t
+                for t in distiller.teachers
+                if not t.training and not any(p.requires_grad or id(p) in shared for p in t.parameters())
+            ]
+            for teacher in frozen:
+                run_in_bfloat16(teacher, fabric.device.type)
+            self.teacher_precision = {
+                "precision": "bf16",
+                "teachers": len(frozen),
+                **(
+                    {"left_float32": len(distiller.teachers) - len(frozen)}
+                    if len(frozen) < len(distiller.teachers)
+                    else {}
+                ),
+            }
 
         augmentation = build_augmentation(config.data, self.info)
         self._on_device: dict[int, Any] = {}
@@ -927,6 +948,7 @@ class Trainer:
             **({"teacher_bn_folding": self.teacher_folding} if self.teacher_folding else {}),
             "memory_format": self.memory_format,
             "compile": getattr(self, "compilation", None),
+            **({"teacher_precision": tp} if (tp := getattr(self, "teacher_precision", None)) else {}),
             "allocator": getattr(self, "allocator", None),
             "data_on_device": getattr(self, "data_on_device", None),
             **({"method_summary": extra} if (extra := self.distiller.summary_metrics()) else {}),

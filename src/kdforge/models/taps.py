@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from kdforge.core.errors import ConfigError, closest
+from kdforge.models.precision import to_float32
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -127,7 +128,8 @@ class FeatureTap:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if module is not target:
                 return
-            value = _detach(output) if self.detach else output
+            # detached (teacher) features in float32 even from a bfloat16 forward (models/precision.py)
+            value = to_float32(_detach(output)) if self.detach else output
             for key in keys:
                 self.features[key] = value
 
