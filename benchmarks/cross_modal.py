@@ -61,6 +61,7 @@ SENSOR_VARIANTS: dict[str, dict[str, Any]] = {
     "annealed_cos": {"method": {"name": "modality_kd", "kd_weight": {"kind": "cosine", "start": 0.95, "end": 0.1}}},
     "annealed_step": {"method": {"name": "modality_kd", "kd_weight": {"kind": "step", "start": 0.95, "end": 0.1}}},
     "kd+unlabelled": {"method": {"name": "modality_kd", "kd_weight": 0.9}, "unlabelled": True},
+    "kd_alpha0.5": {"method": {"name": "modality_kd", "kd_weight": 0.5}},  # a mid constant alpha
 }
 DEFAULT_VARIANTS = ["alone", "kd", "annealed", "selective", "annealed+unlabelled"]
 # dataset -> (default sensor model, student network, teacher network)
