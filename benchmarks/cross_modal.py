@@ -24,6 +24,9 @@ input; for each direction (audio -> image: LeNet student on images; image -> aud
 0.5 on spectrograms) the student is trained alone, by cross-modal KD, by CRD across modalities and by
 CCL, all on the full 2,700 labels (``--av-epochs``, default 20; Adam 1e-3, cosine, batch 64; CCL drops
 each epoch's partial last batch, whose contrastive softmax would run over 12 samples).
+``--av-methods`` and ``--av-directions`` run a subset (cells already in results.json are kept);
+``--av-audio-width`` changes the audio student's width (its runs and results key get a ``_w<width>``
+suffix, e.g. ``av_w1``).
 
 Runs go to --out (default runs/bench_cross_modal); finished runs are reused. Results print as
 markdown tables (mean +- std over the seeds) and are written to --out/results.json; ``--plot`` draws
@@ -32,6 +35,8 @@ the label curve.
     python benchmarks/cross_modal.py --part sensor --seeds 0 1 2
     python benchmarks/cross_modal.py --part sensor --dataset cifar10 --root data --steps 1000 --labels 10 100
     python benchmarks/cross_modal.py --part av --seeds 0 1 2
+    python benchmarks/cross_modal.py --part av --seeds 0 1 2 3 4 --av-directions 'image->audio' \
+        --av-methods alone ccl --av-audio-width 1
 """
 
 from __future__ import annotations
@@ -189,6 +194,10 @@ def sensor_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- audio <-> image
+AV_METHODS = ("alone", "kd", "crd", "ccl")
+AV_DIRECTIONS = ("audio->image", "image->audio")
+
+
 def av_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     data = {"name": "av_mnist", "root": args.root, "options": {"audio_root": args.fsdd_root}}
     epochs = args.av_epochs
@@ -196,14 +205,20 @@ def av_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "audio": ({"name": "audio_cnn", "input": "audio"}, out / "av" / "audio_teacher"),
         "image": ({"name": "lenet", "kwargs": {"width": 2}, "input": "image"}, out / "av" / "image_teacher"),
     }
-    results: dict[str, Any] = {"teachers": {}, "cells": {}}
+    width = args.av_audio_width
+    # runs with a non-default audio student width live beside the default ones, under their own names
+    suffix = "" if width == 0.5 else f"_w{width:g}"
+    # cells of methods, directions or seeds not run this time are kept from earlier invocations
+    path = out / "results.json"
+    earlier = json.loads(path.read_text()).get("av" + suffix, {}) if path.is_file() else {}
+    results: dict[str, Any] = {"teachers": {}, "cells": dict(earlier.get("cells", {}))}
     for modality, (network, run) in teachers.items():
         results["teachers"][modality] = top1(
             train(run_config(f"av_{modality}_teacher", data, network, {"name": "ce"}, epochs, 64, 0), run)
         )
     students = {
         "audio->image": ({"name": "lenet", "input": "image"}, "audio", 0.5),
-        "image->audio": ({"name": "audio_cnn", "kwargs": {"width": 0.5}, "input": "audio"}, "image", 0.1),
+        "image->audio": ({"name": "audio_cnn", "kwargs": {"width": width}, "input": "audio"}, "image", 0.1),
     }
     methods = {
         "alone": {"name": "ce"},
@@ -212,19 +227,24 @@ def av_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "ccl": {"name": "ccl"},
     }
     for direction, (student, teacher_input, tau) in students.items():
+        if direction not in args.av_directions:
+            continue
+        tag = direction.replace("->", "_to_") + (suffix if direction == "image->audio" else "")
         checkpoint = str(teachers[teacher_input][1] / "checkpoints" / "model_last.pt")
         for method_name, method in methods.items():
+            if method_name not in args.av_methods:
+                continue
             if method_name == "ccl":
                 method = {**method, "nce_temperature": tau}
             scores = []
             for seed in args.seeds:
                 teacher = [] if method_name == "alone" else [{"checkpoint": checkpoint, "input": teacher_input}]
-                name = f"av_{direction.replace('->', '_to_')}_{method_name}_s{seed}"
-                run = out / "av" / f"{direction.replace('->', '_to_')}_{method_name}" / f"seed{seed}"
+                name = f"av_{tag}_{method_name}_s{seed}"
+                run = out / "av" / f"{tag}_{method_name}" / f"seed{seed}"
                 scores.append(top1(train(run_config(name, data, student, method, epochs, 64, seed, teacher), run)))
                 print(f"av {direction} {method_name:6s} seed {seed}: {scores[-1]:.2f}", flush=True)
             results["cells"][f"{direction}|{method_name}"] = scores
-            write(out, "av", results)
+            write(out, "av" + suffix, results)
     return results
 
 
@@ -306,6 +326,11 @@ def main() -> None:
         "benchmarks/teachers/cifar10_resnet20.pt for cifar10)",
     )
     parser.add_argument("--av-epochs", type=int, default=20)
+    parser.add_argument("--av-methods", nargs="+", default=list(AV_METHODS), choices=list(AV_METHODS))
+    parser.add_argument("--av-directions", nargs="+", default=list(AV_DIRECTIONS), choices=list(AV_DIRECTIONS))
+    parser.add_argument(
+        "--av-audio-width", type=float, default=0.5, help="image->audio student's audio_cnn width (0.5: 6.6k params)"
+    )
     parser.add_argument("--mnist-root", "--root", dest="root", default=MNIST_ROOT, help="MNIST / CIFAR-10 folder")
     parser.add_argument("--fsdd-root", default=FSDD_ROOT)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_cross_modal"))
