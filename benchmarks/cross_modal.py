@@ -283,7 +283,7 @@ def av_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path, title: str) -> None:
+def plot(results: dict[str, Any], path: Path, title: str, variants: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,6 +292,8 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
     cells = results["cells"]
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     for variant in SENSOR_VARIANTS:
+        if variant not in variants:
+            continue
         points = sorted((int(k.split("|")[1]), v) for k, v in cells.items() if k.startswith(f"{variant}|"))
         if not points:
             continue
@@ -334,7 +336,9 @@ def main() -> None:
     parser.add_argument("--mnist-root", "--root", dest="root", default=MNIST_ROOT, help="MNIST / CIFAR-10 folder")
     parser.add_argument("--fsdd-root", default=FSDD_ROOT)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_cross_modal"))
-    parser.add_argument("--plot", type=Path, help="write the label curve here (png)")
+    parser.add_argument(
+        "--plot", type=Path, help="write the label curve (png): --variants at every label count in results.json"
+    )
     args = parser.parse_args()
     args.sensor = args.sensor or SENSOR_DATASETS[args.dataset][0]
     if args.dataset == "cifar10" and args.teacher is None:
@@ -346,7 +350,7 @@ def main() -> None:
         print(sensor_table(results))
         if args.plot:
             student = SENSOR_DATASETS[args.dataset][1]["name"]
-            plot(results, args.plot, f"sensor_{args.dataset} ({args.sensor}): {student} student")
+            plot(results, args.plot, f"sensor_{args.dataset} ({args.sensor}): {student} student", args.variants)
     if args.part in ("av", "both"):
         results = av_part(args, args.out)
         print(f"\nteachers: {results['teachers']}\n")
