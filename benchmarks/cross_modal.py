@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,10 @@ def write(out: Path, part: str, results: dict[str, Any]) -> None:
     path = out / "results.json"
     everything = json.loads(path.read_text()) if path.is_file() else {}
     everything[part] = results
-    path.write_text(json.dumps(everything, indent=2) + "\n")
+    # atomic replace: a reader (another invocation on the same --out) never sees a half-written file
+    scratch = path.with_name(f".results.{os.getpid()}.json")
+    scratch.write_text(json.dumps(everything, indent=2) + "\n")
+    os.replace(scratch, path)
 
 
 def mean_std(scores: list[float]) -> str:
